@@ -1,0 +1,7 @@
+"""``python -m streamrecon`` = the ``streamrecon`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
