@@ -118,7 +118,7 @@ def preprocess_rgb(rgb: np.ndarray, size: int) -> tuple[np.ndarray, CropInfo]:
         img = img.resize((w1, h1), Image.LANCZOS if shrinking else Image.BICUBIC)
     x0, y0 = info.crop_xy
     img = img.crop((x0, y0, x0 + info.output_hw[1], y0 + info.output_hw[0]))
-    return np.asarray(img), info
+    return np.array(img), info
 
 
 def load_image_reference(path: str | Path, size: int) -> np.ndarray:

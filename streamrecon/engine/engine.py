@@ -1,0 +1,186 @@
+"""StreamEngine: owns one stream's model state and turns frames into :class:`FrameResult`.
+
+Per frame: preprocess (reference resize/crop, normalise) -> ``Cut3r.step`` under inference mode with
+the chosen update rule -> post-process (poses into the global frame, world pointmaps, focal and
+intrinsics, colours). Only the engine changes the state.
+
+``reset_every = N``: after every N-th frame (processed index ``k`` with ``(k + 1) % N == 0``) the state
+is reset and that same frame is fed again as the first view of a new segment (its outputs are
+dropped). Segments are chained: the new segment's world frame is that frame's camera, placed at the
+frame's pose in the previous segment, so ``T_wc = B @ P`` with ``B`` the product of the reset
+frames' segment-local poses (TTT3R's ``reset_interval`` convention). No scale alignment is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..geometry import estimate_focal, intrinsics_matrix, principal_point, raymap
+from ..geometry.pose import pose_encoding_to_matrix
+from ..models import Cut3r
+from ..preprocess import preprocess_rgb, to_model_tensor
+from ..types import FrameInput, StepOutput, StreamState
+from .frames import Frame, FrameResult, ProbeResult
+from .policies import get_policy
+
+__all__ = ["EngineConfig", "StreamEngine", "default_size"]
+
+_logger = logging.getLogger(__name__)
+
+
+def default_size(model: Cut3r) -> int:
+    """512 for DPT models (trained at long side 512), 224 for linear ones (224 x 224)."""
+    return 512 if model.cfg.head_type == "dpt" else 224
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Args:
+        size: model input size: 224 = square crop, anything else = long side (multiple of 16 crops).
+        policy: state update policy, ``cut3r`` or ``ttt3r``.
+        reset_every: reset and re-anchor after every N frames (0 = never).
+    """
+
+    size: int = 512
+    policy: str = "cut3r"
+    reset_every: int = 0
+
+    def __post_init__(self) -> None:
+        get_policy(self.policy)
+        if self.reset_every < 0:
+            raise ValueError(f"reset_every must be >= 0, got {self.reset_every}")
+        if self.size < 16:
+            raise ValueError(f"size must be >= 16, got {self.size}")
+
+
+class StreamEngine:
+    """Args:
+        model: a loaded :class:`Cut3r` (its device and dtype are used).
+        config: engine settings.
+    """
+
+    def __init__(self, model: Cut3r, config: EngineConfig = EngineConfig()) -> None:
+        self.model = model.eval()
+        self.cfg = config
+        self.rule = get_policy(config.policy)
+        self.device = model.device
+        self.state: StreamState = self._fresh_state()
+        self.base = np.eye(4)  # T_global_segment: current segment's world -> global world
+        self.segment = 0
+        self.processed = 0
+        self.last_K: Optional[np.ndarray] = None
+        self.last_hw: Optional[tuple[int, int]] = None
+        self.last_T_wc: Optional[np.ndarray] = None
+        self._last_input: Optional[torch.Tensor] = None
+
+    def _fresh_state(self) -> StreamState:
+        with torch.inference_mode():
+            return self.model.init_state(1)
+
+    # --------------------------------------------------------------------------------------
+
+    def process(self, frame: Frame) -> FrameResult:
+        """Run one frame through the model and return its result (state advanced)."""
+        img = frame.image
+        if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+            raise ValueError(f"frame {frame.seq}: expected an (H, W, 3) uint8 RGB image, got "
+                             f"{getattr(img, 'shape', None)} {getattr(img, 'dtype', type(img).__name__)}")
+        if min(img.shape[:2]) < 16:
+            raise ValueError(f"frame {frame.seq}: image {img.shape[1]}x{img.shape[0]} is too small")
+        t0 = time.perf_counter()
+        u8, crop = preprocess_rgb(img, self.cfg.size)
+        x = to_model_tensor(u8, self.device)
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            out, self.state = self.model.step(FrameInput(img=x), self.state, rule=self.rule)
+        t2 = time.perf_counter()
+        result = self._postprocess(frame, out, u8, crop)
+        t3 = time.perf_counter()
+        self._last_input = x
+        if self.cfg.reset_every and (self.processed + 1) % self.cfg.reset_every == 0:
+            self._restart_segment(result.T_wc)
+        t4 = time.perf_counter()
+        result.timings_ms.update(preprocess=1e3 * (t1 - t0), model=1e3 * (t2 - t1) + 1e3 * (t4 - t3),
+                                 postprocess=1e3 * (t3 - t2))
+        self.processed += 1
+        return result
+
+    def _postprocess(self, frame: Frame, out: StepOutput, u8: np.ndarray, crop) -> FrameResult:
+        h, w = u8.shape[:2]
+        P = pose_encoding_to_matrix(out.pose.double())[0].cpu().numpy()  # segment-local T_wc
+        T_wc = self.base @ P
+        pts_cam = out.points_cam[0].float().cpu()
+        focal = float(estimate_focal(pts_cam[None], principal_point(h, w))[0])
+        K = intrinsics_matrix(torch.tensor([focal], dtype=torch.float64), principal_point(h, w, dtype=torch.float64))[0].numpy()
+        pts_cam = pts_cam.numpy()
+        pts_head = out.points_world[0].float().cpu().numpy()
+        R, t = T_wc[:3, :3].astype(np.float32), T_wc[:3, 3].astype(np.float32)
+        Rb, tb = self.base[:3, :3].astype(np.float32), self.base[:3, 3].astype(np.float32)
+        self.last_K, self.last_hw, self.last_T_wc = K, (h, w), T_wc
+        return FrameResult(
+            seq=frame.seq, stamp=frame.stamp, source=frame.source, index=self.processed, segment=self.segment,
+            T_wc=T_wc, points_cam=pts_cam, points_world_pose=pts_cam @ R.T + t, points_world_head=pts_head @ Rb.T + tb,
+            conf_cam=out.conf_cam[0].float().cpu().numpy(), conf_world=out.conf_world[0].float().cpu().numpy(),
+            depth=pts_cam[..., 2].copy(), K=K, K_original=crop.K_to_original(K), colors=u8, crop=crop,
+        )
+
+    def _restart_segment(self, T_wc_global: np.ndarray) -> None:
+        """Reset the state and feed the last frame again as the first view of a new segment."""
+        self.base = T_wc_global.copy()
+        self.segment += 1
+        self.state = self._fresh_state()
+        with torch.inference_mode():
+            _, self.state = self.model.step(FrameInput(img=self._last_input), self.state, rule=self.rule)
+
+    def reset(self, keep_trajectory: bool = True) -> None:
+        """Start a new segment now.
+
+        Args:
+            keep_trajectory: chain the new segment to the old one (the last frame is fed again as
+                its first view, anchored at that frame's pose); ``False`` starts over at the origin.
+        """
+        if keep_trajectory and self._last_input is not None and self.last_T_wc is not None:
+            self._restart_segment(self.last_T_wc)
+        else:
+            self.state = self._fresh_state()
+            self.base = np.eye(4)
+            self.segment += 1
+            self.last_T_wc = None
+        _logger.info("state reset (segment %d, trajectory %s)", self.segment, "kept" if keep_trajectory else "restarted")
+
+    # --------------------------------------------------------------------------------------
+
+    def probe(self, T_wc: np.ndarray, K: Optional[np.ndarray] = None, hw: Optional[tuple[int, int]] = None,
+              name: str = "probe") -> ProbeResult:
+        """Ask the current state what a virtual camera would see; the state is not changed.
+
+        Args:
+            T_wc: ``(4, 4)`` virtual camera-to-world in the global frame.
+            K: ``(3, 3)`` intrinsics at model resolution (default: the last frame's estimate).
+            hw: ``(H, W)`` of the virtual image (default: the last frame's model size).
+        """
+        if K is None or hw is None:
+            if self.last_K is None:
+                raise RuntimeError("probe needs intrinsics and a size before the first frame")
+            K = self.last_K if K is None else K
+            hw = self.last_hw if hw is None else hw
+        h, w = hw
+        T_seg = np.linalg.inv(self.base) @ np.asarray(T_wc, dtype=np.float64)
+        ray = raymap(torch.from_numpy(T_seg)[None], torch.from_numpy(np.asarray(K, dtype=np.float64))[None], h, w)
+        with torch.inference_mode():
+            out = self.model.query_raymap(ray.float().to(self.device), self.state)
+        pts = out.points_cam[0].float().cpu().numpy()
+        R, t = np.asarray(T_wc)[:3, :3].astype(np.float32), np.asarray(T_wc)[:3, 3].astype(np.float32)
+        rgb = out.rgb[0].float().cpu().numpy() if out.rgb is not None else np.zeros((h, w, 3), np.float32)
+        return ProbeResult(
+            name=name, frame_index=self.processed, T_wc=np.asarray(T_wc, dtype=np.float64), K=np.asarray(K),
+            points_cam=pts, points_world=pts @ R.T + t, conf=out.conf_cam[0].float().cpu().numpy(),
+            rgb=np.clip((rgb + 1) * 127.5, 0, 255).round().astype(np.uint8),
+            pose_estimate=self.base @ pose_encoding_to_matrix(out.pose.double())[0].cpu().numpy(),
+        )

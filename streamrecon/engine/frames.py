@@ -1,0 +1,114 @@
+"""Typed objects of the node's data flow: ``Frame`` (from a source) -> ``FrameResult`` (from the engine).
+
+Frames: ``T_wc`` is camera-to-world in the run's *global* world frame (the camera of the first frame;
+with ``--reset-every`` the segments are chained into it). OpenCV camera axes. Model-resolution
+images are ``(H, W)``; the original image is ``(H0, W0)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from ..preprocess import CropInfo
+
+__all__ = ["Frame", "FrameResult", "ProbeResult"]
+
+
+@dataclass
+class Frame:
+    """One camera frame as a source delivers it.
+
+    Attributes:
+        image: ``(H0, W0, 3)`` uint8 RGB.
+        seq: sequence number at the source (gaps mean frames the source dropped).
+        stamp: capture time in seconds (sensor/file time when known, else arrival time).
+        source: a name for the stream (file name, ``cam:0``, ZeroMQ ``stream_id``).
+        K: ``(3, 3)`` intrinsics of the original image when the source knows them, else ``None``.
+    """
+
+    image: np.ndarray
+    seq: int
+    stamp: float
+    source: str = ""
+    K: Optional[np.ndarray] = None
+
+
+@dataclass
+class FrameResult:
+    """Everything the node knows about one processed frame (CPU numpy arrays).
+
+    Attributes:
+        seq, stamp, source: copied from the :class:`Frame`.
+        index: running count of processed frames (0-based).
+        segment: index of the reset segment this frame belongs to.
+        T_wc: ``(4, 4)`` float64 camera-to-world in the global world frame.
+        points_cam: ``(H, W, 3)`` pointmap in this camera's frame.
+        points_world_pose: ``(H, W, 3)`` ``T_wc`` applied to ``points_cam`` (what the reference demo
+            shows; the map uses it by default).
+        points_world_head: ``(H, W, 3)`` the model's own world-frame head, chained into the global frame.
+        conf_cam: ``(H, W)`` confidence of ``points_cam`` (and ``points_world_pose``).
+        conf_world: ``(H, W)`` confidence of ``points_world_head``.
+        depth: ``(H, W)`` z of ``points_cam``.
+        K: ``(3, 3)`` estimated intrinsics at model resolution (Weiszfeld focal, pp ``(W//2, H//2)``).
+        K_original: ``(3, 3)`` the same camera in original-image pixels.
+        colors: ``(H, W, 3)`` uint8 input colours at model resolution (aligned with the pointmaps).
+        crop: how the original image maps to model pixels.
+        timings_ms: stage name -> milliseconds for this frame.
+    """
+
+    seq: int
+    stamp: float
+    source: str
+    index: int
+    segment: int
+    T_wc: np.ndarray
+    points_cam: np.ndarray
+    points_world_pose: np.ndarray
+    points_world_head: np.ndarray
+    conf_cam: np.ndarray
+    conf_world: np.ndarray
+    depth: np.ndarray
+    K: np.ndarray
+    K_original: np.ndarray
+    colors: np.ndarray
+    crop: CropInfo
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def world_points(self, which: str = "pose") -> tuple[np.ndarray, np.ndarray]:
+        """``(points (H, W, 3), conf (H, W))`` in the global frame: ``"pose"`` = ``T_wc @ points_cam``
+        with ``conf_cam``; ``"head"`` = the model's world head with ``conf_world``."""
+        if which == "pose":
+            return self.points_world_pose, self.conf_cam
+        if which == "head":
+            return self.points_world_head, self.conf_world
+        raise ValueError(f"world points must be 'pose' or 'head', got {which!r}")
+
+
+@dataclass
+class ProbeResult:
+    """What the model predicts for a virtual camera (a raymap query; the state is unchanged).
+
+    Attributes:
+        name: probe name.
+        frame_index: processed-frame count when the probe ran.
+        T_wc: ``(4, 4)`` the virtual camera, global world frame.
+        K: ``(3, 3)`` its intrinsics (model resolution).
+        points_cam: ``(H, W, 3)`` predicted geometry seen from the virtual camera (its frame).
+        points_world: ``(H, W, 3)`` the same placed with the *given* pose (``T_wc @ points_cam``).
+        conf: ``(H, W)`` confidence.
+        rgb: ``(H, W, 3)`` uint8 predicted colours.
+        pose_estimate: ``(4, 4)`` the model's own estimate of the virtual pose (global frame).
+    """
+
+    name: str
+    frame_index: int
+    T_wc: np.ndarray
+    K: np.ndarray
+    points_cam: np.ndarray
+    points_world: np.ndarray
+    conf: np.ndarray
+    rgb: np.ndarray
+    pose_estimate: np.ndarray

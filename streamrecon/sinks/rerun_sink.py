@@ -1,0 +1,212 @@
+"""Live Rerun view of a run (rerun-sdk 0.41 API). Every ``rerun`` call of the package lives here.
+
+Entity layout (OpenCV world, ``RIGHT_HAND_Y_DOWN``)::
+
+    world                       ViewCoordinates (static)
+    world/cam                   Transform3D per frame (camera-to-world)
+    world/cam/image             Pinhole + the input image (model resolution)
+    world/cam/image/depth       DepthImage (z of the camera-frame pointmap, metres)
+    world/cam/image/confidence  confidence image
+    world/map/points            only the map points created by this frame (the 3D view accumulates)
+    world/map/global            the whole voxel map, re-logged every ``consolidate_every`` frames
+    world/trajectory            camera path, one segment per frame (accumulated)
+    world/virtual/<name>        raymap probes: Transform3D + Pinhole + predicted image and points
+    metrics/...                 per-frame scalars (fps, latency per stage, map size, confidence)
+
+Timelines: ``frame`` (processed index) and ``capture_time`` (the frame's capture stamp).
+Viewers: ``spawn`` starts the native viewer, ``web`` serves the web viewer; both are started as
+``rerun`` processes bound to 127.0.0.1 (the SDK's own servers bind every interface). ``save_path``
+records an ``.rrd`` (alone or alongside a viewer).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..engine.frames import FrameResult, ProbeResult
+
+__all__ = ["RerunSink", "RerunConfig", "blueprint"]
+
+_logger = logging.getLogger(__name__)
+
+
+class RerunConfig:
+    """Args:
+        viewer: ``spawn``, ``web`` or ``none``.
+        save_path: ``.rrd`` file to record to (optional).
+        consolidate_every: re-log the whole map (and clear the per-frame points) every N frames.
+        max_points_per_frame: cap on new map points logged per frame (random subset beyond it).
+        image_quality: JPEG quality for logged images (0 = lossless raw).
+        web_port, grpc_port: ports of the web viewer (``web``) and of the viewer's data server.
+        bind: address the viewer processes listen on (127.0.0.1 unless told otherwise).
+    """
+
+    def __init__(self, viewer: str = "none", save_path: Optional[str] = None, consolidate_every: int = 200,
+                 max_points_per_frame: int = 50_000, image_quality: int = 85, web_port: int = 9090,
+                 grpc_port: int = 9876, bind: str = "127.0.0.1", application_id: str = "streamrecon",
+                 recording_id: Optional[str] = None) -> None:
+        if viewer not in ("spawn", "web", "none"):
+            raise ValueError(f"viewer must be spawn, web or none, got {viewer!r}")
+        self.viewer, self.save_path, self.consolidate_every = viewer, save_path, consolidate_every
+        self.max_points_per_frame, self.image_quality = max_points_per_frame, image_quality
+        self.web_port, self.grpc_port, self.bind = web_port, grpc_port, bind
+        self.application_id, self.recording_id = application_id, recording_id
+
+    @property
+    def enabled(self) -> bool:
+        return self.viewer != "none" or bool(self.save_path)
+
+
+def blueprint():
+    """3D view (accumulating over time) | input image, depth, confidence, metrics."""
+    import rerun.blueprint as rrb
+
+    accumulate = rrb.VisibleTimeRange("frame", start=rrb.TimeRangeBoundary.infinite(),
+                                      end=rrb.TimeRangeBoundary.cursor_relative())
+    return rrb.Blueprint(
+        rrb.Horizontal(
+            rrb.Spatial3DView(origin="/world", name="map", time_ranges=[accumulate]),
+            rrb.Vertical(
+                rrb.Spatial2DView(origin="/world/cam/image", contents=["$origin", "$origin/image"], name="input"),
+                rrb.Spatial2DView(origin="/world/cam/image/depth", name="depth"),
+                rrb.Spatial2DView(origin="/world/cam/image/confidence", name="confidence"),
+                rrb.TimeSeriesView(origin="/metrics", name="metrics"),
+            ),
+            column_shares=[3, 1],
+        ),
+        collapse_panels=True,
+    )
+
+
+def _wait_port(host: str, port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            if s.connect_ex((host, port)) == 0:
+                return True
+        time.sleep(0.1)
+    return False
+
+
+class RerunSink:
+    """Logs frames, the growing map, probes and metrics to one explicit Rerun recording."""
+
+    def __init__(self, config: RerunConfig) -> None:
+        import rerun as rr
+
+        self.rr = rr
+        self.cfg = config
+        self._viewer_proc: Optional[subprocess.Popen] = None
+        self.rec = rr.RecordingStream(config.application_id, recording_id=config.recording_id)
+        sinks = []
+        if config.viewer != "none":
+            url = self._start_viewer()
+            sinks.append(rr.GrpcSink(url))
+        if config.save_path:
+            Path(config.save_path).parent.mkdir(parents=True, exist_ok=True)
+            sinks.append(rr.FileSink(str(config.save_path)))
+        if sinks:
+            self.rec.set_sinks(*sinks, default_blueprint=blueprint())
+        self.rec.send_blueprint(blueprint())
+        self.rec.log("world", rr.ViewCoordinates.RIGHT_HAND_Y_DOWN, static=True)
+        for name in ("fps", "latency_ms/total", "map_points", "conf_mean", "dropped"):
+            self.rec.log(f"metrics/{name}", rr.SeriesLines(names=name), static=True)
+        self._last_position: Optional[np.ndarray] = None
+        self._rng = np.random.default_rng(0)
+        self._frames = 0
+
+    def _start_viewer(self) -> str:
+        cfg = self.cfg
+        if cfg.viewer == "spawn" and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+            raise RuntimeError("--viewer spawn needs a display; use --viewer web or --save-rrd on a headless machine")
+        cmd = [sys.executable, "-m", "rerun", "--bind", cfg.bind, "--port", str(cfg.grpc_port), "--memory-limit", "50%",
+               "--expect-data-soon"]
+        if cfg.viewer == "web":
+            cmd += ["--serve-web", "--web-viewer-port", str(cfg.web_port), "--server-memory-limit", "1GiB"]
+        self._viewer_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        host = "127.0.0.1" if cfg.bind in ("0.0.0.0", "::") else cfg.bind
+        if not _wait_port(host, cfg.grpc_port, 15.0):
+            self._viewer_proc.terminate()
+            raise RuntimeError(f"the Rerun viewer did not start listening on {host}:{cfg.grpc_port}")
+        if cfg.viewer == "web":
+            _logger.warning("Rerun web viewer: http://%s:%d?url=rerun%%2Bhttp%%3A%%2F%%2F%s%%3A%d%%2Fproxy",
+                            host, cfg.web_port, host, cfg.grpc_port)
+        return f"rerun+http://{host}:{cfg.grpc_port}/proxy"
+
+    # ----------------------------------------------------------------------------------------
+
+    def _set_time(self, index: int, stamp: float) -> None:
+        self.rec.set_time("frame", sequence=index)
+        if stamp > 1e8:  # an absolute (epoch) time
+            self.rec.set_time("capture_time", timestamp=stamp)
+        else:
+            self.rec.set_time("capture_time", duration=stamp)
+
+    def _image(self, rgb: np.ndarray):
+        img = self.rr.Image(rgb)
+        return img.compress(jpeg_quality=self.cfg.image_quality) if self.cfg.image_quality else img
+
+    def log_frame(self, result: FrameResult, new_points: np.ndarray, new_colors: np.ndarray, metrics: dict) -> None:
+        """One processed frame: camera, images, new map points, trajectory step, metrics."""
+        rr = self.rr
+        self._set_time(result.index, result.stamp)
+        h, w = result.depth.shape
+        self.rec.log("world/cam", rr.Transform3D(translation=result.T_wc[:3, 3], mat3x3=result.T_wc[:3, :3]))
+        self.rec.log("world/cam/image", rr.Pinhole(image_from_camera=result.K, resolution=[w, h],
+                                                   camera_xyz=rr.ViewCoordinates.RDF, image_plane_distance=0.1))
+        self.rec.log("world/cam/image", self._image(result.colors))
+        self.rec.log("world/cam/image/depth", rr.DepthImage(result.depth, meter=1.0))
+        self.rec.log("world/cam/image/confidence", rr.Image(result.conf_cam.astype(np.float32)))
+        if len(new_points):
+            if len(new_points) > self.cfg.max_points_per_frame:
+                pick = self._rng.choice(len(new_points), self.cfg.max_points_per_frame, replace=False)
+                new_points, new_colors = new_points[pick], new_colors[pick]
+            self.rec.log("world/map/points", rr.Points3D(new_points, colors=new_colors, radii=-1.5))
+        position = result.T_wc[:3, 3].astype(np.float32)
+        if self._last_position is not None:
+            self.rec.log("world/trajectory", rr.LineStrips3D([np.stack([self._last_position, position])],
+                                                             colors=[255, 80, 0]))
+        self._last_position = position
+        for name, value in metrics.items():
+            self.rec.log(f"metrics/{name}", rr.Scalars(float(value)))
+        self._frames += 1
+
+    def log_map(self, index: int, xyz: np.ndarray, rgb: np.ndarray) -> None:
+        """Consolidate: the whole map to ``world/map/global``, per-frame points cleared."""
+        self.rec.set_time("frame", sequence=index)
+        self.rec.log("world/map/global", self.rr.Points3D(xyz, colors=rgb, radii=-1.5), static=True)
+        self.rec.log("world/map/points", self.rr.Clear(recursive=True))
+
+    def log_probe(self, probe: ProbeResult) -> None:
+        rr = self.rr
+        base = f"world/virtual/{probe.name}"
+        h, w = probe.conf.shape
+        self.rec.set_time("frame", sequence=probe.frame_index)
+        self.rec.log(base, rr.Transform3D(translation=probe.T_wc[:3, 3], mat3x3=probe.T_wc[:3, :3]))
+        self.rec.log(f"{base}/image", rr.Pinhole(image_from_camera=probe.K, resolution=[w, h],
+                                                 camera_xyz=rr.ViewCoordinates.RDF, image_plane_distance=0.1))
+        self.rec.log(f"{base}/image", self._image(probe.rgb))
+        self.rec.log(f"{base}/points", rr.Points3D(probe.points_cam.reshape(-1, 3), colors=probe.rgb.reshape(-1, 3),
+                                                   radii=-1.0))
+
+    def log_text(self, text: str, level: str = "INFO") -> None:
+        self.rec.log("log", self.rr.TextLog(text, level=level))
+
+    def close(self) -> None:
+        try:
+            self.rec.flush(timeout_sec=10.0)
+        except Exception as e:  # a viewer that went away must not lose the other outputs
+            _logger.warning("Rerun flush failed: %s", e)
+        self.rec.disconnect()
+        if self._viewer_proc is not None and self.cfg.viewer == "web":
+            self._viewer_proc.terminate()

@@ -1,0 +1,150 @@
+"""``streamrecon run`` end to end on real clips with the tiny golden checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from streamrecon.cli import main as cli_main
+from streamrecon.cli.run_cmd import load_run_config
+from streamrecon.mapping import read_ply, read_tum
+from streamrecon.runner import RunConfig, run
+
+CLIP = "data/cut3r_examples/003"  # 4 portrait frames, 540x720
+
+
+@pytest.fixture
+def tiny_dpt(shared):
+    return str(shared / "golden" / "tiny_dpt" / "checkpoint.pth")
+
+
+def test_cli_run_on_a_real_clip_writes_every_output(tmp_path, shared, tiny_dpt):
+    out = tmp_path / "out"
+    cams = tmp_path / "cams.json"
+    cams.write_text(json.dumps([{"name": "side", "T_wc": np.eye(4).tolist(), "size": [32, 48],
+                                 "K": [[40, 0, 24], [0, 40, 16], [0, 0, 1]]}]))
+    r = subprocess.run([sys.executable, "-m", "streamrecon", "run", str(shared / CLIP), "--weights", tiny_dpt,
+                        "--size", "64", "--output-dir", str(out), "--save-rrd", str(out / "rec.rrd"), "--save-frames",
+                        "--probe", "orbit:2", "--probe", f"{cams}@1", "--no-progress"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "processed 4" in r.stderr and "p50/p99" in r.stderr  # the one-screen summary
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["frames_in"] == 4 and summary["processed"] == 4 and summary["errors"] == 0
+    assert summary["dropped"] == 0 and summary["interrupted"] is False
+    for stage in ("source", "preprocess", "model", "postprocess", "map", "files", "viewer", "probe"):
+        assert summary["latency_ms"][stage]["p99"] >= summary["latency_ms"][stage]["p50"] >= 0, stage
+    assert summary["memory_mb"]["peak_rss"] > 0
+    stamps, T = read_tum(out / "trajectory.txt")
+    assert len(stamps) == 4
+    for i in range(4):
+        f = np.load(out / "frames" / f"{i:06d}.npz")
+        assert np.allclose(f["T_wc"], T[i], atol=1e-6)
+        assert f["points_cam"].shape == (64, 48, 3) and f["K"].shape == (3, 3) and f["conf_cam"].shape == (64, 48)
+        assert np.allclose(f["K_original"][0, 0], f["K"][0, 0] * 540 / 48)  # intrinsics back in original pixels
+    ply = read_ply(out / "map.ply")
+    assert len(ply["x"]) == summary["map"]["points"] > 0
+    import trimesh
+
+    assert len(trimesh.load(out / "map.glb").geometry) == 2  # map + camera path
+    assert sorted(p.name for p in (out / "probes").iterdir()) == [
+        "orbit00_000004.npz", "orbit00_000004.png", "orbit01_000004.npz", "orbit01_000004.png",
+        "side_000002.npz", "side_000002.png"]
+    side = np.load(out / "probes" / "side_000002.npz")
+    assert side["rgb"].shape == (32, 48, 3) and np.allclose(side["K"][0, 0], 40)
+    assert (out / "rec.rrd").stat().st_size > 0
+    assert sorted(summary["outputs"]) == ["map.glb", "map.ply", "probes/", "summary.json", "trajectory.txt"]
+
+
+def test_yaml_config_with_flag_overrides(tmp_path, shared, tiny_dpt):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(f"weights: {tiny_dpt}\nsize: 64\nstate_policy: ttt3r\nmax_frames: 2\nreset_every: 2\n"
+                        f"output_dir: {tmp_path / 'a'}\nmap_points: head\n")
+    cfg = load_run_config(cfg_file, {"source": str(shared / CLIP), "max_frames": 3, "progress": False})
+    assert cfg.state_policy == "ttt3r" and cfg.max_frames == 3 and cfg.size == 64
+    summary = run(cfg)
+    assert summary["processed"] == 3 and summary["model"]["policy"] == "ttt3r" and summary["segments"] == 2
+    assert summary["config"]["map_points"] == "head" and summary["map"]["points"] > 0
+    from streamrecon.cli import UserError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("nonsense_key: 3\n")
+    with pytest.raises(UserError, match="unknown settings"):
+        load_run_config(bad, {})
+    # the shipped config file is valid
+    from .conftest import REPO
+
+    assert load_run_config(REPO / "configs" / "run.yaml", {"source": "x"}).voxel_size == 0.02
+
+
+def test_clear_errors_without_tracebacks(tmp_path, shared, tiny_dpt, capsys):
+    def err(*argv):
+        code = cli_main(["run", *argv, "--no-progress", "--output-dir", str(tmp_path / "o")])
+        return code, capsys.readouterr().err
+
+    code, msg = err(str(tmp_path / "missing"), "--weights", tiny_dpt)
+    assert code == 2 and "no such file, folder or camera" in msg
+    video = tmp_path / "broken.mp4"
+    video.write_bytes(b"\x00" * 100)
+    code, msg = err(str(video), "--weights", tiny_dpt)
+    assert code == 2 and "cannot decode video" in msg
+    code, msg = err("cam:/dev/video97", "--weights", tiny_dpt)
+    assert code == 2 and "cannot open camera" in msg
+    bad = tmp_path / "wrong.pth"  # the right container and model string, but weights for another model
+    model_sd = {"pose_token": torch.zeros(1, 1, 24)}
+    torch.save({"model": model_sd, "args": {"model": open(shared / "golden" / "tiny_dpt" / "README.md").read()
+                                            .split("```")[1].strip()}, "epoch": 0}, bad)
+    code, msg = err(str(shared / CLIP), "--weights", str(bad))
+    assert code == 2 and "incompatible checkpoint" in msg and "missing keys" in msg
+    code, msg = err(str(shared / CLIP), "--weights", tiny_dpt, "--probe", "sphere:3")
+    assert code == 2 and "--probe" in msg
+    assert "Traceback" not in msg
+
+
+def test_bad_frames_are_counted_and_the_run_goes_on(tmp_path, shared, tiny_dpt):
+    folder = tmp_path / "clip"
+    shutil.copytree(shared / CLIP, folder)
+    (folder / "frame_00100.jpg").write_bytes(b"not a jpeg")  # undecodable
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "frame_00200.png")  # too small for the model
+    summary = run(RunConfig(source=str(folder), weights=tiny_dpt, size=64, output_dir=str(tmp_path / "o"),
+                            progress=False))
+    assert summary["processed"] == 4 and summary["errors"] == 2
+    assert any("frame_00100.jpg" in m for m in summary["error_messages"])
+    assert any("too small" in m for m in summary["error_messages"])
+    assert len(read_tum(tmp_path / "o" / "trajectory.txt")[0]) == 4
+
+
+def test_sigterm_stops_cleanly_and_writes_every_output(tmp_path, shared, tiny_dpt):
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-m", "streamrecon", "run", str(shared / CLIP), "--weights", tiny_dpt,
+                             "--size", "64", "--repeat", "500", "--output-dir", str(out), "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        traj = out / "trajectory.txt"  # first flushed after --flush-every (100) frames
+        while not traj.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert traj.exists(), "the run never flushed its trajectory"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["stop_reason"] == "SIGTERM"
+    assert 100 <= summary["processed"] < 2000
+    assert len(read_tum(traj)[0]) == summary["processed"]
+    assert len(read_ply(out / "map.ply")["x"]) == summary["map"]["points"]
