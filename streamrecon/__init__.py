@@ -1,32 +1,26 @@
 """streamrecon: online, streaming 3D reconstruction with a checkpoint-exact CUT3R.
 
-Importing the package is cheap: heavy or optional modules (rerun, zmq, cv2) load only where used.
+Importing the package is cheap and torch-free: every name below is loaded on first use, so the
+wire codec (``streamrecon.wire``) works in bridges that have no torch installed.
 """
 
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
 
-from .config import PRESETS, ModelConfig, preset
-from .types import FrameInput, StepOutput, StreamState
-
-__all__ = [
-    "__version__", "PRESETS", "ModelConfig", "preset", "FrameInput", "StepOutput", "StreamState",
-    "Cut3r", "load_model", "create_model", "CUT3R_RULE", "UpdateRule",
-]
+_LAZY = {
+    "PRESETS": "config", "ModelConfig": "config", "preset": "config",
+    "FrameInput": "types", "StepOutput": "types", "StreamState": "types",
+    "Cut3r": "models", "CUT3R_RULE": "models", "UpdateRule": "models",
+    "load_model": "checkpoint", "create_model": "models.factory",
+}
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str):
-    if name in ("Cut3r", "CUT3R_RULE", "UpdateRule"):
-        from . import models
-
-        return getattr(models, name)
-    if name == "load_model":
-        from .checkpoint import load_model
-
-        return load_model
-    if name == "create_model":
-        from .models.factory import create_model
-
-        return create_model
-    raise AttributeError(f"module 'streamrecon' has no attribute {name!r}")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'streamrecon' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)

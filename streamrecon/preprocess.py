@@ -1,5 +1,7 @@
 """Image preprocessing exactly as the reference demo's loader (``load_images``), and its inverse.
 
+Torch-free except :func:`to_model_tensor` (so bridges can use it).
+
 For ``size=512``: resize so the long side is 512, then centre-crop each side down to a multiple of
 16 (a square input is cropped to 4:3, 512x384). For ``size=224``: resize so the *short* side is
 about 224, then centre-crop a square. Resampling is Pillow's (LANCZOS when shrinking, BICUBIC
@@ -13,10 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["CropInfo", "plan_crop", "preprocess_rgb", "load_image_reference", "to_model_tensor"]
 
@@ -130,7 +134,9 @@ def load_image_reference(path: str | Path, size: int) -> np.ndarray:
     return preprocess_rgb(rgb, size)[0]
 
 
-def to_model_tensor(rgb: np.ndarray, device: torch.device | str = "cpu") -> Tensor:
+def to_model_tensor(rgb: np.ndarray, device="cpu") -> "Tensor":
     """``(H, W, 3)`` uint8 -> ``(1, 3, H, W)`` float32 in ``[-1, 1]``: ``(u8 / 255 - 0.5) / 0.5``."""
+    import torch
+
     t = torch.from_numpy(np.ascontiguousarray(rgb)).to(device).permute(2, 0, 1).unsqueeze(0).float()
     return (t / 255.0 - 0.5) / 0.5

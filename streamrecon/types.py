@@ -167,6 +167,15 @@ class StepOutput:
     state_attention: Optional[Tensor] = None
     intermediates: dict = field(default_factory=dict)
 
+    def select(self, i: int) -> "StepOutput":
+        """Row ``i`` of the batch (keeps the batch dimension; intermediates are dropped)."""
+        def row(t: Optional[Tensor]) -> Optional[Tensor]:
+            return None if t is None else t[i:i + 1]
+
+        return StepOutput(points_cam=row(self.points_cam), conf_cam=row(self.conf_cam), points_world=row(self.points_world),
+                          conf_world=row(self.conf_world), pose=row(self.pose), rgb=row(self.rgb),
+                          state_attention=row(self.state_attention))
+
     def T_wc(self) -> Tensor:
         """``(B, 4, 4)`` camera-to-world matrices from :attr:`pose`."""
         from .geometry.pose import pose_encoding_to_matrix

@@ -122,3 +122,15 @@ def test_tum_round_trip_and_evo_files(tmp_path, shared):
     # the qw >= 0 convention does not change the rotation; the field order is x y z w
     s_gt, T_gt = read_tum(shared / "data" / "trajectories_evo_testdata" / "freiburg1_xyz-groundtruth.txt")
     assert len(s_gt) == 3000 and np.allclose(np.linalg.det(T_gt[:, :3, :3]), 1.0, atol=1e-6)
+
+
+def test_numpy_quaternions_agree_with_the_torch_pose_code():
+    import torch
+
+    from streamrecon.geometry import matrix_to_quat_wxyz, quat_wxyz_to_matrix
+    from streamrecon.mapping.export import matrix_to_quat_xyzw, quat_xyzw_to_matrix
+
+    q = np.random.default_rng(5).normal(size=(200, 4))
+    R = quat_wxyz_to_matrix(torch.from_numpy(q)).numpy()
+    assert np.allclose(quat_xyzw_to_matrix(q[:, [1, 2, 3, 0]]), R)
+    assert np.allclose(matrix_to_quat_xyzw(R), matrix_to_quat_wxyz(torch.from_numpy(R)).numpy()[:, [1, 2, 3, 0]])

@@ -15,7 +15,7 @@ from .. import __version__
 
 __all__ = ["main", "build_parser"]
 
-_COMMAND_MODULES = ("model_cmds", "run_cmd")
+_COMMAND_MODULES = ("model_cmds", "run_cmd", "serve_cmd")
 
 
 class UserError(Exception):

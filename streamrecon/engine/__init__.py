@@ -1,8 +1,8 @@
 """The streaming engine: per-stream state, update policies, frame results."""
 
-from .engine import EngineConfig, StreamEngine, default_size
-from .frames import Frame, FrameResult, ProbeResult
+from ..frames import Frame, FrameResult, ProbeResult
+from .engine import EngineConfig, StreamEngine, default_size, process_batch
 from .policies import POLICIES, TTT3R_RULE, TTT3RRule, get_policy
 
-__all__ = ["EngineConfig", "StreamEngine", "default_size", "Frame", "FrameResult", "ProbeResult", "POLICIES",
+__all__ = ["EngineConfig", "StreamEngine", "default_size", "process_batch", "Frame", "FrameResult", "ProbeResult", "POLICIES",
            "TTT3R_RULE", "TTT3RRule", "get_policy"]

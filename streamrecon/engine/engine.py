@@ -21,15 +21,15 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..frames import Frame, FrameResult, ProbeResult
 from ..geometry import estimate_focal, intrinsics_matrix, principal_point, raymap
 from ..geometry.pose import pose_encoding_to_matrix
 from ..models import Cut3r
 from ..preprocess import preprocess_rgb, to_model_tensor
 from ..types import FrameInput, StepOutput, StreamState
-from .frames import Frame, FrameResult, ProbeResult
 from .policies import get_policy
 
-__all__ = ["EngineConfig", "StreamEngine", "default_size"]
+__all__ = ["EngineConfig", "StreamEngine", "default_size", "process_batch"]
 
 _logger = logging.getLogger(__name__)
 
@@ -37,6 +37,15 @@ _logger = logging.getLogger(__name__)
 def default_size(model: Cut3r) -> int:
     """512 for DPT models (trained at long side 512), 224 for linear ones (224 x 224)."""
     return 512 if model.cfg.head_type == "dpt" else 224
+
+
+@dataclass
+class _Prepared:
+    frame: Frame
+    x: torch.Tensor  # (1, 3, H, W) model input
+    u8: np.ndarray
+    crop: object
+    ms: float
 
 
 @dataclass(frozen=True)
@@ -85,8 +94,8 @@ class StreamEngine:
 
     # --------------------------------------------------------------------------------------
 
-    def process(self, frame: Frame) -> FrameResult:
-        """Run one frame through the model and return its result (state advanced)."""
+    def prepare(self, frame: Frame) -> "_Prepared":
+        """Validate and preprocess a frame (no model call)."""
         img = frame.image
         if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
             raise ValueError(f"frame {frame.seq}: expected an (H, W, 3) uint8 RGB image, got "
@@ -96,20 +105,29 @@ class StreamEngine:
         t0 = time.perf_counter()
         u8, crop = preprocess_rgb(img, self.cfg.size)
         x = to_model_tensor(u8, self.device)
-        t1 = time.perf_counter()
-        with torch.inference_mode():
-            out, self.state = self.model.step(FrameInput(img=x), self.state, rule=self.rule)
+        return _Prepared(frame, x, u8, crop, 1e3 * (time.perf_counter() - t0))
+
+    def finish(self, p: "_Prepared", out: StepOutput, new_state: StreamState, model_ms: float) -> FrameResult:
+        """Adopt the new state and turn the model output into a :class:`FrameResult`."""
+        self.state = new_state
         t2 = time.perf_counter()
-        result = self._postprocess(frame, out, u8, crop)
+        result = self._postprocess(p.frame, out, p.u8, p.crop)
         t3 = time.perf_counter()
-        self._last_input = x
+        self._last_input = p.x
         if self.cfg.reset_every and (self.processed + 1) % self.cfg.reset_every == 0:
             self._restart_segment(result.T_wc)
         t4 = time.perf_counter()
-        result.timings_ms.update(preprocess=1e3 * (t1 - t0), model=1e3 * (t2 - t1) + 1e3 * (t4 - t3),
-                                 postprocess=1e3 * (t3 - t2))
+        result.timings_ms.update(preprocess=p.ms, model=model_ms + 1e3 * (t4 - t3), postprocess=1e3 * (t3 - t2))
         self.processed += 1
         return result
+
+    def process(self, frame: Frame) -> FrameResult:
+        """Run one frame through the model and return its result (state advanced)."""
+        p = self.prepare(frame)
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            out, state = self.model.step(FrameInput(img=p.x), self.state, rule=self.rule)
+        return self.finish(p, out, state, 1e3 * (time.perf_counter() - t1))
 
     def _postprocess(self, frame: Frame, out: StepOutput, u8: np.ndarray, crop) -> FrameResult:
         h, w = u8.shape[:2]
@@ -184,3 +202,41 @@ class StreamEngine:
             rgb=np.clip((rgb + 1) * 127.5, 0, 255).round().astype(np.uint8),
             pose_estimate=self.base @ pose_encoding_to_matrix(out.pose.double())[0].cpu().numpy(),
         )
+
+
+def process_batch(engines: list[StreamEngine], frames: list[Frame]) -> list["FrameResult | Exception"]:
+    """One frame for each of several streams, stepped together where possible.
+
+    Streams whose inputs have the same size and that share a model and an update rule go through
+    one batched ``Cut3r.step`` (each keeps its own state and flags); the results equal stepping
+    them one by one. A frame that fails comes back as its exception, in its place.
+    """
+    results: list = [None] * len(engines)
+    groups: dict[tuple, list[tuple[int, _Prepared]]] = {}
+    for i, (engine, frame) in enumerate(zip(engines, frames)):
+        try:
+            p = engine.prepare(frame)
+        except Exception as e:  # one bad frame must not sink the others
+            results[i] = e
+            continue
+        key = (id(engine.model), engine.rule, tuple(p.x.shape))
+        groups.setdefault(key, []).append((i, p))
+    for members in groups.values():
+        idx = [i for i, _ in members]
+        model, rule = engines[idx[0]].model, engines[idx[0]].rule
+        t1 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                x = torch.cat([p.x for _, p in members])
+                out, state = model.step(FrameInput(img=x), StreamState.stack([engines[i].state for i in idx]), rule=rule)
+        except Exception as e:
+            for i in idx:
+                results[i] = e
+            continue
+        model_ms = 1e3 * (time.perf_counter() - t1) / len(idx)
+        for row, ((i, p), st) in enumerate(zip(members, state.split())):
+            try:
+                results[i] = engines[i].finish(p, out.select(row), st, model_ms)
+            except Exception as e:
+                results[i] = e
+    return results

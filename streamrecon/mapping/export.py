@@ -6,6 +6,8 @@
   ``COLOR_0`` normalised uint8 RGBA) and optionally a ``camera_path`` mesh of ``LINES``. OpenCV world axes as given (glTF
   viewers assume y up; apply ``T_flip`` yourself if you want them upright).
 * TUM: ``timestamp tx ty tz qx qy qz qw`` per line, camera-to-world, seconds (what evo reads).
+
+numpy only (no torch), so bridges can write trajectories.
 """
 
 from __future__ import annotations
@@ -105,23 +107,31 @@ def write_glb(path: str | Path, xyz: np.ndarray, rgb: np.ndarray, path_xyz: Opti
 
 
 def matrix_to_quat_xyzw(R: np.ndarray) -> np.ndarray:
-    """``(N, 3, 3)`` rotations -> ``(N, 4)`` unit quaternions ``(x, y, z, w)``, ``w >= 0``."""
-    import torch
-
-    from ..geometry.pose import matrix_to_quat_wxyz
-
-    q = matrix_to_quat_wxyz(torch.from_numpy(np.asarray(R, np.float64).reshape(-1, 3, 3))).numpy()
-    return q[:, [1, 2, 3, 0]]
+    """``(N, 3, 3)`` rotations -> ``(N, 4)`` unit quaternions ``(x, y, z, w)`` with ``w >= 0`` (numpy only)."""
+    m = np.asarray(R, np.float64).reshape(-1, 3, 3)
+    m00, m11, m22 = m[:, 0, 0], m[:, 1, 1], m[:, 2, 2]
+    cands = np.stack([
+        np.stack([m[:, 2, 1] - m[:, 1, 2], m[:, 0, 2] - m[:, 2, 0], m[:, 1, 0] - m[:, 0, 1], 1 + m00 + m11 + m22], -1),
+        np.stack([1 + m00 - m11 - m22, m[:, 0, 1] + m[:, 1, 0], m[:, 0, 2] + m[:, 2, 0], m[:, 2, 1] - m[:, 1, 2]], -1),
+        np.stack([m[:, 0, 1] + m[:, 1, 0], 1 - m00 + m11 - m22, m[:, 1, 2] + m[:, 2, 1], m[:, 0, 2] - m[:, 2, 0]], -1),
+        np.stack([m[:, 0, 2] + m[:, 2, 0], m[:, 1, 2] + m[:, 2, 1], 1 - m00 - m11 + m22, m[:, 1, 0] - m[:, 0, 1]], -1),
+    ], 1)  # candidate (x, y, z, w) from the largest of w, x, y, z
+    best = np.stack([1 + m00 + m11 + m22, 1 + m00 - m11 - m22, 1 - m00 + m11 - m22, 1 - m00 - m11 + m22], -1).argmax(-1)
+    q = cands[np.arange(len(m)), best]
+    q /= np.linalg.norm(q, axis=-1, keepdims=True)
+    return np.where(q[:, 3:] < 0, -q, q)
 
 
 def quat_xyzw_to_matrix(q: np.ndarray) -> np.ndarray:
-    """``(N, 4)`` quaternions ``(x, y, z, w)`` -> ``(N, 3, 3)`` rotations."""
-    import torch
-
-    from ..geometry.pose import quat_wxyz_to_matrix
-
+    """``(N, 4)`` quaternions ``(x, y, z, w)`` (any norm) -> ``(N, 3, 3)`` rotations (numpy only)."""
     q = np.asarray(q, np.float64).reshape(-1, 4)
-    return quat_wxyz_to_matrix(torch.from_numpy(q[:, [3, 0, 1, 2]])).numpy()
+    x, y, z, w = q.T
+    s = 2.0 / (q * q).sum(-1)
+    return np.stack([
+        1 - s * (y * y + z * z), s * (x * y - z * w), s * (x * z + y * w),
+        s * (x * y + z * w), 1 - s * (x * x + z * z), s * (y * z - x * w),
+        s * (x * z - y * w), s * (y * z + x * w), 1 - s * (x * x + y * y),
+    ], -1).reshape(-1, 3, 3)
 
 
 def write_tum(path: str | Path, stamps: Sequence[float], T_wc: np.ndarray) -> None:

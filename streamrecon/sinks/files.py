@@ -17,8 +17,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..engine.frames import FrameResult, ProbeResult
 from ..fileio import atomic_write_bytes, atomic_write_text
+from ..frames import FrameResult, ProbeResult
 from ..mapping import GlobalMap, write_glb, write_ply, write_tum
 
 __all__ = ["OutputWriter"]

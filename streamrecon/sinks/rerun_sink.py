@@ -32,7 +32,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..engine.frames import FrameResult, ProbeResult
+from ..frames import FrameResult, ProbeResult
 
 __all__ = ["RerunSink", "RerunConfig", "blueprint"]
 

@@ -7,7 +7,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
-from ..engine.frames import Frame
+from ..frames import Frame
 
 __all__ = ["FrameSource", "SourceStats", "SourceError"]
 

@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Callable, Iterator, Optional
 
-from ..engine.frames import Frame
+from ..frames import Frame
 from .base import FrameSource, SourceError
 
 __all__ = ["CameraSource"]

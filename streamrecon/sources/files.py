@@ -9,7 +9,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from ..engine.frames import Frame
+from ..frames import Frame
 from .base import FrameSource, SourceError
 
 __all__ = ["ImageFolderSource", "VideoSource", "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS"]

@@ -1,4 +1,4 @@
-"""Typed objects of the node's data flow: ``Frame`` (from a source) -> ``FrameResult`` (from the engine).
+"""Typed objects of the data flow (torch-free): ``Frame`` (from a source) -> ``FrameResult`` (engine).
 
 Frames: ``T_wc`` is camera-to-world in the run's *global* world frame (the camera of the first frame;
 with ``--reset-every`` the segments are chained into it). OpenCV camera axes. Model-resolution
@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..preprocess import CropInfo
+from .preprocess import CropInfo
 
 __all__ = ["Frame", "FrameResult", "ProbeResult"]
 

@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""camera_pub: send a webcam, a video or an image folder to a ``streamrecon serve`` node.
+
+Torch-free (numpy, pyzmq, OpenCV, Pillow and ``streamrecon.wire``/``streamrecon.sources`` only).
+
+* live (default): newest frame wins end to end; a frame the socket cannot take now is dropped here.
+* ``--lossless``: every frame is delivered; at most ``--window`` frames wait unacknowledged and the
+  sender blocks for acks (backpressure). Without an ack for ``--ack-timeout`` seconds the socket is
+  rebuilt and the unacknowledged frames are sent again (the node drops duplicates by session + seq),
+  so a node that restarts is picked up again.
+
+Example::
+
+    python bridges/camera_pub.py 0 --stream-id kitchen --fps 15
+    python bridges/camera_pub.py clip.mp4 --stream-id clip --lossless --encoding jpeg
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import secrets
+import sys
+import time
+from collections import OrderedDict
+from typing import Optional
+
+import zmq
+
+from streamrecon import wire
+from streamrecon.netsec import curve_client
+
+__all__ = ["Publisher", "main"]
+
+_logger = logging.getLogger("camera_pub")
+
+
+class Publisher:
+    """Frames of one stream to a node's ingest socket.
+
+    Args:
+        endpoint: the node's ingest endpoint.
+        stream_id: stream name (letters, digits, ``._:@-``).
+        encoding: ``rgb8``, ``bgr8``, ``mono8``, ``jpeg`` or ``png``.
+        lossless: wait for acks (see module docstring).
+        window: unacknowledged frames allowed in lossless mode.
+        ack_timeout: seconds without ack before reconnecting and resending.
+        curve: ``(server_public_key_file, client_secret_key_file)`` to use CURVE.
+    """
+
+    def __init__(self, endpoint: str, stream_id: str, encoding: str = "rgb8", lossless: bool = False, window: int = 4,
+                 ack_timeout: float = 5.0, curve: Optional[tuple[str, str]] = None, quality: int = 90,
+                 context: Optional[zmq.Context] = None) -> None:
+        if not wire.valid_stream_id(stream_id):
+            raise ValueError(f"invalid stream id {stream_id!r}")
+        self.endpoint, self.stream_id, self.encoding = endpoint, stream_id, encoding
+        self.lossless, self.window, self.ack_timeout = lossless, max(1, window), ack_timeout
+        self.curve, self.quality = curve, quality
+        self.ctx = context or zmq.Context.instance()
+        self.session = secrets.token_hex(8)  # lets the node tell resends from a restarted publisher
+        self.seq = 0
+        self.sent = self.dropped = self.acked = self.reconnects = self.rejected = 0
+        self._inflight: "OrderedDict[int, list]" = OrderedDict()
+        self._last_progress = time.monotonic()
+        self.sock: Optional[zmq.Socket] = None
+        self._connect()
+
+    def _connect(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.sndhwm = 2 if not self.lossless else self.window + 2
+        if self.curve:
+            curve_client(self.sock, *self.curve)
+        self.sock.connect(self.endpoint)
+
+    def _reconnect_and_resend(self) -> None:
+        self.reconnects += 1
+        _logger.warning("no ack for %.1f s: reconnecting to %s and resending %d frames", self.ack_timeout, self.endpoint,
+                        len(self._inflight))
+        self._connect()
+        for parts in self._inflight.values():
+            self.sock.send_multipart(parts, copy=False)
+        self._last_progress = time.monotonic()
+
+    def _read_acks(self, timeout_ms: int) -> None:
+        import json
+
+        while self.sock.poll(timeout_ms, zmq.POLLIN):
+            timeout_ms = 0
+            reply = self.sock.recv_multipart()
+            try:
+                ack = json.loads(reply[-1])
+            except (ValueError, IndexError):
+                continue
+            seq, status = ack.get("seq"), ack.get("status")
+            if status == "busy":
+                continue  # stays in flight; resent after the timeout
+            if seq in self._inflight:
+                del self._inflight[seq]
+                self.acked += 1
+                self._last_progress = time.monotonic()
+                if status == "rejected":
+                    self.rejected += 1
+                    _logger.warning("frame %s rejected: %s", seq, ack.get("error"))
+
+    def send(self, image, stamp_ns: Optional[int] = None, K=None, reset: bool = False) -> bool:
+        """Send one ``(H, W, 3)`` uint8 RGB frame; returns False if it was dropped (live mode)."""
+        parts = wire.encode_frame(image, self.stream_id, self.seq, encoding=self.encoding, stamp_ns=stamp_ns, K=K,
+                                  reset=reset, ack=self.lossless, lossless=self.lossless, session=self.session,
+                                  quality=self.quality)
+        seq = self.seq
+        self.seq += 1
+        if not self.lossless:
+            try:
+                self.sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+                self.sent += 1
+                return True
+            except zmq.Again:
+                self.dropped += 1
+                return False
+        while len(self._inflight) >= self.window:
+            self._read_acks(100)
+            if len(self._inflight) >= self.window and time.monotonic() - self._last_progress > self.ack_timeout:
+                self._reconnect_and_resend()
+        self._inflight[seq] = parts
+        self.sock.send_multipart(parts, copy=False)
+        self.sent += 1
+        self._read_acks(0)
+        return True
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Lossless: wait until every frame is acknowledged (True) or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        while self._inflight and time.monotonic() < deadline:
+            self._read_acks(100)
+            if self._inflight and time.monotonic() - self._last_progress > self.ack_timeout:
+                self._reconnect_and_resend()
+        return not self._inflight
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+            self.sock = None
+
+    def stats(self) -> dict:
+        return {"sent": self.sent, "dropped": self.dropped, "acked": self.acked, "unacked": len(self._inflight),
+                "reconnects": self.reconnects, "rejected": self.rejected}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("source", help="camera (0, cam:0, /dev/video0), video file, or image folder")
+    ap.add_argument("--connect", default="tcp://127.0.0.1:5555", help="the node's ingest endpoint")
+    ap.add_argument("--stream-id", required=True)
+    ap.add_argument("--encoding", default="rgb8", choices=sorted(wire.ENCODINGS))
+    ap.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    ap.add_argument("--fps", type=float, default=0.0, help="send at most this many frames per second (0 = as fast as read)")
+    ap.add_argument("--lossless", action="store_true", help="deliver every frame (acks, backpressure, resend)")
+    ap.add_argument("--window", type=int, default=4, help="unacknowledged frames allowed (lossless)")
+    ap.add_argument("--ack-timeout", type=float, default=5.0)
+    ap.add_argument("--max-frames", type=int, default=0)
+    ap.add_argument("--curve-server-key", help="the node's public key file (enables CURVE)")
+    ap.add_argument("--curve-client-key", help="this client's secret key file")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from streamrecon.sources import SourceError, open_source
+
+    try:
+        source = open_source(args.source)
+    except SourceError as e:
+        print(f"camera_pub: {e}", file=sys.stderr)
+        return 2
+    curve = (args.curve_server_key, args.curve_client_key) if args.curve_server_key else None
+    pub = Publisher(args.connect, args.stream_id, args.encoding, args.lossless, args.window, args.ack_timeout, curve,
+                    args.quality)
+    period, next_t, n = (1.0 / args.fps if args.fps > 0 else 0.0), time.monotonic(), 0
+    try:
+        for frame in source:
+            if period:
+                next_t += period
+                time.sleep(max(0.0, next_t - time.monotonic()))
+            pub.send(frame.image, stamp_ns=int(frame.stamp * 1e9), K=frame.K)
+            n += 1
+            if args.max_frames and n >= args.max_frames:
+                break
+        pub.flush()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        source.close()
+        pub.close()
+    print(f"camera_pub {args.stream_id}: {pub.stats()} (source dropped {source.stats.dropped})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

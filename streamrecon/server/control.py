@@ -1,0 +1,147 @@
+"""Control requests of the node (JSON request -> JSON reply, arrays as extra parts).
+
+``ping``, ``stats``, ``reset`` (one stream), ``query_raymap`` (a virtual camera -> pointmap, confidence,
+colours; the stream's state is untouched), ``save_map`` (only inside the node's output directory),
+``close_stream``, ``shutdown``. A malformed or unknown request gets ``{"ok": false, "error": ...}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from .. import __version__
+from ..wire import PROTOCOL_VERSION, WireError, decode_request, encode_reply
+
+if TYPE_CHECKING:
+    from .node import Node
+
+__all__ = ["handle_request", "COMMANDS"]
+
+_logger = logging.getLogger(__name__)
+
+
+class ControlError(ValueError):
+    """A request the node understood but cannot carry out (the text goes back to the client)."""
+
+
+def _stream(node: "Node", req: dict):
+    sid = req.get("stream_id")
+    if not isinstance(sid, str):
+        raise ControlError("this command needs a 'stream_id'")
+    s = node.sessions.get(sid)
+    if s is None:
+        raise ControlError(f"no open stream {sid!r} (open: {sorted(node.sessions)[:20]})")
+    return s
+
+
+def _matrix(req: dict, name: str, shape: tuple, required: bool) -> Any:
+    if req.get(name) is None:
+        if required:
+            raise ControlError(f"missing {name!r}")
+        return None
+    try:
+        a = np.asarray(req[name], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ControlError(f"{name!r} must be numbers") from None
+    if a.shape != shape or not np.isfinite(a).all():
+        raise ControlError(f"{name!r} must be a finite {shape[0]}x{shape[1]} matrix")
+    return a
+
+
+def _inside(base: Path, relative: Any) -> Path:
+    """``base / relative`` if it stays inside ``base`` (no absolute paths, no ``..`` escapes, no symlink tricks)."""
+    if not isinstance(relative, str) or not relative or relative.startswith(("/", "\\")) or "\x00" in relative:
+        raise ControlError("path must be a non-empty relative path")
+    root = base.resolve()
+    target = (root / relative).resolve()
+    if target != root and root not in target.parents:
+        raise ControlError(f"path {relative!r} leaves the output directory")
+    return target
+
+
+def _ping(node: "Node", req: dict) -> list:
+    return encode_reply(True, cmd="ping", version=__version__, protocol=PROTOCOL_VERSION)
+
+
+def _stats(node: "Node", req: dict) -> list:
+    return encode_reply(True, cmd="stats", node=node.stats(), streams={k: s.status() for k, s in node.sessions.items()})
+
+
+def _reset(node: "Node", req: dict) -> list:
+    s = _stream(node, req)
+    keep, clear = req.get("keep_trajectory", True), req.get("clear_map", False)
+    if not isinstance(keep, bool) or not isinstance(clear, bool):
+        raise ControlError("keep_trajectory and clear_map must be true or false")
+    s.engine.reset(keep_trajectory=keep)
+    if clear:
+        s.gmap.clear()
+    return encode_reply(True, cmd="reset", stream_id=s.stream_id, segment=s.engine.segment)
+
+
+def _query_raymap(node: "Node", req: dict) -> list:
+    s = _stream(node, req)
+    T = _matrix(req, "T_wc", (4, 4), True)
+    K = _matrix(req, "K", (3, 3), False)
+    size = req.get("size")
+    hw = None
+    if size is not None:
+        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and 16 <= v <= 4096 and v % 16 == 0
+                                                                 for v in size)):
+            raise ControlError("size must be [H, W], multiples of 16 between 16 and 4096")
+        hw = (size[0], size[1])
+    if (K is None or hw is None) and s.engine.last_K is None:
+        raise ControlError("the stream has no frame yet: give both K and size")
+    probe = s.engine.probe(T, K, hw, name=str(req.get("name", "query")))
+    return encode_reply(True, cmd="query_raymap", stream_id=s.stream_id, K=probe.K.reshape(-1).tolist(),
+                        arrays={"points_cam": probe.points_cam, "points_world": probe.points_world,
+                                "conf": probe.conf, "rgb": probe.rgb, "pose_estimate": probe.pose_estimate})
+
+
+def _save_map(node: "Node", req: dict) -> list:
+    s = _stream(node, req)
+    target = node.stream_dir(s.stream_id) if req.get("path") is None else _inside(node.output_dir, req["path"])
+    node.output_dir.mkdir(parents=True, exist_ok=True)
+    return encode_reply(True, cmd="save_map", stream_id=s.stream_id, files=s.save(target))
+
+
+def _close_stream(node: "Node", req: dict) -> list:
+    s = _stream(node, req)
+    return encode_reply(True, cmd="close_stream", stream_id=s.stream_id, files=node.close_stream(s.stream_id))
+
+
+def _shutdown(node: "Node", req: dict) -> list:
+    node.stop()
+    return encode_reply(True, cmd="shutdown")
+
+
+COMMANDS: dict[str, Callable[["Node", dict], list]] = {
+    "ping": _ping, "stats": _stats, "reset": _reset, "query_raymap": _query_raymap, "save_map": _save_map,
+    "close_stream": _close_stream, "shutdown": _shutdown,
+}
+
+
+def handle_request(node: "Node", parts: list) -> list:
+    """Reply parts for one request; never raises."""
+    try:
+        req = decode_request(parts)
+    except WireError as e:
+        node.counters["control_errors"] += 1
+        return encode_reply(False, error=str(e))
+    cmd = req["cmd"]
+    handler = COMMANDS.get(cmd)
+    if handler is None:
+        node.counters["control_errors"] += 1
+        return encode_reply(False, cmd=cmd, error=f"unknown command {cmd[:40]!r}; known: {', '.join(COMMANDS)}")
+    try:
+        return handler(node, req)
+    except ControlError as e:
+        node.counters["control_errors"] += 1
+        return encode_reply(False, cmd=cmd, error=str(e))
+    except Exception as e:  # a failing command must not take the node down
+        node.counters["control_errors"] += 1
+        _logger.exception("control command %s failed", cmd)
+        return encode_reply(False, cmd=cmd, error=f"internal error: {e}")
