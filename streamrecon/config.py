@@ -221,6 +221,11 @@ PRESETS: dict[str, ModelConfig] = {
     "cut3r_512_dpt": ModelConfig(head_type="dpt", img_size=(512, 512)),
     # config/linear_224_fixed_16.yaml -> cut3r_224_linear_4.pth
     "cut3r_224_linear": ModelConfig(head_type="linear", img_size=(224, 224)),
+    # ours: the same architecture, sized for interactive CPU inference at 160 x 112 (the bundled model)
+    "streamrecon_small": ModelConfig(
+        enc_embed_dim=192, enc_depth=6, enc_num_heads=3, dec_embed_dim=96, dec_depth=4, dec_num_heads=3,
+        state_dec_num_heads=3, state_size=64, local_mem_size=64, head_type="linear", img_size=(112, 160),
+    ),
 }
 
 

@@ -22,7 +22,7 @@ import numpy as np
 if TYPE_CHECKING:
     from torch import Tensor
 
-__all__ = ["CropInfo", "plan_crop", "preprocess_rgb", "load_image_reference", "to_model_tensor"]
+__all__ = ["CropInfo", "plan_crop", "preprocess_rgb", "preprocess_torch", "load_image_reference", "to_model_tensor"]
 
 
 @dataclass(frozen=True)
@@ -140,3 +140,25 @@ def to_model_tensor(rgb: np.ndarray, device="cpu") -> "Tensor":
 
     t = torch.from_numpy(np.ascontiguousarray(rgb)).to(device).permute(2, 0, 1).unsqueeze(0).float()
     return (t / 255.0 - 0.5) / 0.5
+
+
+def preprocess_torch(rgb: np.ndarray, size: int, device="cpu") -> tuple["Tensor", np.ndarray, CropInfo]:
+    """Fast path: upload the uint8 frame and resize/crop/normalise on ``device`` (GPU-side preprocessing).
+
+    Same crop plan as :func:`preprocess_rgb`, but torch's antialiased bicubic resize instead of
+    Pillow's LANCZOS: not bit-exact with the reference (a few grey levels on average, see
+    docs/PERFORMANCE.md). Returns ``(x (1, 3, H, W) in [-1, 1], u8 (H, W, 3) colours, crop)``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {rgb.shape} {rgb.dtype}")
+    info = plan_crop(rgb.shape[0], rgb.shape[1], size)
+    t = torch.from_numpy(np.ascontiguousarray(rgb)).to(device, non_blocking=True).permute(2, 0, 1)[None].float()
+    if info.resized_hw != info.original_hw:
+        t = F.interpolate(t, size=info.resized_hw, mode="bicubic", antialias=True, align_corners=False)
+    x0, y0 = info.crop_xy
+    t = t[..., y0:y0 + info.output_hw[0], x0:x0 + info.output_hw[1]].clamp(0, 255).round()
+    u8 = t[0].permute(1, 2, 0).to(torch.uint8).cpu().numpy()
+    return (t / 255.0 - 0.5) / 0.5, u8, info

@@ -57,6 +57,8 @@ class RunConfig:
     fps: float = 30.0
     consolidate_every: int = 200
     flush_every: int = 100
+    prefetch: bool = True
+    fast_preprocess: bool = False
     progress: Optional[bool] = None
 
     def validate(self) -> None:
@@ -170,13 +172,19 @@ def run(cfg: RunConfig, model=None, progress_stream: TextIO = sys.stderr,
     source: FrameSource = open_source(cfg.source, stride=cfg.stride, repeat=cfg.repeat, fps=cfg.fps)
     try:
         if model is None:
-            if not cfg.weights:
-                raise ValueError("no --weights given")
             from .checkpoint import load_model
 
-            model = load_model(cfg.weights, device=_resolve_device(cfg.device))
+            weights = cfg.weights
+            if not weights:
+                from .weights import bundled_weights
+
+                weights = bundled_weights()
+                if weights is None:
+                    raise ValueError("no --weights given and this installation has no bundled model")
+                _logger.warning("no --weights given: using the bundled model %s (trained on synthetic scenes)", weights.name)
+            model = load_model(weights, device=_resolve_device(cfg.device))
         engine = StreamEngine(model, EngineConfig(size=cfg.size or default_size(model), policy=cfg.state_policy,
-                                                  reset_every=cfg.reset_every))
+                                                  reset_every=cfg.reset_every, fast_preprocess=cfg.fast_preprocess))
         gmap = GlobalMap(MapConfig(voxel_size=cfg.voxel_size, max_points=cfg.max_points, conf_thresh=cfg.conf_thresh,
                                    budget_policy=cfg.budget_policy, pixel_stride=cfg.pixel_stride))
         writer = OutputWriter(cfg.output_dir, save_frames=cfg.save_frames)
@@ -224,14 +232,24 @@ class _Loop:
         t_start = time.monotonic()
         consecutive = 0
         fatal = None
+        prefetch = None
+        if cfg.prefetch and not self.source.live:  # read + preprocess frame t+1 while the model runs on t
+            from .engine.prefetch import Prefetcher
+
+            prefetch = Prefetcher(self.source, self.engine.prepare)
+            items = iter(prefetch)
+        else:
+            items = ((f, None) for f in self.source)
         try:
             t_wait = time.perf_counter()
-            for frame in self.source:
+            for frame, prepared in items:
                 source_ms = 1e3 * (time.perf_counter() - t_wait)
                 if self.stop.set:
                     break
                 try:
-                    result = self.engine.process(frame)
+                    if isinstance(prepared, Exception):
+                        raise prepared
+                    result = self.engine.process(prepared if prepared is not None else frame)
                 except Exception as e:  # a malformed frame must not stop the node
                     consecutive += 1
                     self._record_error(f"frame {frame.seq}: {e}")
@@ -256,6 +274,8 @@ class _Loop:
         finally:
             self.progress.close()
             self.source.close()
+            if prefetch is not None:
+                prefetch.close()
             self.stop.restore()
             try:
                 self._run_probes(final=True)

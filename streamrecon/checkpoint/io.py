@@ -185,7 +185,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     ck = read_checkpoint(path)
     model = Cut3r(ck.config, device="meta")
     load_state_dict_strict(model, ck.state_dict, assign=True)
-    model = model.to(device=device, dtype=dtype)
+    model = model.to(device=device, dtype=dtype).optimize_memory_format()
     model.checkpoint_meta = ck.meta
     _logger.info("loaded %s (%s, %d tensors)", path, ck.meta.get("format"), len(ck.state_dict))
     return model.eval() if eval_mode else model

@@ -15,11 +15,33 @@ from .. import __version__
 
 __all__ = ["main", "build_parser"]
 
-_COMMAND_MODULES = ("model_cmds", "run_cmd", "serve_cmd")
+_COMMAND_MODULES = ("model_cmds", "run_cmd", "serve_cmd", "train_cmds", "bench_cmd")
 
 
 class UserError(Exception):
     """An error caused by the command's input; printed without a traceback."""
+
+
+def read_settings(path, allowed: set[str]) -> dict:
+    """A YAML settings file as a dict (``-`` in keys read as ``_``); unknown keys are an error."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of settings")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise UserError(f"{path}: unknown settings {unknown}")
+    return data
 
 
 def build_parser() -> argparse.ArgumentParser:

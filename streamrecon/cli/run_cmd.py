@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import UserError
+from . import UserError, read_settings
 
 __all__ = ["register", "load_run_config"]
 
@@ -44,6 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pixel-stride", type=int, default=S, help="integrate every n-th pixel into the map")
     p.add_argument("--repeat", type=int, default=S, help="loop a file source this many times (soak tests)")
     p.add_argument("--fps", type=float, default=S, help="timestamps for image folders without time in names (30)")
+    p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=S,
+                   help="read and preprocess the next frames of a file source while the model runs (on)")
+    p.add_argument("--fast-preprocess", action="store_true", default=S,
+                   help="resize on the model's device with torch (faster on GPU; not bit-exact with the reference)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=S, help="progress line (auto: on a TTY)")
     p.set_defaults(handler=_run)
 
@@ -52,23 +56,7 @@ def load_run_config(config_path: Path | None, overrides: dict[str, Any]):
     """Defaults <- YAML file <- explicit flags."""
     from ..runner import RunConfig
 
-    values: dict[str, Any] = {}
-    if config_path is not None:
-        import yaml
-
-        if not config_path.is_file():
-            raise UserError(f"config file not found: {config_path}")
-        try:
-            data = yaml.safe_load(config_path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{config_path}: invalid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{config_path}: expected a mapping of settings")
-        data = {k.replace("-", "_"): v for k, v in data.items()}
-        unknown = sorted(set(data) - RunConfig.field_names())
-        if unknown:
-            raise UserError(f"{config_path}: unknown settings {unknown}")
-        values.update(data)
+    values: dict[str, Any] = read_settings(config_path, RunConfig.field_names()) if config_path is not None else {}
     values.update(overrides)
     if isinstance(values.get("probe"), str):
         values["probe"] = [values["probe"]]

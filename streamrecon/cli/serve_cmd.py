@@ -7,7 +7,7 @@ import logging
 import signal
 import threading
 
-from . import UserError
+from . import UserError, read_settings
 
 __all__ = ["register"]
 
@@ -47,23 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import yaml
-
     from ..server import Node, ServeConfig
 
-    values = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise UserError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
-        data = {k.replace("-", "_"): v for k, v in data.items()}
-        unknown = sorted(set(data) - ServeConfig.field_names())
-        if unknown:
-            raise UserError(f"{path}: unknown settings {unknown}")
-        values.update(data)
+    values = read_settings(args.config, ServeConfig.field_names()) if args.config else {}
     values.update({k: v for k, v in vars(args).items() if k not in ("config", "handler", "command", "verbose")})
     try:
         node = Node(ServeConfig(**values))

@@ -25,7 +25,7 @@ from ..frames import Frame, FrameResult, ProbeResult
 from ..geometry import estimate_focal, intrinsics_matrix, principal_point, raymap
 from ..geometry.pose import pose_encoding_to_matrix
 from ..models import Cut3r
-from ..preprocess import preprocess_rgb, to_model_tensor
+from ..preprocess import preprocess_rgb, preprocess_torch, to_model_tensor
 from ..types import FrameInput, StepOutput, StreamState
 from .policies import get_policy
 
@@ -35,8 +35,9 @@ _logger = logging.getLogger(__name__)
 
 
 def default_size(model: Cut3r) -> int:
-    """512 for DPT models (trained at long side 512), 224 for linear ones (224 x 224)."""
-    return 512 if model.cfg.head_type == "dpt" else 224
+    """The model's training resolution: the long side of ``cfg.img_size`` (512 for the official DPT
+    model, 224 = the square crop for the 224 linear one, 160 for ``streamrecon_small``)."""
+    return max(model.cfg.img_size)
 
 
 @dataclass
@@ -54,11 +55,14 @@ class EngineConfig:
         size: model input size: 224 = square crop, anything else = long side (multiple of 16 crops).
         policy: state update policy, ``cut3r`` or ``ttt3r``.
         reset_every: reset and re-anchor after every N frames (0 = never).
+        fast_preprocess: resize on the model's device with torch instead of the reference Pillow
+            LANCZOS (faster on GPU; not bit-exact).
     """
 
     size: int = 512
     policy: str = "cut3r"
     reset_every: int = 0
+    fast_preprocess: bool = False
 
     def __post_init__(self) -> None:
         get_policy(self.policy)
@@ -103,8 +107,11 @@ class StreamEngine:
         if min(img.shape[:2]) < 16:
             raise ValueError(f"frame {frame.seq}: image {img.shape[1]}x{img.shape[0]} is too small")
         t0 = time.perf_counter()
-        u8, crop = preprocess_rgb(img, self.cfg.size)
-        x = to_model_tensor(u8, self.device)
+        if self.cfg.fast_preprocess:
+            x, u8, crop = preprocess_torch(img, self.cfg.size, self.device)
+        else:
+            u8, crop = preprocess_rgb(img, self.cfg.size)
+            x = to_model_tensor(u8, self.device)
         return _Prepared(frame, x, u8, crop, 1e3 * (time.perf_counter() - t0))
 
     def finish(self, p: "_Prepared", out: StepOutput, new_state: StreamState, model_ms: float) -> FrameResult:
@@ -121,9 +128,9 @@ class StreamEngine:
         self.processed += 1
         return result
 
-    def process(self, frame: Frame) -> FrameResult:
-        """Run one frame through the model and return its result (state advanced)."""
-        p = self.prepare(frame)
+    def process(self, frame: "Frame | _Prepared") -> FrameResult:
+        """Run one frame (or one already :meth:`prepare` d) through the model; the state advances."""
+        p = frame if isinstance(frame, _Prepared) else self.prepare(frame)
         t1 = time.perf_counter()
         with torch.inference_mode():
             out, state = self.model.step(FrameInput(img=p.x), self.state, rule=self.rule)

@@ -38,4 +38,4 @@ def create_model(spec: str | os.PathLike | ModelConfig, device: str | torch.devi
         cfg = preset(str(spec))
     if seed is not None:
         torch.manual_seed(seed)
-    return Cut3r(cfg, device=device, dtype=dtype).eval()
+    return Cut3r(cfg, device=device, dtype=dtype).optimize_memory_format().eval()

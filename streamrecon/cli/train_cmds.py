@@ -1,0 +1,122 @@
+"""``train``, ``eval`` and ``demo`` commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import UserError, read_settings
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model on synthetic sequences (see configs/train_small.yaml)")
+    p.add_argument("--config", type=Path, default=None, help="YAML training config")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--out-dir", default=None)
+    p.add_argument("--init", default=None, help="start from these weights")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-resume", action="store_true", help="ignore OUT_DIR/last.pt")
+    p.set_defaults(handler=_train)
+
+    p = sub.add_parser("eval", help="score a model on sequences with ground truth (depth, trajectory, map)")
+    p.add_argument("dataset", type=Path, help="a sequence folder or a folder of them (synthetic, TUM RGB-D, 7-Scenes)")
+    p.add_argument("--weights", default=None, help="checkpoint (default: the bundled model)")
+    p.add_argument("--format", choices=["synthetic", "tum", "7scenes"], default=None)
+    p.add_argument("--intrinsics", default=None, help="fx,fy,cx,cy for TUM / 7-Scenes (defaults per format)")
+    p.add_argument("--size", type=int, default=None)
+    p.add_argument("--state-policy", choices=["cut3r", "ttt3r"], default="cut3r")
+    p.add_argument("--reset-every", type=int, default=0)
+    p.add_argument("--max-frames", type=int, default=0)
+    p.add_argument("--stride", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-baselines", action="store_true", help="skip the untrained and constant baselines")
+    p.add_argument("--json", type=Path, default=None, help="write the full report here")
+    p.set_defaults(handler=_eval)
+
+    p = sub.add_parser("demo", help="render a synthetic sequence, reconstruct it with the bundled model, score it")
+    p.add_argument("--output-dir", default="outputs/demo")
+    p.add_argument("--weights", default=None, help="checkpoint (default: the bundled model)")
+    p.add_argument("--seed", type=int, default=90_000_123, help="which held-out synthetic sequence")
+    p.add_argument("--frames", type=int, default=30)
+    p.add_argument("--viewer", choices=["spawn", "web", "none"], default="none")
+    p.add_argument("--state-policy", choices=["cut3r", "ttt3r"], default="cut3r")
+    p.set_defaults(handler=_demo)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from ..train.trainer import TrainConfig, train
+
+    values = read_settings(args.config, {f.name for f in fields(TrainConfig)}) if args.config else {}
+    for key in ("steps", "out_dir", "init", "device"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    try:
+        cfg = TrainConfig(**values)
+        cfg.model_config()
+    except (TypeError, ValueError) as e:
+        raise UserError(f"bad training config: {e}") from None
+    val = train(cfg, resume=not args.no_resume)
+    print(json.dumps({"out_dir": cfg.out_dir, "validation": val}))
+    return 0
+
+
+def _load(weights, device: str):
+    from ..checkpoint import CheckpointError, UnsafeCheckpointError, load_model
+    from ..runner import _resolve_device
+    from ..weights import bundled_weights
+
+    path = weights or bundled_weights()
+    if path is None:
+        raise UserError("no --weights given and no bundled model is installed")
+    try:
+        return load_model(path, device=_resolve_device(device)), path
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+    except (CheckpointError, UnsafeCheckpointError, ValueError) as e:
+        raise UserError(f"incompatible checkpoint {path}: {e}") from None
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..eval.datasets import find_sequences
+    from ..eval.evaluate import EvalConfig, evaluate, format_report
+
+    K = None
+    if args.intrinsics:
+        try:
+            fx, fy, cx, cy = (float(v) for v in args.intrinsics.split(","))
+        except ValueError:
+            raise UserError("--intrinsics needs fx,fy,cx,cy") from None
+        K = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1]])
+    try:
+        sequences = find_sequences(args.dataset, args.format, K)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(str(e)) from None
+    model, path = _load(args.weights, args.device)
+    cfg = EvalConfig(size=args.size, policy=args.state_policy, reset_every=args.reset_every,
+                     max_frames=args.max_frames, stride=args.stride)
+    report = evaluate(model, sequences, cfg, baselines=not args.no_baselines)
+    report["weights"] = str(path)
+    print(format_report(report))
+    if args.json:
+        from ..fileio import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(report, indent=1, default=str) + "\n")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ..demo import run_demo
+
+    model, path = _load(args.weights, "auto")
+    summary = run_demo(model, Path(args.output_dir), seed=args.seed, frames=args.frames, viewer=args.viewer,
+                       policy=args.state_policy, progress=sys.stderr)
+    print(summary, file=sys.stderr)
+    return 0

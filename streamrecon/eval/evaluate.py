@@ -1,0 +1,166 @@
+"""``streamrecon eval``: run a model over sequences with ground truth and score it, next to baselines.
+
+Per sequence: depth AbsRel and delta<1.25 (per-frame median scaling, and metric), ATE (Sim(3) and
+SE(3) Umeyama alignment; RMSE and % of the GT path length), RPE (delta 1 frame), and map accuracy /
+completeness (the predicted cloud, aligned with the trajectory's Sim(3), against the GT cloud).
+Baselines: the same architecture untrained (seeded random weights) and constant depth (1 m) with
+identity poses.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+
+from ..frames import Frame
+from .datasets import EvalSequence
+from .metrics import ate, depth_metrics, map_metrics, rpe, umeyama
+
+__all__ = ["EvalConfig", "evaluate_sequence", "score_results", "constant_baseline", "evaluate", "format_report",
+           "gt_depth_at_model"]
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    size: Optional[int] = None
+    policy: str = "cut3r"
+    reset_every: int = 0
+    max_frames: int = 0
+    stride: int = 1
+    conf_thresh: float = 1.5
+    map_pixel_stride: int = 4
+
+
+def gt_depth_at_model(depth: np.ndarray, crop) -> np.ndarray:
+    """Ground-truth depth (original pixels) resized (nearest) and cropped like the model input."""
+    import cv2
+
+    h1, w1 = crop.resized_hw
+    d = cv2.resize(depth, (w1, h1), interpolation=cv2.INTER_NEAREST) if depth.shape != (h1, w1) else depth
+    y0, x0 = crop.crop_xy[1], crop.crop_xy[0]
+    return d[y0:y0 + crop.output_hw[0], x0:x0 + crop.output_hw[1]]
+
+
+def _frame_indices(seq: EvalSequence, cfg: EvalConfig) -> list[int]:
+    idx = list(range(0, len(seq), max(1, cfg.stride)))
+    return idx[: cfg.max_frames] if cfg.max_frames else idx
+
+
+def _gt_cloud(seq: EvalSequence, idx: list[int], stride: int) -> np.ndarray:
+    Kinv = np.linalg.inv(seq.K)
+    pts = []
+    for i in idx:
+        d = seq.depth(i)[::stride, ::stride]
+        v, u = np.nonzero(d > 0)
+        z = d[v, u]
+        cam = np.stack([u * stride, v * stride, np.ones_like(u)], 1) @ Kinv.T * z[:, None]
+        pts.append(cam @ seq.T_wc[i][:3, :3].T + seq.T_wc[i][:3, 3])
+    return np.concatenate(pts) if pts else np.zeros((0, 3))
+
+
+def _summarise(depth_rows: list[dict], pred_T: np.ndarray, gt_T: np.ndarray, pred_cloud: np.ndarray,
+               gt_cloud: np.ndarray) -> dict:
+    out = {k: float(np.nanmean([r[k] for r in depth_rows])) for k in ("abs_rel", "delta1", "abs_rel_metric",
+                                                                      "delta1_metric")}
+    sim3, se3 = ate(pred_T, gt_T, True), ate(pred_T, gt_T, False)
+    out.update(ate_sim3=sim3["rmse"], ate_sim3_pct=sim3["percent_of_path"], sim3_scale=sim3["scale"],
+               ate_se3=se3["rmse"], ate_se3_pct=se3["percent_of_path"], path_length=sim3["path_length"])
+    r = rpe(pred_T, gt_T, 1, with_scale=True)
+    out.update(rpe_trans=r["trans_rmse"], rpe_rot_deg=r["rot_rmse_deg"])
+    if len(pred_cloud):
+        s, R, t = umeyama(pred_T[:, :3, 3], gt_T[:, :3, 3], True)
+        aligned = (s * (R @ pred_cloud.T)).T + t
+        out.update(map_metrics(aligned, gt_cloud))
+    else:
+        out.update(accuracy=math.nan, completeness=math.nan)
+    return out
+
+
+def score_results(seq: EvalSequence, idx: list[int], results: list, cfg: EvalConfig = EvalConfig()) -> dict:
+    """Metrics of already computed :class:`FrameResult` s for frames ``idx`` of ``seq``."""
+    depth_rows, cloud = [], []
+    for i, r in zip(idx, results):
+        gt = gt_depth_at_model(seq.depth(i), r.crop)
+        depth_rows.append(depth_metrics(r.depth, gt, gt > 0))
+        s = cfg.map_pixel_stride
+        pts, conf = r.points_world_pose[::s, ::s].reshape(-1, 3), r.conf_cam[::s, ::s].reshape(-1)
+        cloud.append(pts[(conf > cfg.conf_thresh) & np.isfinite(pts).all(1)])
+    out = _summarise(depth_rows, np.stack([r.T_wc for r in results]), seq.T_wc[idx], np.concatenate(cloud),
+                     _gt_cloud(seq, idx, cfg.map_pixel_stride))
+    out.update(name=seq.name, frames=len(idx))
+    return out
+
+
+def evaluate_sequence(model, seq: EvalSequence, cfg: EvalConfig = EvalConfig()) -> dict:
+    """Stream the sequence through a fresh :class:`StreamEngine` and score it."""
+    from ..engine import EngineConfig, StreamEngine, default_size
+
+    engine = StreamEngine(model, EngineConfig(size=cfg.size or default_size(model), policy=cfg.policy,
+                                              reset_every=cfg.reset_every))
+    idx = _frame_indices(seq, cfg)
+    t0 = time.perf_counter()
+    results = [engine.process(Frame(image=seq.rgb(i), seq=i, stamp=float(seq.stamps[i]), source=seq.name)) for i in idx]
+    fps = len(idx) / (time.perf_counter() - t0)
+    return score_results(seq, idx, results, cfg) | {"fps": fps}
+
+
+def constant_baseline(seq: EvalSequence, cfg: EvalConfig = EvalConfig()) -> dict:
+    """Constant 1 m depth everywhere and the identity pose for every frame."""
+    idx = _frame_indices(seq, cfg)
+    rows = [depth_metrics(np.ones_like(d := seq.depth(i)), d, d > 0) for i in idx]
+    T = np.tile(np.eye(4), (len(idx), 1, 1))
+    h, w = seq.depth(idx[0]).shape
+    v, u = np.mgrid[0:h:8, 0:w:8]
+    plane = np.stack([u.ravel(), v.ravel(), np.ones(u.size)], 1) @ np.linalg.inv(seq.K).T
+    out = _summarise(rows, T, seq.T_wc[idx], plane, _gt_cloud(seq, idx, cfg.map_pixel_stride))
+    out.update(name=seq.name, frames=len(idx))
+    return out
+
+
+_KEYS = ("abs_rel", "delta1", "abs_rel_metric", "delta1_metric", "ate_sim3", "ate_sim3_pct", "ate_se3", "rpe_trans",
+         "rpe_rot_deg", "accuracy", "completeness")
+
+
+def _mean(rows: list[dict]) -> dict:
+    return {k: float(np.nanmean([r[k] for r in rows])) for k in _KEYS if rows}
+
+
+def evaluate(model, sequences: list[EvalSequence], cfg: EvalConfig = EvalConfig(), baselines: bool = True,
+             untrained_seed: int = 0) -> dict:
+    """Score ``model`` on every sequence; with ``baselines``, also the untrained twin and the constant baseline."""
+    rows = [evaluate_sequence(model, s, cfg) for s in sequences]
+    report = {"model": {"mean": _mean(rows), "sequences": rows}, "config": asdict(cfg),
+              "n_sequences": len(sequences)}
+    if baselines:
+        import torch
+
+        from ..models import Cut3r
+
+        torch.manual_seed(untrained_seed)
+        untrained = Cut3r(model.cfg).to(model.device).eval()
+        u_rows = [evaluate_sequence(untrained, s, cfg) for s in sequences]
+        c_rows = [constant_baseline(s, cfg) for s in sequences]
+        report["untrained"] = {"mean": _mean(u_rows), "sequences": u_rows}
+        report["constant"] = {"mean": _mean(c_rows), "sequences": c_rows}
+    return report
+
+
+def format_report(report: dict) -> str:
+    """A small table: rows = model / baselines, columns = the main metrics."""
+    cols = [("abs_rel", "AbsRel"), ("delta1", "d<1.25"), ("abs_rel_metric", "AbsRel(m)"), ("delta1_metric", "d<1.25(m)"),
+            ("ate_sim3_pct", "ATE Sim3 %"), ("ate_sim3", "ATE Sim3 m"), ("ate_se3", "ATE SE3 m"),
+            ("rpe_rot_deg", "RPE deg"), ("accuracy", "acc m"), ("completeness", "comp m")]
+    head = f"{'':<11}" + "".join(f"{name:>11}" for _, name in cols)
+    lines = [f"{report['n_sequences']} sequences", head]
+    for row in ("model", "untrained", "constant"):
+        if row in report:
+            m = report[row]["mean"]
+            lines.append(f"{row:<11}" + "".join(f"{m.get(k, math.nan):>11.4f}" for k, _ in cols))
+    return "\n".join(lines)

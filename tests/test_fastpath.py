@@ -1,0 +1,83 @@
+"""Fast-path pieces: prefetching, device-side preprocessing, bf16 heads, constant memory with a real source."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from streamrecon.engine.prefetch import Prefetcher
+from streamrecon.frames import Frame
+from streamrecon.preprocess import load_image_reference, plan_crop, preprocess_rgb, preprocess_torch
+
+
+def test_prefetcher_keeps_order_and_passes_errors_through():
+    def frames():
+        for i in range(6):
+            yield Frame(image=np.full((20, 20, 3), i, np.uint8), seq=i, stamp=i)
+
+    def prepare(f):
+        if f.seq == 3:
+            raise ValueError("bad frame 3")
+        time.sleep(0.01)
+        return f.seq * 10
+
+    out = list(Prefetcher(frames(), prepare, depth=2))
+    assert [f.seq for f, _ in out] == list(range(6))
+    assert [p for _, p in out if not isinstance(p, Exception)] == [0, 10, 20, 40, 50]
+    assert isinstance(out[3][1], ValueError)
+
+
+def test_prefetcher_overlaps_work():
+    def frames():
+        for i in range(8):
+            time.sleep(0.05)  # slow decoding
+            yield Frame(image=np.zeros((4, 4, 3), np.uint8), seq=i, stamp=i)
+
+    t0 = time.monotonic()
+    for _ in Prefetcher(frames(), lambda f: f.seq, depth=2):
+        time.sleep(0.05)  # the "model"
+    assert time.monotonic() - t0 < 0.7  # serial would be >= 0.8 s
+
+
+def test_device_preprocessing_is_close_to_the_reference(shared):
+    manifest = json.loads((shared / "golden" / "preprocess" / "manifest.json").read_text())
+    for entry, info in manifest.items():
+        size = int(entry.rsplit(".", 1)[1])
+        from PIL import Image, ImageOps
+
+        with Image.open(shared / info["source"]) as im:
+            rgb = np.array(ImageOps.exif_transpose(im).convert("RGB"))
+        ref = load_image_reference(shared / info["source"], size)
+        x, u8, crop = preprocess_torch(rgb, size)
+        assert u8.shape == ref.shape and crop == plan_crop(rgb.shape[0], rgb.shape[1], size)
+        diff = np.abs(u8.astype(int) - ref.astype(int))
+        assert diff.mean() < 2.5 and np.percentile(diff, 99) < 24, (entry, diff.mean())
+        assert x.shape == (1, 3, *ref.shape[:2]) and float(x.min()) >= -1 and float(x.max()) <= 1
+    same = np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    assert np.array_equal(preprocess_torch(same, 128)[1], preprocess_rgb(same, 128)[0])  # no resize: exact
+
+
+def test_run_with_and_without_prefetch_gives_the_same_trajectory(tmp_path, shared):
+    from streamrecon.mapping import read_tum
+    from streamrecon.runner import RunConfig, run
+
+    weights = str(shared / "golden" / "tiny_dpt" / "checkpoint.pth")
+    src = str(shared / "data" / "cut3r_examples" / "003")
+    for name, prefetch in (("a", True), ("b", False)):
+        run(RunConfig(source=src, weights=weights, size=64, output_dir=str(tmp_path / name), prefetch=prefetch,
+                      progress=False))
+    ta, tb = read_tum(tmp_path / "a" / "trajectory.txt")[1], read_tum(tmp_path / "b" / "trajectory.txt")[1]
+    assert len(ta) == 4 and np.allclose(ta, tb)
+
+
+@pytest.mark.parametrize("fast", [True])
+def test_fast_preprocess_runs_end_to_end(tmp_path, shared, fast):
+    from streamrecon.runner import RunConfig, run
+
+    s = run(RunConfig(source=str(shared / "data" / "cut3r_examples" / "003"),
+                      weights=str(shared / "golden" / "tiny_dpt" / "checkpoint.pth"), size=64,
+                      output_dir=str(tmp_path / "o"), fast_preprocess=fast, progress=False))
+    assert s["processed"] == 4 and s["errors"] == 0

@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""The GPU half of the speed work, in one command (needs CUDA; writes one JSON report).
+
+    python tools/gpu_checks.py --out gpu_report.json [--frames 200] [--long 10000]
+
+1. no host synchronisation inside ``Cut3r.step`` (``torch.cuda.set_sync_debug_mode("error")``);
+2. ``cut3r_512_dpt`` (random weights) at 512x384: fps and device memory for fp32 / bf16 / fp16,
+   1 and 8 streams, with and without ``torch.compile`` of the encoder;
+3. numerical drift of bf16 / fp16 autocast against fp32 on real frames (pointmaps, poses);
+4. constant memory over ``--long`` frames (device and host), 512 preset, bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from streamrecon import FrameInput, create_model  # noqa: E402
+from streamrecon.bench import BenchConfig, precision_drift, run_benchmark  # noqa: E402
+
+CLIP = REPO.parent / "shared" / "data" / "cut3r_examples" / "lady-running.mp4"
+
+
+def sync_check(model) -> str:
+    img = torch.rand(1, 3, 384, 512, device="cuda") * 2 - 1
+    state = model.init_state()
+    with torch.inference_mode():
+        _, state = model.step(FrameInput(img=img), state)  # first call builds caches
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                _, state = model.step(FrameInput(img=img), state)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return "no synchronisation"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("gpu_report.json"))
+    ap.add_argument("--frames", type=int, default=200)
+    ap.add_argument("--long", type=int, default=10000)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("CUDA is not available", file=sys.stderr)
+        return 2
+    report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    model = create_model("cut3r_512_dpt", device="cuda", seed=0)
+    report["sync"] = sync_check(model)
+    del model
+    runs = []
+    for dtype in ("float32", "bfloat16", "float16"):
+        for batch in (1, 8):
+            for compile_ in (False, True):
+                cfg = BenchConfig(model="cut3r_512_dpt", size="384x512", batch=batch, dtype=dtype, device="cuda",
+                                  frames=args.frames, warmup=20, images=str(CLIP), compile=compile_, with_map=False,
+                                  stage_timing=False)
+                rep = run_benchmark(cfg)
+                runs.append({"dtype": dtype, "batch": batch, "compile": compile_, **{k: rep[k] for k in (
+                    "fps_per_stream", "fps_aggregate", "peak_device_mb", "achieved_tflops", "stages_ms")}})
+                print(json.dumps(runs[-1]), flush=True)
+                torch.cuda.empty_cache()
+    report["bench"] = runs
+    from streamrecon.sources import open_source
+
+    frames = []
+    for f in open_source(str(CLIP)):
+        frames.append(f.image)
+        if len(frames) == 30:
+            break
+    model = create_model("cut3r_512_dpt", device="cuda", seed=0)
+    report["drift"] = {d: precision_drift(model, frames, d, size=512) for d in ("bfloat16", "float16")}
+    del model
+    long = run_benchmark(BenchConfig(model="cut3r_512_dpt", size="384x512", dtype="bfloat16", device="cuda",
+                                     frames=args.long, warmup=10, images=str(CLIP), memory_every=1000))
+    report["constant_memory"] = long["memory"]
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
