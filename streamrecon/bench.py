@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import time
+from array import array
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -103,8 +104,9 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     device = torch.device(_resolve_device(cfg.device))
     model = create_model(cfg.model, device=device, seed=cfg.seed)
-    if cfg.compile:
-        model.enc_blocks = torch.compile(model.enc_blocks)  # the heaviest, shape-stable part
+    if cfg.compile:  # the heaviest, shape-stable part
+        for i, blk in enumerate(model.enc_blocks):
+            model.enc_blocks[i] = torch.compile(blk, dynamic=False)
     if isinstance(cfg.size, str) and "x" in cfg.size:  # frames of exactly this size (224x224 = the square crop)
         frames_hw = tuple(int(v) for v in cfg.size.lower().split("x"))
         size = max(frames_hw)
@@ -112,12 +114,14 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         size = int(cfg.size)
         frames_hw = (3 * size // 4, size)
     images = _frames(cfg, frames_hw, cfg.frames)
-    engines = [StreamEngine(model, EngineConfig(size=size)) for _ in range(cfg.batch)]
+    precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[cfg.dtype]
+    engines = [StreamEngine(model, EngineConfig(size=size, precision=precision)) for _ in range(cfg.batch)]
     maps = [GlobalMap(MapConfig()) for _ in range(cfg.batch)]
     timer = _StageTimer(device)
     model.stage_timer = timer if cfg.stage_timing else None
-    amp = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    rows: list[dict] = []
+    # per-stage timings as float32 columns: 4 bytes per stage and frame, so a 10k-frame memory proof
+    # measures the node, not the benchmark's own bookkeeping
+    cols: dict[str, array] = {}
     mem: list[tuple[int, float, Optional[float]]] = []
     t_all = None
     total = cfg.warmup + cfg.frames
@@ -130,8 +134,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         timer.ms.clear()
         t0 = time.perf_counter()
         batch_frames = [Frame(image=images[(i + k) % len(images)], seq=i, stamp=i / 30) for k in range(cfg.batch)]
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            results = process_batch(engines, batch_frames) if cfg.batch > 1 else [engines[0].process(batch_frames[0])]
+        results = process_batch(engines, batch_frames) if cfg.batch > 1 else [engines[0].process(batch_frames[0])]
         for r in results:
             if isinstance(r, Exception):
                 raise r
@@ -142,9 +145,11 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         t2 = time.perf_counter()
         if i >= cfg.warmup:
             r0 = results[0]
-            rows.append({"preprocess": sum(r.timings_ms["preprocess"] for r in results),
-                         **dict(timer.ms), "postprocess": sum(r.timings_ms["postprocess"] for r in results),
-                         "map": 1e3 * (t2 - t1), "total": 1e3 * (t2 - t0), "model": r0.timings_ms["model"] * cfg.batch})
+            row = {"preprocess": sum(r.timings_ms["preprocess"] for r in results),
+                   **dict(timer.ms), "postprocess": sum(r.timings_ms["postprocess"] for r in results),
+                   "map": 1e3 * (t2 - t1), "total": 1e3 * (t2 - t0), "model": r0.timings_ms["model"] * cfg.batch}
+            for k, v in row.items():
+                cols.setdefault(k, array("f")).append(v)
         n = i - cfg.warmup + 1
         if n == 10 or (cfg.memory_every and n > 0 and n % cfg.memory_every == 0) or i == total - 1:
             dev = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else None
@@ -153,9 +158,9 @@ def run_benchmark(cfg: BenchConfig) -> dict:
     model.stage_timer = None
     h, w = engines[0].last_hw
     flops = step_flops(model.cfg, h, w, cfg.batch)
-    stages = {k: {"p50": round(float(np.percentile([r[k] for r in rows], 50)), 3),
-                  "p99": round(float(np.percentile([r[k] for r in rows], 99)), 3)}
-              for k in rows[0]}
+    stages = {k: {"p50": round(float(np.percentile(np.asarray(v), 50)), 3),
+                  "p99": round(float(np.percentile(np.asarray(v), 99)), 3)}
+              for k, v in cols.items()}
     model_ms = sum(stages[k]["p50"] for k in ("encoder", "decoders", "memory", "heads") if k in stages) \
         or stages["model"]["p50"]
     report = {
@@ -202,12 +207,11 @@ def precision_drift(model, frames: list[np.ndarray], dtype: str = "bfloat16", si
     """
     from .engine import default_size
 
-    amp = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    low_precision = {"bfloat16": "bf16", "float16": "fp16"}[dtype]
     runs = {}
-    for name, enabled in (("fp32", False), (dtype, True)):
-        engine = StreamEngine(model, EngineConfig(size=size or default_size(model)))
-        with torch.autocast(model.device.type, dtype=amp, enabled=enabled):
-            runs[name] = [engine.process(Frame(image=f, seq=i, stamp=i / 30)) for i, f in enumerate(frames)]
+    for name, precision in (("fp32", "fp32"), (dtype, low_precision)):
+        engine = StreamEngine(model, EngineConfig(size=size or default_size(model), precision=precision))
+        runs[name] = [engine.process(Frame(image=f, seq=i, stamp=i / 30)) for i, f in enumerate(frames)]
 
     def nerr(a, b):
         return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))

@@ -34,7 +34,7 @@ def run_demo(model, out_dir: Path, seed: int = 90_000_123, frames: int = 30, vie
                             viewer=viewer, state_policy=policy, progress=progress is not None and progress.isatty()),
                   model=model, progress_stream=progress or sys.stderr, on_result=results.append)
     gt = EvalSequence.from_arrays(seq_dir.name, seq["rgb"], seq["depth"], seq["T_wc"], seq["K"])
-    scores = score_results(gt, list(range(len(results))), results, EvalConfig())
+    scores = score_results(gt, list(range(len(results))), results, EvalConfig(conf_thresh=summary["map"]["conf_thresh"]))
     scores.update(seed=seed, kind=seq["kind"], fps=summary["fps"])
     atomic_write_text(out_dir / "accuracy.json", json.dumps(scores, indent=1) + "\n")
     lines = [format_summary(summary), "",

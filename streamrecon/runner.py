@@ -19,7 +19,7 @@ import numpy as np
 
 from .engine import EngineConfig, StreamEngine, default_size
 from .engine.stats import LatencyStats, device_peak_mb, peak_rss_mb, rss_mb
-from .mapping import GlobalMap, MapConfig
+from .mapping import DEFAULT_CONF_THRESH, GlobalMap, MapConfig, model_conf_thresh
 from .probe import ProbeSpec, parse_probe
 from .sinks import OutputWriter
 from .sources import FrameSource, open_source
@@ -38,7 +38,7 @@ class RunConfig:
     weights: Optional[str] = None
     size: Optional[int] = None
     device: str = "auto"
-    conf_thresh: float = 1.5
+    conf_thresh: Optional[float] = None  # None: the model's recommendation (model_conf_thresh)
     stride: int = 1
     max_frames: int = 0
     output_dir: str = "outputs/run"
@@ -59,6 +59,7 @@ class RunConfig:
     flush_every: int = 100
     prefetch: bool = True
     fast_preprocess: bool = False
+    precision: str = "fp32"
     progress: Optional[bool] = None
 
     def validate(self) -> None:
@@ -75,8 +76,9 @@ class RunConfig:
         for name in ("max_frames", "reset_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
-        EngineConfig(size=self.size or 512, policy=self.state_policy, reset_every=self.reset_every)
-        MapConfig(voxel_size=self.voxel_size, max_points=self.max_points, conf_thresh=self.conf_thresh,
+        EngineConfig(size=self.size or 512, policy=self.state_policy, reset_every=self.reset_every,
+                     precision=self.precision)
+        MapConfig(voxel_size=self.voxel_size, max_points=self.max_points, conf_thresh=model_conf_thresh(None, self.conf_thresh),
                   budget_policy=self.budget_policy, pixel_stride=self.pixel_stride)
         for p in self.probe:
             parse_probe(p)
@@ -184,8 +186,12 @@ def run(cfg: RunConfig, model=None, progress_stream: TextIO = sys.stderr,
                 _logger.warning("no --weights given: using the bundled model %s (trained on synthetic scenes)", weights.name)
             model = load_model(weights, device=_resolve_device(cfg.device))
         engine = StreamEngine(model, EngineConfig(size=cfg.size or default_size(model), policy=cfg.state_policy,
-                                                  reset_every=cfg.reset_every, fast_preprocess=cfg.fast_preprocess))
-        gmap = GlobalMap(MapConfig(voxel_size=cfg.voxel_size, max_points=cfg.max_points, conf_thresh=cfg.conf_thresh,
+                                                  reset_every=cfg.reset_every, fast_preprocess=cfg.fast_preprocess,
+                                                  precision=cfg.precision))
+        conf_thresh = model_conf_thresh(model, cfg.conf_thresh)
+        if cfg.conf_thresh is None and conf_thresh != DEFAULT_CONF_THRESH:
+            _logger.info("map confidence threshold %.3g (recommended by the checkpoint)", conf_thresh)
+        gmap = GlobalMap(MapConfig(voxel_size=cfg.voxel_size, max_points=cfg.max_points, conf_thresh=conf_thresh,
                                    budget_policy=cfg.budget_policy, pixel_stride=cfg.pixel_stride))
         writer = OutputWriter(cfg.output_dir, save_frames=cfg.save_frames)
         viewer = None
@@ -211,6 +217,8 @@ class _Loop:
         self.n_errors = 0
         self.processed = 0
         self.segments_seen = 0
+        self.conf_max = 0.0
+        self.empty_map_warned = False
         total = source.expected_frames()
         if cfg.max_frames and total:
             total = min(total, cfg.max_frames)
@@ -292,6 +300,7 @@ class _Loop:
         pts, conf = result.world_points(self.cfg.map_points)
         integ = self.gmap.integrate(pts, result.colors, conf, result.index)
         t1 = time.perf_counter()
+        self._check_confidence(conf)
         self.writer.add_frame(result)
         t2 = time.perf_counter()
         result.timings_ms.update(map=1e3 * (t1 - t0), files=1e3 * (t2 - t1))
@@ -316,6 +325,15 @@ class _Loop:
             del self.rss_samples[:-200]
         if self.on_result is not None:
             self.on_result(result)
+
+    def _check_confidence(self, conf: np.ndarray) -> None:
+        """Say once, after 10 frames, when the confidence filter has kept nothing at all."""
+        self.conf_max = max(self.conf_max, float(np.nanmax(conf)) if conf.size else 0.0)
+        if not self.empty_map_warned and self.processed >= 9 and len(self.gmap) == 0:
+            self.empty_map_warned = True
+            _logger.warning("the map is empty: no point had confidence above --conf-thresh %.2f in %d frames "
+                            "(highest %.3f); lower --conf-thresh to keep points", self.gmap.cfg.conf_thresh,
+                            self.processed + 1, self.conf_max)
 
     def _run_probes(self, final: bool, index: int = -1) -> None:
         if self.engine.last_T_wc is None:
@@ -346,7 +364,7 @@ class _Loop:
             "memory_mb": {"peak_rss": round(peak_rss_mb(), 1), "rss_at_frame_10": self.rss_start,
                           "rss_now": round(rss_mb(), 1), "rss_samples": self.rss_samples,
                           "device_peak": device_peak_mb(self.engine.device)},
-            "map": self.gmap.stats(),
+            "map": {**self.gmap.stats(), "confidence_max": round(self.conf_max, 4)},
             "segments": self.segments_seen,
             "interrupted": interrupted,
             "stop_reason": self.stop.reason or ("fatal" if fatal else "end of source"),

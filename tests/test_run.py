@@ -110,6 +110,15 @@ def test_clear_errors_without_tracebacks(tmp_path, shared, tiny_dpt, capsys):
     assert "Traceback" not in msg
 
 
+def test_an_empty_map_is_reported_with_the_confidence_seen(tmp_path, shared, tiny_dpt, caplog):
+    with caplog.at_level("WARNING", logger="streamrecon.runner"):
+        summary = run(RunConfig(source=str(shared / CLIP), weights=tiny_dpt, size=64, repeat=3, conf_thresh=1e9,
+                                output_dir=str(tmp_path / "o"), progress=False))
+    assert summary["processed"] == 12 and summary["map"]["points"] == 0
+    assert 1.0 < summary["map"]["confidence_max"] < 1e9
+    assert sum("the map is empty" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_bad_frames_are_counted_and_the_run_goes_on(tmp_path, shared, tiny_dpt):
     folder = tmp_path / "clip"
     shutil.copytree(shared / CLIP, folder)
@@ -127,15 +136,19 @@ def test_bad_frames_are_counted_and_the_run_goes_on(tmp_path, shared, tiny_dpt):
 
 def test_sigterm_stops_cleanly_and_writes_every_output(tmp_path, shared, tiny_dpt):
     out = tmp_path / "o"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("flush_every: 10\n")  # YAML-only setting; flags override the rest
     proc = subprocess.Popen([sys.executable, "-m", "streamrecon", "run", str(shared / CLIP), "--weights", tiny_dpt,
-                             "--size", "64", "--repeat", "500", "--output-dir", str(out), "--no-progress"],
+                             "--config", str(cfg), "--size", "64", "--repeat", "500", "--output-dir", str(out),
+                             "--no-progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         deadline = time.monotonic() + 120
-        traj = out / "trajectory.txt"  # first flushed after --flush-every (100) frames
+        traj = out / "trajectory.txt"  # first flushed after flush_every (10) frames
         while not traj.exists() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1]
         assert traj.exists(), "the run never flushed its trajectory"
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
@@ -145,6 +158,19 @@ def test_sigterm_stops_cleanly_and_writes_every_output(tmp_path, shared, tiny_dp
     assert proc.returncode == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] is True and summary["stop_reason"] == "SIGTERM"
-    assert 100 <= summary["processed"] < 2000
+    assert 10 <= summary["processed"] < 2000
     assert len(read_tum(traj)[0]) == summary["processed"]
     assert len(read_ply(out / "map.ply")["x"]) == summary["map"]["points"]
+
+
+def test_the_map_threshold_follows_the_checkpoint_unless_given():
+    from types import SimpleNamespace
+
+    from streamrecon.mapping import DEFAULT_CONF_THRESH, model_conf_thresh
+
+    calibrated = SimpleNamespace(checkpoint_meta={"format": "safetensors", "conf_thresh": "1.07"})
+    assert model_conf_thresh(calibrated) == 1.07
+    assert model_conf_thresh(calibrated, 3.0) == 3.0 and model_conf_thresh(calibrated, 0.0) == 0.0
+    assert model_conf_thresh(SimpleNamespace(checkpoint_meta={"format": "pth"})) == DEFAULT_CONF_THRESH == 1.5
+    assert model_conf_thresh(SimpleNamespace(checkpoint_meta={"conf_thresh": "oops"})) == 1.5
+    assert model_conf_thresh(object()) == 1.5

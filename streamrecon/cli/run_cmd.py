@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default=S, help="checkpoint (.pth official container, or .safetensors)")
     p.add_argument("--size", type=int, default=S, help="model input: 512 = long side 512 (DPT), 224 = square (linear)")
     p.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:1 (default auto)")
-    p.add_argument("--conf-thresh", type=float, default=S, help="keep map points with confidence above this (1.5)")
+    p.add_argument("--conf-thresh", type=float, default=S,
+                   help="keep map points with confidence above this (default: the checkpoint's recommendation, else 1.5)")
     p.add_argument("--stride", type=int, default=S, help="use every n-th frame of a file source")
     p.add_argument("--max-frames", type=int, default=S, help="stop after this many processed frames (0 = all)")
     p.add_argument("--output-dir", default=S, help="where outputs go (outputs/run)")
@@ -48,6 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="read and preprocess the next frames of a file source while the model runs (on)")
     p.add_argument("--fast-preprocess", action="store_true", default=S,
                    help="resize on the model's device with torch (faster on GPU; not bit-exact with the reference)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=S,
+                   help="fp32 (checkpoint-exact, default) or bf16/fp16 autocast of the trunk (faster; measured drift)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=S, help="progress line (auto: on a TTY)")
     p.set_defaults(handler=_run)
 

@@ -32,9 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=S)
     p.add_argument("--state-policy", choices=["cut3r", "ttt3r"], default=S)
     p.add_argument("--reset-every", type=int, default=S)
-    p.add_argument("--conf-thresh", type=float, default=S)
+    p.add_argument("--conf-thresh", type=float, default=S,
+                   help="map confidence threshold (default: the checkpoint's recommendation, else 1.5)")
     p.add_argument("--voxel-size", type=float, default=S)
     p.add_argument("--max-points", type=int, default=S)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=S, help="autocast of the trunk (fp32)")
     p.add_argument("--lossless", action="store_true", default=S, help="every stream lossless by default")
     p.add_argument("--max-streams", type=int, default=S, help="concurrent stream cap (16)")
     p.add_argument("--idle-timeout-s", type=float, default=S, help="close a stream after this long without frames (60)")

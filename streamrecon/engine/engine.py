@@ -40,6 +40,14 @@ def default_size(model: Cut3r) -> int:
     return max(model.cfg.img_size)
 
 
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _autocast(device: torch.device, precision: str):
+    dtype = _AUTOCAST[precision]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
 @dataclass
 class _Prepared:
     frame: Frame
@@ -57,15 +65,20 @@ class EngineConfig:
         reset_every: reset and re-anchor after every N frames (0 = never).
         fast_preprocess: resize on the model's device with torch instead of the reference Pillow
             LANCZOS (faster on GPU; not bit-exact).
+        precision: ``fp32`` (checkpoint-exact), or ``bf16`` / ``fp16`` autocast of the trunk (heads and
+            pose stay float32); see docs/PERFORMANCE.md for the measured drift.
     """
 
     size: int = 512
     policy: str = "cut3r"
     reset_every: int = 0
     fast_preprocess: bool = False
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         get_policy(self.policy)
+        if self.precision not in _AUTOCAST:
+            raise ValueError(f"precision must be one of {sorted(_AUTOCAST)}, got {self.precision!r}")
         if self.reset_every < 0:
             raise ValueError(f"reset_every must be >= 0, got {self.reset_every}")
         if self.size < 16:
@@ -132,7 +145,7 @@ class StreamEngine:
         """Run one frame (or one already :meth:`prepare` d) through the model; the state advances."""
         p = frame if isinstance(frame, _Prepared) else self.prepare(frame)
         t1 = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), _autocast(self.device, self.cfg.precision):
             out, state = self.model.step(FrameInput(img=p.x), self.state, rule=self.rule)
         return self.finish(p, out, state, 1e3 * (time.perf_counter() - t1))
 
@@ -160,7 +173,7 @@ class StreamEngine:
         self.base = T_wc_global.copy()
         self.segment += 1
         self.state = self._fresh_state()
-        with torch.inference_mode():
+        with torch.inference_mode(), _autocast(self.device, self.cfg.precision):
             _, self.state = self.model.step(FrameInput(img=self._last_input), self.state, rule=self.rule)
 
     def reset(self, keep_trajectory: bool = True) -> None:
@@ -198,7 +211,7 @@ class StreamEngine:
         h, w = hw
         T_seg = np.linalg.inv(self.base) @ np.asarray(T_wc, dtype=np.float64)
         ray = raymap(torch.from_numpy(T_seg)[None], torch.from_numpy(np.asarray(K, dtype=np.float64))[None], h, w)
-        with torch.inference_mode():
+        with torch.inference_mode(), _autocast(self.device, self.cfg.precision):
             out = self.model.query_raymap(ray.float().to(self.device), self.state)
         pts = out.points_cam[0].float().cpu().numpy()
         R, t = np.asarray(T_wc)[:3, :3].astype(np.float32), np.asarray(T_wc)[:3, 3].astype(np.float32)
@@ -226,14 +239,15 @@ def process_batch(engines: list[StreamEngine], frames: list[Frame]) -> list["Fra
         except Exception as e:  # one bad frame must not sink the others
             results[i] = e
             continue
-        key = (id(engine.model), engine.rule, tuple(p.x.shape))
+        key = (id(engine.model), engine.rule, engine.cfg.precision, tuple(p.x.shape))
         groups.setdefault(key, []).append((i, p))
     for members in groups.values():
         idx = [i for i, _ in members]
-        model, rule = engines[idx[0]].model, engines[idx[0]].rule
+        lead = engines[idx[0]]
+        model, rule = lead.model, lead.rule
         t1 = time.perf_counter()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), _autocast(lead.device, lead.cfg.precision):
                 x = torch.cat([p.x for _, p in members])
                 out, state = model.step(FrameInput(img=x), StreamState.stack([engines[i].state for i in idx]), rule=rule)
         except Exception as e:

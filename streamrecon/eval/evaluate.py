@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import numpy as np
 
 from ..frames import Frame
+from ..mapping import model_conf_thresh
 from .datasets import EvalSequence
 from .metrics import ate, depth_metrics, map_metrics, rpe, umeyama
 
@@ -34,7 +35,7 @@ class EvalConfig:
     reset_every: int = 0
     max_frames: int = 0
     stride: int = 1
-    conf_thresh: float = 1.5
+    conf_thresh: Optional[float] = None  # None: the model's recommendation, 1.5 without a model
     map_pixel_stride: int = 4
 
 
@@ -66,7 +67,7 @@ def _gt_cloud(seq: EvalSequence, idx: list[int], stride: int) -> np.ndarray:
 
 
 def _summarise(depth_rows: list[dict], pred_T: np.ndarray, gt_T: np.ndarray, pred_cloud: np.ndarray,
-               gt_cloud: np.ndarray) -> dict:
+               gt_cloud: np.ndarray, pairs: tuple[np.ndarray, np.ndarray]) -> dict:
     out = {k: float(np.nanmean([r[k] for r in depth_rows])) for k in ("abs_rel", "delta1", "abs_rel_metric",
                                                                       "delta1_metric")}
     sim3, se3 = ate(pred_T, gt_T, True), ate(pred_T, gt_T, False)
@@ -74,26 +75,44 @@ def _summarise(depth_rows: list[dict], pred_T: np.ndarray, gt_T: np.ndarray, pre
                ate_se3=se3["rmse"], ate_se3_pct=se3["percent_of_path"], path_length=sim3["path_length"])
     r = rpe(pred_T, gt_T, 1, with_scale=True)
     out.update(rpe_trans=r["trans_rmse"], rpe_rot_deg=r["rot_rmse_deg"])
-    if len(pred_cloud):
-        s, R, t = umeyama(pred_T[:, :3, 3], gt_T[:, :3, 3], True)
+    if len(pred_cloud) and len(pairs[0]) >= 3:
+        # Sim(3) fitted on pixel correspondences (predicted vs ground-truth world point of the same pixel):
+        # well posed even when the camera centres are not (pure rotations, short or mis-scaled paths)
+        s, R, t = umeyama(pairs[0], pairs[1], True)
         aligned = (s * (R @ pred_cloud.T)).T + t
-        out.update(map_metrics(aligned, gt_cloud))
+        out.update(map_metrics(aligned, gt_cloud), map_scale=float(s))
     else:
-        out.update(accuracy=math.nan, completeness=math.nan)
+        out.update(accuracy=math.nan, completeness=math.nan, map_scale=math.nan)
     return out
+
+
+def _gt_world_at_model(seq: EvalSequence, i: int, r, gt_depth: np.ndarray, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(pred, gt)`` world points ``(M, 3)`` of the pixels (every ``stride``-th) with valid ground truth."""
+    K = r.crop.K_to_model(seq.K)
+    v, u = np.nonzero(gt_depth[::stride, ::stride] > 0)
+    v, u = v * stride, u * stride
+    z = gt_depth[v, u]
+    cam = np.stack([(u - K[0, 2]) / K[0, 0] * z, (v - K[1, 2]) / K[1, 1] * z, z], 1)
+    gt = cam @ seq.T_wc[i][:3, :3].T + seq.T_wc[i][:3, 3]
+    pred = r.points_world_pose[v, u]
+    ok = np.isfinite(pred).all(1)
+    return pred[ok], gt[ok]
 
 
 def score_results(seq: EvalSequence, idx: list[int], results: list, cfg: EvalConfig = EvalConfig()) -> dict:
     """Metrics of already computed :class:`FrameResult` s for frames ``idx`` of ``seq``."""
-    depth_rows, cloud = [], []
+    depth_rows, cloud, pred_pairs, gt_pairs = [], [], [], []
     for i, r in zip(idx, results):
         gt = gt_depth_at_model(seq.depth(i), r.crop)
         depth_rows.append(depth_metrics(r.depth, gt, gt > 0))
         s = cfg.map_pixel_stride
         pts, conf = r.points_world_pose[::s, ::s].reshape(-1, 3), r.conf_cam[::s, ::s].reshape(-1)
-        cloud.append(pts[(conf > cfg.conf_thresh) & np.isfinite(pts).all(1)])
+        cloud.append(pts[(conf > model_conf_thresh(None, cfg.conf_thresh)) & np.isfinite(pts).all(1)])
+        p, g = _gt_world_at_model(seq, i, r, gt, 2 * s)
+        pred_pairs.append(p)
+        gt_pairs.append(g)
     out = _summarise(depth_rows, np.stack([r.T_wc for r in results]), seq.T_wc[idx], np.concatenate(cloud),
-                     _gt_cloud(seq, idx, cfg.map_pixel_stride))
+                     _gt_cloud(seq, idx, cfg.map_pixel_stride), (np.concatenate(pred_pairs), np.concatenate(gt_pairs)))
     out.update(name=seq.name, frames=len(idx))
     return out
 
@@ -108,7 +127,7 @@ def evaluate_sequence(model, seq: EvalSequence, cfg: EvalConfig = EvalConfig()) 
     t0 = time.perf_counter()
     results = [engine.process(Frame(image=seq.rgb(i), seq=i, stamp=float(seq.stamps[i]), source=seq.name)) for i in idx]
     fps = len(idx) / (time.perf_counter() - t0)
-    return score_results(seq, idx, results, cfg) | {"fps": fps}
+    return score_results(seq, idx, results, replace(cfg, conf_thresh=model_conf_thresh(model, cfg.conf_thresh))) | {"fps": fps}
 
 
 def constant_baseline(seq: EvalSequence, cfg: EvalConfig = EvalConfig()) -> dict:
@@ -119,7 +138,14 @@ def constant_baseline(seq: EvalSequence, cfg: EvalConfig = EvalConfig()) -> dict
     h, w = seq.depth(idx[0]).shape
     v, u = np.mgrid[0:h:8, 0:w:8]
     plane = np.stack([u.ravel(), v.ravel(), np.ones(u.size)], 1) @ np.linalg.inv(seq.K).T
-    out = _summarise(rows, T, seq.T_wc[idx], plane, _gt_cloud(seq, idx, cfg.map_pixel_stride))
+    pred_pairs, gt_pairs = [], []
+    for i in idx:  # the same pixels with their ground-truth world points
+        z = seq.depth(i)[v.ravel(), u.ravel()]
+        ok = z > 0
+        pred_pairs.append(plane[ok])
+        gt_pairs.append((plane[ok] * z[ok, None]) @ seq.T_wc[i][:3, :3].T + seq.T_wc[i][:3, 3])
+    out = _summarise(rows, T, seq.T_wc[idx], plane, _gt_cloud(seq, idx, cfg.map_pixel_stride),
+                     (np.concatenate(pred_pairs), np.concatenate(gt_pairs)))
     out.update(name=seq.name, frames=len(idx))
     return out
 
@@ -134,7 +160,12 @@ def _mean(rows: list[dict]) -> dict:
 
 def evaluate(model, sequences: list[EvalSequence], cfg: EvalConfig = EvalConfig(), baselines: bool = True,
              untrained_seed: int = 0) -> dict:
-    """Score ``model`` on every sequence; with ``baselines``, also the untrained twin and the constant baseline."""
+    """Score ``model`` on every sequence; with ``baselines``, also the untrained twin and the constant baseline.
+
+    The map-accuracy filter uses ``cfg.conf_thresh`` or else the model's recommended threshold, for the
+    model and its untrained twin alike.
+    """
+    cfg = replace(cfg, conf_thresh=model_conf_thresh(model, cfg.conf_thresh))
     rows = [evaluate_sequence(model, s, cfg) for s in sequences]
     report = {"model": {"mean": _mean(rows), "sequences": rows}, "config": asdict(cfg),
               "n_sequences": len(sequences)}

@@ -20,15 +20,31 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
-__all__ = ["MapConfig", "GlobalMap", "IntegrateResult"]
+__all__ = ["MapConfig", "GlobalMap", "IntegrateResult", "DEFAULT_CONF_THRESH", "model_conf_thresh"]
 
 _logger = logging.getLogger(__name__)
 _BITS = 21
 _OFFSET = 1 << (_BITS - 1)
 _MASK = (1 << _BITS) - 1
+
+
+DEFAULT_CONF_THRESH = 1.5  # the reference demo's value, for the official checkpoints
+
+
+def model_conf_thresh(model, value: Optional[float] = None) -> float:
+    """The confidence threshold to use with ``model``: ``value`` when given, else the threshold its
+    checkpoint recommends (metadata ``conf_thresh``; the bundled model calibrates its own), else 1.5."""
+    if value is not None:
+        return float(value)
+    meta = getattr(model, "checkpoint_meta", None) or {}
+    try:
+        return float(meta.get("conf_thresh", DEFAULT_CONF_THRESH))
+    except (TypeError, ValueError):
+        return DEFAULT_CONF_THRESH
 
 
 @dataclass(frozen=True)
@@ -252,7 +268,8 @@ class GlobalMap:
         return sum(a.nbytes for a in (t.xyz, t.rgb, t.count, t.conf, t.seen, t.keys, t.rows))
 
     def stats(self) -> dict:
-        return {"points": len(self), "voxel_size": self.voxel_size, "points_integrated": self.points_integrated,
+        return {"points": len(self), "voxel_size": self.voxel_size, "conf_thresh": self.cfg.conf_thresh,
+                "points_integrated": self.points_integrated,
                 "coarsenings": self.coarsenings, "evicted": self.evicted, "out_of_range": self.out_of_range,
                 "bytes": self.nbytes()}
 

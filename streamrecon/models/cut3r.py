@@ -41,6 +41,13 @@ _logger = logging.getLogger(__name__)
 _ROPE_CACHE_SIZE = 64
 
 
+def _no_autocast(device_type: str) -> ContextManager:
+    """A region that runs in the inputs' dtype even inside an autocast region (meta has no autocast)."""
+    if device_type in ("cuda", "cpu", "xpu", "mps"):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class Cut3r(nn.Module):
     """The CUT3R model.
 
@@ -234,7 +241,7 @@ class Cut3r(nn.Module):
                 feat, pose_in, state.tokens, grid, want_attention, keep
             )
         # Heads and pose arithmetic always run in float32, also under a bf16/fp16 autocast of the trunk.
-        with self._stage("heads"), torch.autocast(feat.device.type, enabled=False):
+        with self._stage("heads"), _no_autocast(feat.device.type):
             heads = self.downstream_head(
                 [t.float() for t in head_layers], grid,
                 self._rope("grid", grid, self.cfg.dec_embed_dim // self.cfg.dec_num_heads, feat.device),

@@ -54,12 +54,13 @@ class ServeConfig:
     size: Optional[int] = None
     state_policy: str = "cut3r"
     reset_every: int = 0
-    conf_thresh: float = 1.5
+    conf_thresh: Optional[float] = None  # None: the model's recommendation (model_conf_thresh)
     voxel_size: float = 0.02
     max_points: int = 2_000_000
     budget_policy: str = "coarsen"
     pixel_stride: int = 2
     map_points: str = "pose"
+    precision: str = "fp32"
     lossless: bool = False
     max_streams: int = 16
     idle_timeout_s: float = 60.0

@@ -27,7 +27,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..engine import EngineConfig, Frame, StreamEngine, default_size, process_batch
-from ..mapping import GlobalMap, MapConfig
+from ..mapping import GlobalMap, MapConfig, model_conf_thresh
 from ..wire import FrameMessage, WireError, decode_frame, encode_result
 from .config import ServeConfig, is_loopback_endpoint
 from .session import Pending, StreamSession
@@ -58,8 +58,9 @@ class Node:
             model = load_model(cfg.weights, device=_resolve_device(cfg.device))
         self.model = model
         self.engine_cfg = EngineConfig(size=cfg.size or default_size(model), policy=cfg.state_policy,
-                                       reset_every=cfg.reset_every)
-        self.map_cfg = MapConfig(voxel_size=cfg.voxel_size, max_points=cfg.max_points, conf_thresh=cfg.conf_thresh,
+                                       reset_every=cfg.reset_every, precision=cfg.precision)
+        self.map_cfg = MapConfig(voxel_size=cfg.voxel_size, max_points=cfg.max_points,
+                                 conf_thresh=model_conf_thresh(model, cfg.conf_thresh),
                                  budget_policy=cfg.budget_policy, pixel_stride=cfg.pixel_stride)
         self.output_dir = Path(cfg.output_dir)
         self.sessions: dict[str, StreamSession] = {}

@@ -29,6 +29,7 @@ from ..geometry import raymap
 from ..models import Cut3r
 from ..synth.dataset import SynthConfig, SyntheticStream, render_sequence
 from ..types import FrameInput
+from .conf_guard import ConfidenceTaps, floor_penalty, reinit_confidence
 from .losses import Cut3rLoss, relative_poses
 
 __all__ = ["TrainConfig", "train", "validate"]
@@ -68,6 +69,9 @@ class TrainConfig:
     device: str = "auto"
     bf16: bool = True
     export_dtype: str = "float16"
+    conf_floor: float = -3.0  # hinge keeping the raw confidence logits above this (see conf_guard)
+    conf_floor_weight: float = 0.05  # 0 disables the hinge
+    reinit_conf: bool = False  # reset the confidence channels of the heads when a run starts (not on resume)
 
     def model_config(self) -> ModelConfig:
         return preset(self.model) if isinstance(self.model, str) else ModelConfig.from_dict(self.model)
@@ -160,6 +164,9 @@ def train(cfg: TrainConfig, progress: Optional[TextIO] = sys.stderr, resume: boo
         opt.load_state_dict(state["optimizer"])
         start, best = int(state["step"]), float(state["best"])
         _logger.info("resumed from %s at step %d", ckpt, start)
+    elif cfg.reinit_conf:
+        reinit_confidence(model, generator=torch.Generator().manual_seed(cfg.seed))
+        _logger.info("confidence channels of the heads re-initialised")
     stream = iter(SyntheticStream(batch_size=cfg.batch_size, views=cfg.views, strides=tuple(cfg.strides),
                                   seed=cfg.seed * 7919 + start, cfg=SynthConfig(**cfg.data), pool=cfg.pool,
                                   refresh_every=cfg.pool_refresh_every))
@@ -177,6 +184,7 @@ def train(cfg: TrainConfig, progress: Optional[TextIO] = sys.stderr, resume: boo
         write_safetensors(model.state_dict(), mcfg, out / "model.safetensors", extra_meta={"step": str(step)},
                           dtype=getattr(torch, cfg.export_dtype))
 
+    taps = ConfidenceTaps(model) if cfg.conf_floor_weight > 0 else None
     try:
         for step in range(start, cfg.steps):
             batch = {k: v.to(device) for k, v in next(stream).items()}
@@ -186,6 +194,13 @@ def train(cfg: TrainConfig, progress: Optional[TextIO] = sys.stderr, resume: boo
                 schedule = _schedule(cfg.views, cfg, g)
                 outs = forward_sequence(model, batch, schedule)
             loss, logs = criterion([_fp32(o) for o in outs], batch, [has_ray and not has_img for has_img, has_ray in schedule])
+            if taps is not None:
+                floor = floor_penalty(taps.pop(), cfg.conf_floor).to(loss)
+                loss = loss + cfg.conf_floor_weight * floor
+                logs["conf_floor"] = floor.item()
+                logs["loss"] = loss.item()
+            if (step + 1) % cfg.log_every == 0:  # (a device sync: log steps only)
+                logs["conf_gt_1.5"] = float(torch.stack([o.conf_cam for o in outs]).detach().gt(1.5).float().mean())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
@@ -222,6 +237,8 @@ def train(cfg: TrainConfig, progress: Optional[TextIO] = sys.stderr, resume: boo
         save(step)
     finally:
         log_f.close()
+        if taps is not None:
+            taps.remove()
         if progress is not None:
             progress.write("\n")
     return val
