@@ -155,7 +155,8 @@ def preprocess_torch(rgb: np.ndarray, size: int, device="cpu") -> tuple["Tensor"
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {rgb.shape} {rgb.dtype}")
     info = plan_crop(rgb.shape[0], rgb.shape[1], size)
-    t = torch.from_numpy(np.ascontiguousarray(rgb)).to(device, non_blocking=True).permute(2, 0, 1)[None].float()
+    rgb = np.ascontiguousarray(rgb) if rgb.flags.writeable else np.array(rgb)  # torch wants writable memory
+    t = torch.from_numpy(rgb).to(device, non_blocking=True).permute(2, 0, 1)[None].float()
     if info.resized_hw != info.original_hw:
         t = F.interpolate(t, size=info.resized_hw, mode="bicubic", antialias=True, align_corners=False)
     x0, y0 = info.crop_xy

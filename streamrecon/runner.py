@@ -57,7 +57,7 @@ class RunConfig:
     fps: float = 30.0
     consolidate_every: int = 200
     flush_every: int = 100
-    prefetch: bool = True
+    prefetch: Optional[bool] = None  # None: on when the model runs on a GPU (on a CPU the threads compete)
     fast_preprocess: bool = False
     precision: str = "fp32"
     progress: Optional[bool] = None
@@ -218,6 +218,7 @@ class _Loop:
         self.processed = 0
         self.segments_seen = 0
         self.conf_max = 0.0
+        self.prefetching = False
         self.empty_map_warned = False
         total = source.expected_frames()
         if cfg.max_frames and total:
@@ -241,7 +242,9 @@ class _Loop:
         consecutive = 0
         fatal = None
         prefetch = None
-        if cfg.prefetch and not self.source.live:  # read + preprocess frame t+1 while the model runs on t
+        use_prefetch = cfg.prefetch if cfg.prefetch is not None else self.engine.device.type == "cuda"
+        self.prefetching = bool(use_prefetch and not self.source.live)
+        if self.prefetching:  # read + preprocess frame t+1 while the model runs on t
             from .engine.prefetch import Prefetcher
 
             prefetch = Prefetcher(self.source, self.engine.prepare)
@@ -366,6 +369,7 @@ class _Loop:
                           "device_peak": device_peak_mb(self.engine.device)},
             "map": {**self.gmap.stats(), "confidence_max": round(self.conf_max, 4)},
             "segments": self.segments_seen,
+            "prefetch": self.prefetching,
             "interrupted": interrupted,
             "stop_reason": self.stop.reason or ("fatal" if fatal else "end of source"),
             "fatal_error": fatal,

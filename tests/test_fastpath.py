@@ -66,11 +66,13 @@ def test_run_with_and_without_prefetch_gives_the_same_trajectory(tmp_path, share
 
     weights = str(shared / "golden" / "tiny_dpt" / "checkpoint.pth")
     src = str(shared / "data" / "cut3r_examples" / "003")
-    for name, prefetch in (("a", True), ("b", False)):
-        run(RunConfig(source=src, weights=weights, size=64, output_dir=str(tmp_path / name), prefetch=prefetch,
-                      progress=False))
+    used = {}
+    for name, prefetch in (("a", True), ("b", False), ("c", None)):
+        used[name] = run(RunConfig(source=src, weights=weights, size=64, output_dir=str(tmp_path / name),
+                                   prefetch=prefetch, progress=False))["prefetch"]
     ta, tb = read_tum(tmp_path / "a" / "trajectory.txt")[1], read_tum(tmp_path / "b" / "trajectory.txt")[1]
     assert len(ta) == 4 and np.allclose(ta, tb)
+    assert used == {"a": True, "b": False, "c": False}  # default: off on a CPU (threads would compete)
 
 
 @pytest.mark.parametrize("fast", [True])

@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeat", type=int, default=S, help="loop a file source this many times (soak tests)")
     p.add_argument("--fps", type=float, default=S, help="timestamps for image folders without time in names (30)")
     p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=S,
-                   help="read and preprocess the next frames of a file source while the model runs (on)")
+                   help="read and preprocess the next frames of a file source while the model runs "
+                        "(default: on when the model runs on a GPU; on a CPU it competes with the model for cores)")
     p.add_argument("--fast-preprocess", action="store_true", default=S,
                    help="resize on the model's device with torch (faster on GPU; not bit-exact with the reference)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=S,
