@@ -30,6 +30,8 @@ from .mapping import GlobalMap, MapConfig
 
 __all__ = ["BenchConfig", "run_benchmark", "format_bench", "precision_drift"]
 
+_PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # bench dtype -> EngineConfig.precision
+
 _logger = logging.getLogger(__name__)
 
 
@@ -114,8 +116,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         size = int(cfg.size)
         frames_hw = (3 * size // 4, size)
     images = _frames(cfg, frames_hw, cfg.frames)
-    precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[cfg.dtype]
-    engines = [StreamEngine(model, EngineConfig(size=size, precision=precision)) for _ in range(cfg.batch)]
+    engines = [StreamEngine(model, EngineConfig(size=size, precision=_PRECISION[cfg.dtype])) for _ in range(cfg.batch)]
     maps = [GlobalMap(MapConfig()) for _ in range(cfg.batch)]
     timer = _StageTimer(device)
     model.stage_timer = timer if cfg.stage_timing else None
@@ -207,9 +208,10 @@ def precision_drift(model, frames: list[np.ndarray], dtype: str = "bfloat16", si
     """
     from .engine import default_size
 
-    low_precision = {"bfloat16": "bf16", "float16": "fp16"}[dtype]
+    if dtype not in ("bfloat16", "float16"):
+        raise ValueError(f"precision_drift compares bfloat16 or float16 with float32, got {dtype!r}")
     runs = {}
-    for name, precision in (("fp32", "fp32"), (dtype, low_precision)):
+    for name, precision in (("fp32", "fp32"), (dtype, _PRECISION[dtype])):
         engine = StreamEngine(model, EngineConfig(size=size or default_size(model), precision=precision))
         runs[name] = [engine.process(Frame(image=f, seq=i, stamp=i / 30)) for i, f in enumerate(frames)]
 

@@ -54,15 +54,18 @@ def _frame_indices(seq: EvalSequence, cfg: EvalConfig) -> list[int]:
     return idx[: cfg.max_frames] if cfg.max_frames else idx
 
 
+def _pixels_to_world(u: np.ndarray, v: np.ndarray, z: np.ndarray, K: np.ndarray, T_wc: np.ndarray) -> np.ndarray:
+    """Pixels ``(u, v)`` at z-depth ``z`` of a camera with intrinsics ``K`` and pose ``T_wc`` -> world ``(M, 3)``."""
+    cam = np.stack([u, v, np.ones_like(z)], 1) @ np.linalg.inv(K).T * z[:, None]
+    return cam @ T_wc[:3, :3].T + T_wc[:3, 3]
+
+
 def _gt_cloud(seq: EvalSequence, idx: list[int], stride: int) -> np.ndarray:
-    Kinv = np.linalg.inv(seq.K)
     pts = []
     for i in idx:
         d = seq.depth(i)[::stride, ::stride]
         v, u = np.nonzero(d > 0)
-        z = d[v, u]
-        cam = np.stack([u * stride, v * stride, np.ones_like(u)], 1) @ Kinv.T * z[:, None]
-        pts.append(cam @ seq.T_wc[i][:3, :3].T + seq.T_wc[i][:3, 3])
+        pts.append(_pixels_to_world(u * stride, v * stride, d[v, u], seq.K, seq.T_wc[i]))
     return np.concatenate(pts) if pts else np.zeros((0, 3))
 
 
@@ -88,12 +91,9 @@ def _summarise(depth_rows: list[dict], pred_T: np.ndarray, gt_T: np.ndarray, pre
 
 def _gt_world_at_model(seq: EvalSequence, i: int, r, gt_depth: np.ndarray, stride: int) -> tuple[np.ndarray, np.ndarray]:
     """``(pred, gt)`` world points ``(M, 3)`` of the pixels (every ``stride``-th) with valid ground truth."""
-    K = r.crop.K_to_model(seq.K)
     v, u = np.nonzero(gt_depth[::stride, ::stride] > 0)
     v, u = v * stride, u * stride
-    z = gt_depth[v, u]
-    cam = np.stack([(u - K[0, 2]) / K[0, 0] * z, (v - K[1, 2]) / K[1, 1] * z, z], 1)
-    gt = cam @ seq.T_wc[i][:3, :3].T + seq.T_wc[i][:3, 3]
+    gt = _pixels_to_world(u, v, gt_depth[v, u], r.crop.K_to_model(seq.K), seq.T_wc[i])
     pred = r.points_world_pose[v, u]
     ok = np.isfinite(pred).all(1)
     return pred[ok], gt[ok]
@@ -137,13 +137,14 @@ def constant_baseline(seq: EvalSequence, cfg: EvalConfig = EvalConfig()) -> dict
     T = np.tile(np.eye(4), (len(idx), 1, 1))
     h, w = seq.depth(idx[0]).shape
     v, u = np.mgrid[0:h:8, 0:w:8]
-    plane = np.stack([u.ravel(), v.ravel(), np.ones(u.size)], 1) @ np.linalg.inv(seq.K).T
+    u, v = u.ravel(), v.ravel()
+    plane = _pixels_to_world(u, v, np.ones(u.size), seq.K, np.eye(4))
     pred_pairs, gt_pairs = [], []
     for i in idx:  # the same pixels with their ground-truth world points
-        z = seq.depth(i)[v.ravel(), u.ravel()]
+        z = seq.depth(i)[v, u]
         ok = z > 0
         pred_pairs.append(plane[ok])
-        gt_pairs.append((plane[ok] * z[ok, None]) @ seq.T_wc[i][:3, :3].T + seq.T_wc[i][:3, 3])
+        gt_pairs.append(_pixels_to_world(u[ok], v[ok], z[ok], seq.K, seq.T_wc[i]))
     out = _summarise(rows, T, seq.T_wc[idx], plane, _gt_cloud(seq, idx, cfg.map_pixel_stride),
                      (np.concatenate(pred_pairs), np.concatenate(gt_pairs)))
     out.update(name=seq.name, frames=len(idx))
