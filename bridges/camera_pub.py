@@ -9,10 +9,11 @@ Torch-free (numpy, pyzmq, OpenCV, Pillow and ``streamrecon.wire``/``streamrecon.
   rebuilt and the unacknowledged frames are sent again (the node drops duplicates by session + seq),
   so a node that restarts is picked up again.
 
-Example::
+Example (``streamrecon-camera-pub`` is installed by ``pip install streamrecon``; the same as
+``python -m streamrecon_bridges.camera_pub``)::
 
-    python bridges/camera_pub.py 0 --stream-id kitchen --fps 15
-    python bridges/camera_pub.py clip.mp4 --stream-id clip --lossless --encoding jpeg
+    streamrecon-camera-pub 0 --stream-id kitchen --fps 15
+    streamrecon-camera-pub clip.mp4 --stream-id clip --lossless --encoding jpeg
 """
 
 from __future__ import annotations

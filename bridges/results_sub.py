@@ -5,9 +5,10 @@ Prints one line per pose, keeps each stream's trajectory and writes it as TUM
 (``<out-dir>/<stream>.txt``) on exit and every ``--flush-every`` poses; optionally shows every stream
 in one Rerun recording (``--rerun spawn`` or ``--rerun-save file.rrd``) under ``streams/<id>/``.
 
-Example::
+Example (``streamrecon-results-sub`` is installed by ``pip install streamrecon``; the same as
+``python -m streamrecon_bridges.results_sub``; the Rerun view also needs ``rerun-sdk``)::
 
-    python bridges/results_sub.py --connect tcp://127.0.0.1:5556 --out-dir trajectories
+    streamrecon-results-sub --connect tcp://127.0.0.1:5556 --out-dir trajectories
 """
 
 from __future__ import annotations
@@ -132,6 +133,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--curve-server-key")
     ap.add_argument("--curve-client-key")
     args = ap.parse_args(argv)
+    if args.rerun != "none" or args.rerun_save:
+        try:
+            import rerun  # noqa: F401
+        except ImportError:
+            print('results_sub: --rerun/--rerun-save need rerun-sdk: pip install "rerun-sdk>=0.41,<0.42" '
+                  '(or "streamrecon[node]")', file=sys.stderr)
+            return 2
     curve = (args.curve_server_key, args.curve_client_key) if args.curve_server_key else None
     sub = ResultsSubscriber(args.connect, args.stream, curve=curve)
     view = _RerunView(args.rerun if args.rerun != "none" else None, args.rerun_save) \

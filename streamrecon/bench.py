@@ -100,11 +100,11 @@ def _frames(cfg: BenchConfig, hw: tuple[int, int], n: int) -> list[np.ndarray]:
 def run_benchmark(cfg: BenchConfig) -> dict:
     """Run and return the report (see module docstring)."""
     from .models.factory import create_model
-    from .runner import _resolve_device
+    from .pipeline.resolve import resolve_device
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device(_resolve_device(cfg.device))
+    device = torch.device(resolve_device(cfg.device))
     model = create_model(cfg.model, device=device, seed=cfg.seed)
     if cfg.compile:  # the heaviest, shape-stable part
         for i, blk in enumerate(model.enc_blocks):

@@ -15,7 +15,8 @@ from typing import Optional, TextIO
 from .eval.datasets import EvalSequence
 from .eval.evaluate import EvalConfig, score_results
 from .fileio import atomic_write_text
-from .runner import RunConfig, format_summary, run
+from .pipeline import format_summary
+from .runner import RunConfig, run
 from .synth.dataset import SynthConfig, render_sequence, write_sequence
 
 __all__ = ["run_demo"]
@@ -30,7 +31,7 @@ def run_demo(model, out_dir: Path, seed: int = 90_000_123, frames: int = 30, vie
     seq = render_sequence(seed, SynthConfig(height=height, width=width, frames=frames, virtual=0))
     seq_dir = write_sequence(seq, out_dir / "sequence")
     results = []
-    summary = run(RunConfig(source=str(seq_dir / "rgb"), output_dir=str(out_dir), save_rrd=str(out_dir / "recording.rrd"),
+    summary = run(RunConfig.of(source=str(seq_dir / "rgb"), output_dir=str(out_dir), save_rrd=str(out_dir / "recording.rrd"),
                             viewer=viewer, state_policy=policy, progress=progress is not None and progress.isatty()),
                   model=model, progress_stream=progress or sys.stderr, on_result=results.append)
     gt = EvalSequence.from_arrays(seq_dir.name, seq["rgb"], seq["depth"], seq["T_wc"], seq["K"])

@@ -14,7 +14,7 @@ import numpy as np
 
 from .preprocess import CropInfo
 
-__all__ = ["Frame", "FrameResult", "ProbeResult"]
+__all__ = ["Frame", "FrameResult", "ProbeResult", "TrackingInfo"]
 
 
 @dataclass
@@ -36,9 +36,32 @@ class Frame:
     K: Optional[np.ndarray] = None
 
 
-@dataclass
+@dataclass(frozen=True)
+class TrackingInfo:
+    """How the geometric backend found a frame's pose.
+
+    Attributes:
+        state: ``init``, ``ok``, ``weak`` or ``lost`` (lost: the fallback pose, tracking restarted).
+        method: ``first``, ``pnp``, ``essential``, ``prior`` or ``fallback``.
+        tracked, inliers: feature tracks into this frame, and those consistent with the pose.
+        keyframe: whether the frame became a keyframe.
+        depth_scale: factor applied to the network depth to match the tracked map (None: not yet known).
+        ms: tracking time.
+    """
+
+    state: str
+    method: str
+    tracked: int
+    inliers: int
+    keyframe: bool
+    depth_scale: Optional[float]
+    ms: float
+
+
+@dataclass(frozen=True)
 class FrameResult:
-    """Everything the node knows about one processed frame (CPU numpy arrays).
+    """Everything the node knows about one processed frame (CPU numpy arrays). Frozen: made by the
+    engine, never modified downstream (the pipeline keeps its own timings).
 
     Attributes:
         seq, stamp, source: copied from the :class:`Frame`.
@@ -56,7 +79,12 @@ class FrameResult:
         K_original: ``(3, 3)`` the same camera in original-image pixels.
         colors: ``(H, W, 3)`` uint8 input colours at model resolution (aligned with the pointmaps).
         crop: how the original image maps to model pixels.
-        timings_ms: stage name -> milliseconds for this frame.
+        timings_ms: the engine's stage name -> milliseconds for this frame.
+        K_given: ``(3, 3)`` intrinsics in original-image pixels that came with the frame
+            (``Frame.K``: the wire header's ``K``, a ROS ``CameraInfo``), else ``None``.
+        K_used: ``(3, 3)`` original-pixel intrinsics the geometry stage unprojected with (the given
+            ``K``, else the network's focal smoothed over the sequence); ``None`` without that stage.
+        tracking: how the geometric backend found ``T_wc`` (``None`` with ``--backend none``).
     """
 
     seq: int
@@ -76,6 +104,9 @@ class FrameResult:
     colors: np.ndarray
     crop: CropInfo
     timings_ms: dict[str, float] = field(default_factory=dict)
+    K_given: Optional[np.ndarray] = None
+    K_used: Optional[np.ndarray] = None
+    tracking: Optional[TrackingInfo] = None
 
     def world_points(self, which: str = "pose") -> tuple[np.ndarray, np.ndarray]:
         """``(points (H, W, 3), conf (H, W))`` in the global frame: ``"pose"`` = ``T_wc @ points_cam``

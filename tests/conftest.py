@@ -16,6 +16,11 @@ SHARED = Path(os.environ.get("STREAMRECON_SHARED", REPO.parent / "shared")).reso
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # also registered in pyproject.toml; registering twice is harmless
+    config.addinivalue_line("markers", "slow: takes over ~20 s on a 2-core CPU machine (deselect with -m 'not slow')")
+
+
 @pytest.fixture(scope="session")
 def shared() -> Path:
     if not (SHARED / "golden").is_dir():

@@ -32,7 +32,7 @@ def running_node(tmp_path, **overrides) -> Iterator[Node]:
     cfg = dict(ingest="tcp://127.0.0.1:0", results="tcp://127.0.0.1:0", control="tcp://127.0.0.1:0", size=64,
                output_dir=str(tmp_path / "serve"), status_interval_s=0.2)
     cfg.update(overrides)
-    node = Node(ServeConfig(**cfg), model=tiny_model())
+    node = Node(ServeConfig.of(**cfg), model=tiny_model())
     thread = threading.Thread(target=node.serve_forever, daemon=True)
     thread.start()
     try:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import time
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -44,12 +47,37 @@ def test_official_preset_flops_match_pytorch_counter_on_meta(name, hw):
         assert 1.55e12 < ours["total"] < 1.62e12 and ours["heads"] > ours["decoders"]
 
 
-def test_benchmark_report(tmp_path, shared):
+def test_benchmark_report(shared, monkeypatch):
+    import streamrecon.bench as bench
+
+    frames, batch, warmup = 4, 2, 1
+    calls: list[tuple[float, float]] = []  # (start, end) of every batched step, timed here
+
+    def timed_process_batch(*args, **kw):
+        t = time.perf_counter()
+        try:
+            return process_batch(*args, **kw)
+        finally:
+            calls.append((t, time.perf_counter()))
+
+    process_batch = bench.process_batch
+    monkeypatch.setattr(bench, "process_batch", timed_process_batch)
     rep = run_benchmark(BenchConfig(model=str(shared / "golden" / "tiny_dpt" / "checkpoint.pth"), size="48x64",
-                                    batch=2, frames=4, warmup=1, memory_every=2))
+                                    batch=batch, frames=frames, warmup=warmup, memory_every=2))
+    t_end = time.perf_counter()
     for stage in ("preprocess", "encoder", "decoders", "memory", "heads", "postprocess", "map", "total"):
         assert rep["stages_ms"][stage]["p99"] >= rep["stages_ms"][stage]["p50"] > 0, stage
-    assert rep["fps_aggregate"] == pytest.approx(2 * rep["fps_per_stream"], rel=0.01)
+    # fps against a clock independent of the report's: the timed window holds the `frames` timed
+    # steps (so it lasts at least their summed duration) and lies after the last warm-up step
+    # ended and before run_benchmark returned (strictly nested intervals: no scheduling can break it)
+    assert len(calls) == warmup + frames
+    lower_ms = 1e3 * sum(e - s for s, e in calls[warmup:])
+    upper_ms = 1e3 * (t_end - calls[warmup - 1][1])
+    for key, n in (("fps_per_stream", frames), ("fps_aggregate", frames * batch)):
+        fps = rep[key]
+        assert math.isfinite(fps) and fps > 0, key
+        wall_ms = 1e3 * n / fps  # the timed window the report implies
+        assert lower_ms * 0.999 <= wall_ms <= upper_ms * 1.001, (key, lower_ms, wall_ms, upper_ms)
     assert [m["frame"] for m in rep["memory"]] == [2, 4] and rep["achieved_tflops"] > 0
     assert "aggregate" in format_bench(rep)
 

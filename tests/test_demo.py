@@ -39,16 +39,17 @@ def test_bundled_model_beats_the_baselines_where_it_has_learned(tmp_path):
     """What the bundled model has learned, on scenes it never saw: depth far better than the untrained
     network, metric depth better than a constant depth (the README's table has the full picture: it does
     not beat constant depth on median-scaled AbsRel on every set, nor learn camera motion yet)."""
-    from streamrecon.checkpoint import load_model
     from streamrecon.eval.datasets import find_sequences
     from streamrecon.eval.evaluate import EvalConfig, evaluate
+    from streamrecon.pipeline import load_resolved
+    from streamrecon.settings import EngineSettings
     from streamrecon.synth.dataset import SynthConfig, make_dataset
 
     make_dataset(tmp_path / "ds", 3, 93_000_000, SynthConfig(frames=12, virtual=0))
-    model = load_model(bundled_weights())
-    report = evaluate(model, find_sequences(tmp_path / "ds"), EvalConfig())
+    loaded = load_resolved(EngineSettings())  # the bundled model, with its CheckpointInfo
+    report = evaluate(loaded, find_sequences(tmp_path / "ds"), EvalConfig())
     # the map metrics of the model and of its untrained twin use the bundled model's calibrated threshold
-    assert report["config"]["conf_thresh"] == float(model.checkpoint_meta["conf_thresh"])
+    assert report["config"]["conf_thresh"] == loaded.info.conf_thresh > 1.0
     ours, untrained, constant = (report[k]["mean"] for k in ("model", "untrained", "constant"))
     assert ours["abs_rel"] < 0.5 * untrained["abs_rel"] and ours["delta1"] > 2 * untrained["delta1"], report
     assert ours["completeness"] < untrained["completeness"]

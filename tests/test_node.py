@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import zmq
 
-from bridges.camera_pub import Publisher
-from bridges.results_sub import ResultsSubscriber
 from streamrecon import wire
 from streamrecon.mapping import read_ply, read_tum
 from streamrecon.server import ServeConfig, is_loopback_endpoint
+from streamrecon_bridges.camera_pub import Publisher
+from streamrecon_bridges.results_sub import ResultsSubscriber
 
 from .node_helpers import Client, frames, poses, running_node, wait_for
 
@@ -330,7 +330,7 @@ def test_remote_bind_needs_an_explicit_flag(tmp_path, caplog):
     assert is_loopback_endpoint("tcp://127.0.0.1:5555") and is_loopback_endpoint("tcp://localhost:1")
     assert not is_loopback_endpoint("tcp://0.0.0.0:5555") and not is_loopback_endpoint("tcp://*:5555")
     with pytest.raises(ValueError, match="--allow-remote"):
-        ServeConfig(ingest="tcp://0.0.0.0:0").validate()
+        ServeConfig.of(ingest="tcp://0.0.0.0:0").validate()
     with caplog.at_level("WARNING"):
         with running_node(tmp_path, ingest="tcp://0.0.0.0:0", allow_remote=True):
             pass
@@ -355,7 +355,7 @@ def test_results_subscriber_bridge_writes_trajectories(tmp_path):
 
 
 def test_camera_pub_cli_streams_a_real_clip(tmp_path, shared):
-    from bridges import camera_pub
+    from streamrecon_bridges import camera_pub
 
     with running_node(tmp_path, size=64) as node:
         c = Client(node)

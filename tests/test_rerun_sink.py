@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import rerun  # noqa: F401  (rerun-sdk is a hard dependency of the node: missing, it must fail, not skip)
 
 from streamrecon.checkpoint import load_model
 from streamrecon.engine import EngineConfig, Frame, StreamEngine
 from streamrecon.mapping import GlobalMap, MapConfig
 from streamrecon.probe import orbit_cameras
-
-rr = pytest.importorskip("rerun")
 
 
 def _rows(path) -> dict[str, dict[str, int]]:

@@ -41,7 +41,7 @@ def test_cli_run_on_a_real_clip_writes_every_output(tmp_path, shared, tiny_dpt):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["frames_in"] == 4 and summary["processed"] == 4 and summary["errors"] == 0
     assert summary["dropped"] == 0 and summary["interrupted"] is False
-    for stage in ("source", "preprocess", "model", "postprocess", "map", "files", "viewer", "probe"):
+    for stage in ("source", "preprocess", "model", "postprocess", "map", "sinks"):
         assert summary["latency_ms"][stage]["p99"] >= summary["latency_ms"][stage]["p50"] >= 0, stage
     assert summary["memory_mb"]["peak_rss"] > 0
     stamps, T = read_tum(out / "trajectory.txt")
@@ -62,28 +62,34 @@ def test_cli_run_on_a_real_clip_writes_every_output(tmp_path, shared, tiny_dpt):
     side = np.load(out / "probes" / "side_000002.npz")
     assert side["rgb"].shape == (32, 48, 3) and np.allclose(side["K"][0, 0], 40)
     assert (out / "rec.rrd").stat().st_size > 0
-    assert sorted(summary["outputs"]) == ["map.glb", "map.ply", "probes/", "summary.json", "trajectory.txt"]
+    assert sorted(summary["outputs"]) == ["frames/", "map.glb", "map.ply", "probes/", "summary.json", "trajectory.txt"]
+    assert summary["sinks"]["files"]["errors"] == 0 and summary["sinks"]["files"]["dropped"] == 0
+    assert summary["in_progress"] is False
 
 
 def test_yaml_config_with_flag_overrides(tmp_path, shared, tiny_dpt):
     cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text(f"weights: {tiny_dpt}\nsize: 64\nstate_policy: ttt3r\nmax_frames: 2\nreset_every: 2\n"
-                        f"output_dir: {tmp_path / 'a'}\nmap_points: head\n")
+    cfg_file.write_text(f"max_frames: 2\nengine:\n  weights: {tiny_dpt}\n  size: 64\n  state_policy: ttt3r\n"
+                        f"  reset_every: 2\noutputs:\n  output_dir: {tmp_path / 'a'}\nmap:\n  map_points: head\n")
     cfg = load_run_config(cfg_file, {"source": str(shared / CLIP), "max_frames": 3, "progress": False})
-    assert cfg.state_policy == "ttt3r" and cfg.max_frames == 3 and cfg.size == 64
+    e = cfg.pipeline.engine
+    assert e.state_policy == "ttt3r" and cfg.max_frames == 3 and e.model_size() == 64
     summary = run(cfg)
     assert summary["processed"] == 3 and summary["model"]["policy"] == "ttt3r" and summary["segments"] == 2
     assert summary["config"]["map_points"] == "head" and summary["map"]["points"] > 0
-    from streamrecon.cli import UserError
+    from streamrecon.settings import SettingsError
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("nonsense_key: 3\n")
-    with pytest.raises(UserError, match="unknown settings"):
+    with pytest.raises(SettingsError, match="unknown settings"):
+        load_run_config(bad, {})
+    bad.write_text("map:\n  weights: x\n")  # a setting in the wrong section
+    with pytest.raises(SettingsError, match=r"map\.weights"):
         load_run_config(bad, {})
     # the shipped config file is valid
     from .conftest import REPO
 
-    assert load_run_config(REPO / "configs" / "run.yaml", {"source": "x"}).voxel_size == 0.02
+    assert load_run_config(REPO / "configs" / "run.yaml", {"source": "x"}).pipeline.map.voxel_size == 0.02
 
 
 def test_clear_errors_without_tracebacks(tmp_path, shared, tiny_dpt, capsys):
@@ -111,8 +117,8 @@ def test_clear_errors_without_tracebacks(tmp_path, shared, tiny_dpt, capsys):
 
 
 def test_an_empty_map_is_reported_with_the_confidence_seen(tmp_path, shared, tiny_dpt, caplog):
-    with caplog.at_level("WARNING", logger="streamrecon.runner"):
-        summary = run(RunConfig(source=str(shared / CLIP), weights=tiny_dpt, size=64, repeat=3, conf_thresh=1e9,
+    with caplog.at_level("WARNING", logger="streamrecon.pipeline.pipeline"):
+        summary = run(RunConfig.of(source=str(shared / CLIP), weights=tiny_dpt, size=64, repeat=3, conf_thresh=1e9,
                                 output_dir=str(tmp_path / "o"), progress=False))
     assert summary["processed"] == 12 and summary["map"]["points"] == 0
     assert 1.0 < summary["map"]["confidence_max"] < 1e9
@@ -126,7 +132,7 @@ def test_bad_frames_are_counted_and_the_run_goes_on(tmp_path, shared, tiny_dpt):
     from PIL import Image
 
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "frame_00200.png")  # too small for the model
-    summary = run(RunConfig(source=str(folder), weights=tiny_dpt, size=64, output_dir=str(tmp_path / "o"),
+    summary = run(RunConfig.of(source=str(folder), weights=tiny_dpt, size=64, output_dir=str(tmp_path / "o"),
                             progress=False))
     assert summary["processed"] == 4 and summary["errors"] == 2
     assert any("frame_00100.jpg" in m for m in summary["error_messages"])
@@ -137,7 +143,7 @@ def test_bad_frames_are_counted_and_the_run_goes_on(tmp_path, shared, tiny_dpt):
 def test_sigterm_stops_cleanly_and_writes_every_output(tmp_path, shared, tiny_dpt):
     out = tmp_path / "o"
     cfg = tmp_path / "run.yaml"
-    cfg.write_text("flush_every: 10\n")  # YAML-only setting; flags override the rest
+    cfg.write_text("outputs:\n  flush_every: 10\n")  # from YAML; flags override the rest
     proc = subprocess.Popen([sys.executable, "-m", "streamrecon", "run", str(shared / CLIP), "--weights", tiny_dpt,
                              "--config", str(cfg), "--size", "64", "--repeat", "500", "--output-dir", str(out),
                              "--no-progress"],
@@ -145,11 +151,14 @@ def test_sigterm_stops_cleanly_and_writes_every_output(tmp_path, shared, tiny_dp
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         deadline = time.monotonic() + 120
-        traj = out / "trajectory.txt"  # first flushed after flush_every (10) frames
-        while not traj.exists() and time.monotonic() < deadline and proc.poll() is None:
+        traj, running = out / "trajectory.txt", out / "summary.json"  # both flushed after flush_every (10) frames
+        while not running.exists() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.2)
         assert proc.poll() is None, proc.communicate()[1]
-        assert traj.exists(), "the run never flushed its trajectory"
+        assert running.exists(), "the run never flushed its summary"
+        periodic = json.loads(running.read_text())
+        assert periodic["in_progress"] is True and periodic["stop_reason"] == "running"
+        assert len(read_tum(traj)[0]) >= 10  # fsynced with the periodic summary
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -164,13 +173,12 @@ def test_sigterm_stops_cleanly_and_writes_every_output(tmp_path, shared, tiny_dp
 
 
 def test_the_map_threshold_follows_the_checkpoint_unless_given():
-    from types import SimpleNamespace
+    from streamrecon.checkpoint import CheckpointInfo
+    from streamrecon.pipeline import DEFAULT_CONF_THRESH, resolve_conf_thresh
 
-    from streamrecon.mapping import DEFAULT_CONF_THRESH, model_conf_thresh
-
-    calibrated = SimpleNamespace(checkpoint_meta={"format": "safetensors", "conf_thresh": "1.07"})
-    assert model_conf_thresh(calibrated) == 1.07
-    assert model_conf_thresh(calibrated, 3.0) == 3.0 and model_conf_thresh(calibrated, 0.0) == 0.0
-    assert model_conf_thresh(SimpleNamespace(checkpoint_meta={"format": "pth"})) == DEFAULT_CONF_THRESH == 1.5
-    assert model_conf_thresh(SimpleNamespace(checkpoint_meta={"conf_thresh": "oops"})) == 1.5
-    assert model_conf_thresh(object()) == 1.5
+    calibrated = CheckpointInfo(format="safetensors", meta={"conf_thresh": "1.07"})
+    assert resolve_conf_thresh(calibrated) == 1.07
+    assert resolve_conf_thresh(calibrated, 3.0) == 3.0 and resolve_conf_thresh(calibrated, 0.0) == 0.0
+    assert resolve_conf_thresh(CheckpointInfo(format="pth")) == DEFAULT_CONF_THRESH == 1.5
+    assert resolve_conf_thresh(CheckpointInfo(meta={"conf_thresh": "oops"})) == 1.5
+    assert resolve_conf_thresh(None) == 1.5

@@ -142,7 +142,7 @@ def test_results_and_control_messages_round_trip():
 def test_codec_and_bridges_import_without_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
             "import streamrecon.wire, streamrecon.sources, streamrecon.mapping.export\n"
-            "import bridges.camera_pub, bridges.results_sub\n"
+            "import streamrecon_bridges.camera_pub, streamrecon_bridges.results_sub\n"
             "import numpy as np\n"
             "from streamrecon.mapping import write_tum\n"
             "print('ok')")

@@ -130,7 +130,7 @@ def throughput(args) -> dict:
     frames = _frames(args.frames)
     proc, eps = _start_node(args, ["--max-batch", str(args.max_batch), "--lossless"])
     ctx = zmq.Context.instance()
-    from bridges.camera_pub import Publisher
+    from streamrecon_bridges.camera_pub import Publisher
 
     pubs = [Publisher(eps["ingest"], f"cam{k}", lossless=True, window=4, context=ctx) for k in range(args.streams)]
     done = []

@@ -7,14 +7,16 @@ from .io import (
                  alias_groups,
                  convert_checkpoint,
                  load_model,
+                 load_model_info,
                  load_state_dict_strict,
                  read_checkpoint,
                  write_safetensors,
 )
+from .info import CheckpointInfo
 from .safe_pickle import UnsafeCheckpointError, load_pth, to_plain
 
 __all__ = [
     "Checkpoint", "CheckpointError", "CheckpointMismatchError", "UnsafeCheckpointError", "alias_groups",
-    "convert_checkpoint", "load_model", "load_state_dict_strict", "read_checkpoint", "write_safetensors",
+    "convert_checkpoint", "load_model", "load_model_info", "CheckpointInfo", "load_state_dict_strict", "read_checkpoint", "write_safetensors",
     "load_pth", "to_plain",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from typing import Optional, Sequence
 
 from .. import __version__
@@ -23,25 +24,44 @@ class UserError(Exception):
 
 
 def read_settings(path, allowed: set[str]) -> dict:
-    """A YAML settings file as a dict (``-`` in keys read as ``_``); unknown keys are an error."""
-    from pathlib import Path
+    """A flat YAML settings file as a dict (``-`` in keys read as ``_``); unknown keys are an error."""
+    from ..settings import read_yaml_mapping
 
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: invalid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of settings")
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    data = {str(k).replace("-", "_"): v for k, v in read_yaml_mapping(path).items()}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise UserError(f"{path}: unknown settings {unknown}")
     return data
+
+
+#: commands that need the reconstruction node's dependencies (torch); the rest run on a light install
+NODE_COMMANDS = {"run", "serve", "bench", "train", "eval", "demo", "convert", "parity", "info"}
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "the input cannot work": one line, exit 2. Anything else is ours: exit 1."""
+    from ..settings import SettingsError
+    from ..sources import SourceError
+
+    kinds: list[type[BaseException]] = [UserError, SettingsError, SourceError, FileNotFoundError, NotADirectoryError,
+                                        IsADirectoryError, PermissionError]
+    try:
+        from ..checkpoint import CheckpointError, UnsafeCheckpointError
+        from ..config import ConfigError
+
+        kinds += [CheckpointError, UnsafeCheckpointError, ConfigError]
+    except ImportError:  # a light install (no torch): no checkpoint can have been read
+        pass
+    return tuple(kinds)
+
+
+def _torch_missing() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("torch") is None
+    except ImportError:
+        return True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,11 +82,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if args.command in NODE_COMMANDS and _torch_missing():
+        print(f"streamrecon {args.command}: error: this command needs the reconstruction node's dependencies "
+              "(torch is not installed): pip install 'streamrecon[node]'", file=sys.stderr)
+        return 2
     try:
         return int(args.handler(args) or 0)
-    except UserError as e:
-        print(f"streamrecon {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"streamrecon {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if isinstance(e, user_errors()):
+            print(f"streamrecon {args.command}: error: {_describe(e)}", file=sys.stderr)
+            return 2
+        if args.verbose:
+            traceback.print_exc()
+        print(f"streamrecon {args.command}: internal error: {type(e).__name__}: {e} "
+              "(this is a bug in streamrecon; run with -v for the traceback and report it)", file=sys.stderr)
+        return 1
+
+
+def _describe(e: BaseException) -> str:
+    try:
+        from ..checkpoint import CheckpointError, UnsafeCheckpointError
+
+        if isinstance(e, (CheckpointError, UnsafeCheckpointError)):
+            return f"incompatible checkpoint: {e}"
+    except ImportError:
+        pass
+    return str(e)

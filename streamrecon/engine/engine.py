@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -119,6 +119,10 @@ class StreamEngine:
                              f"{getattr(img, 'shape', None)} {getattr(img, 'dtype', type(img).__name__)}")
         if min(img.shape[:2]) < 16:
             raise ValueError(f"frame {frame.seq}: image {img.shape[1]}x{img.shape[0]} is too small")
+        if frame.K is not None:
+            K = np.asarray(frame.K, dtype=np.float64)
+            if K.shape != (3, 3) or not np.isfinite(K).all() or K[0, 0] <= 0 or K[1, 1] <= 0:
+                raise ValueError(f"frame {frame.seq}: K must be a finite 3x3 matrix with positive focal lengths")
         t0 = time.perf_counter()
         if self.cfg.fast_preprocess:
             x, u8, crop = preprocess_torch(img, self.cfg.size, self.device)
@@ -137,9 +141,9 @@ class StreamEngine:
         if self.cfg.reset_every and (self.processed + 1) % self.cfg.reset_every == 0:
             self._restart_segment(result.T_wc)
         t4 = time.perf_counter()
-        result.timings_ms.update(preprocess=p.ms, model=model_ms + 1e3 * (t4 - t3), postprocess=1e3 * (t3 - t2))
         self.processed += 1
-        return result
+        return replace(result, timings_ms={"preprocess": p.ms, "model": model_ms + 1e3 * (t4 - t3),
+                                           "postprocess": 1e3 * (t3 - t2)})
 
     def process(self, frame: "Frame | _Prepared") -> FrameResult:
         """Run one frame (or one already :meth:`prepare` d) through the model; the state advances."""
@@ -166,6 +170,7 @@ class StreamEngine:
             T_wc=T_wc, points_cam=pts_cam, points_world_pose=pts_cam @ R.T + t, points_world_head=pts_head @ Rb.T + tb,
             conf_cam=out.conf_cam[0].float().cpu().numpy(), conf_world=out.conf_world[0].float().cpu().numpy(),
             depth=pts_cam[..., 2].copy(), K=K, K_original=crop.K_to_original(K), colors=u8, crop=crop,
+            K_given=None if frame.K is None else np.array(frame.K, dtype=np.float64).reshape(3, 3),
         )
 
     def _restart_segment(self, T_wc_global: np.ndarray) -> None:

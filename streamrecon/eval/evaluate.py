@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 
 from ..frames import Frame
-from ..mapping import model_conf_thresh
+from ..pipeline.resolve import LoadedModel, resolve_conf_thresh
 from .datasets import EvalSequence
 from .metrics import ate, depth_metrics, map_metrics, rpe, umeyama
 
@@ -107,7 +107,7 @@ def score_results(seq: EvalSequence, idx: list[int], results: list, cfg: EvalCon
         depth_rows.append(depth_metrics(r.depth, gt, gt > 0))
         s = cfg.map_pixel_stride
         pts, conf = r.points_world_pose[::s, ::s].reshape(-1, 3), r.conf_cam[::s, ::s].reshape(-1)
-        cloud.append(pts[(conf > model_conf_thresh(None, cfg.conf_thresh)) & np.isfinite(pts).all(1)])
+        cloud.append(pts[(conf > resolve_conf_thresh(None, cfg.conf_thresh)) & np.isfinite(pts).all(1)])
         p, g = _gt_world_at_model(seq, i, r, gt, 2 * s)
         pred_pairs.append(p)
         gt_pairs.append(g)
@@ -118,8 +118,12 @@ def score_results(seq: EvalSequence, idx: list[int], results: list, cfg: EvalCon
 
 
 def evaluate_sequence(model, seq: EvalSequence, cfg: EvalConfig = EvalConfig()) -> dict:
-    """Stream the sequence through a fresh :class:`StreamEngine` and score it."""
+    """Stream the sequence through a fresh :class:`StreamEngine` and score it (``model``: a model or a
+    :class:`LoadedModel`, whose checkpoint's recommended threshold is used unless ``cfg`` gives one)."""
     from ..engine import EngineConfig, StreamEngine, default_size
+
+    loaded = LoadedModel.wrap(model)
+    model = loaded.model
 
     engine = StreamEngine(model, EngineConfig(size=cfg.size or default_size(model), policy=cfg.policy,
                                               reset_every=cfg.reset_every))
@@ -127,7 +131,7 @@ def evaluate_sequence(model, seq: EvalSequence, cfg: EvalConfig = EvalConfig()) 
     t0 = time.perf_counter()
     results = [engine.process(Frame(image=seq.rgb(i), seq=i, stamp=float(seq.stamps[i]), source=seq.name)) for i in idx]
     fps = len(idx) / (time.perf_counter() - t0)
-    return score_results(seq, idx, results, replace(cfg, conf_thresh=model_conf_thresh(model, cfg.conf_thresh))) | {"fps": fps}
+    return score_results(seq, idx, results, replace(cfg, conf_thresh=resolve_conf_thresh(loaded.info, cfg.conf_thresh))) | {"fps": fps}
 
 
 def constant_baseline(seq: EvalSequence, cfg: EvalConfig = EvalConfig()) -> dict:
@@ -166,7 +170,9 @@ def evaluate(model, sequences: list[EvalSequence], cfg: EvalConfig = EvalConfig(
     The map-accuracy filter uses ``cfg.conf_thresh`` or else the model's recommended threshold, for the
     model and its untrained twin alike.
     """
-    cfg = replace(cfg, conf_thresh=model_conf_thresh(model, cfg.conf_thresh))
+    loaded = LoadedModel.wrap(model)
+    model = loaded.model
+    cfg = replace(cfg, conf_thresh=resolve_conf_thresh(loaded.info, cfg.conf_thresh))
     rows = [evaluate_sequence(model, s, cfg) for s in sequences]
     report = {"model": {"mean": _mean(rows), "sequences": rows}, "config": asdict(cfg),
               "n_sequences": len(sequences)}

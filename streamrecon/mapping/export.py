@@ -21,7 +21,7 @@ import numpy as np
 
 from ..fileio import atomic_open, atomic_write_bytes
 
-__all__ = ["write_ply", "read_ply", "write_glb", "write_tum", "read_tum", "matrix_to_quat_xyzw", "quat_xyzw_to_matrix"]
+__all__ = ["write_ply", "read_ply", "write_glb", "write_tum", "read_tum", "tum_lines", "TUM_HEADER", "matrix_to_quat_xyzw", "quat_xyzw_to_matrix"]
 
 
 def write_ply(path: str | Path, xyz: np.ndarray, rgb: np.ndarray, conf: Optional[np.ndarray] = None) -> None:
@@ -134,16 +134,27 @@ def quat_xyzw_to_matrix(q: np.ndarray) -> np.ndarray:
     ], -1).reshape(-1, 3, 3)
 
 
-def write_tum(path: str | Path, stamps: Sequence[float], T_wc: np.ndarray) -> None:
-    """TUM trajectory: one ``t tx ty tz qx qy qz qw`` line per pose (camera-to-world)."""
+TUM_HEADER = "# timestamp tx ty tz qx qy qz qw (camera-to-world, streamrecon)\n"
+
+
+def tum_lines(stamps: Sequence[float], T_wc: np.ndarray) -> str:
+    """TUM text of ``(N, 4, 4)`` camera-to-world poses: one ``t tx ty tz qx qy qz qw`` line each."""
     T = np.asarray(T_wc, np.float64).reshape(-1, 4, 4)
     if len(T) != len(stamps):
         raise ValueError(f"{len(stamps)} stamps for {len(T)} poses")
-    q = matrix_to_quat_xyzw(T[:, :3, :3]) if len(T) else np.empty((0, 4))
+    if not len(T):
+        return ""
+    q = matrix_to_quat_xyzw(T[:, :3, :3])
+    return "".join(f"{t:.9f} {Ti[0, 3]:.9g} {Ti[1, 3]:.9g} {Ti[2, 3]:.9g} {qi[0]:.9g} {qi[1]:.9g} {qi[2]:.9g} {qi[3]:.9g}\n"
+                   for t, Ti, qi in zip(stamps, T, q))
+
+
+def write_tum(path: str | Path, stamps: Sequence[float], T_wc: np.ndarray) -> None:
+    """TUM trajectory: one ``t tx ty tz qx qy qz qw`` line per pose (camera-to-world), written atomically."""
+    text = tum_lines(stamps, T_wc)
     with atomic_open(path, "w") as f:
-        f.write("# timestamp tx ty tz qx qy qz qw (camera-to-world, streamrecon)\n")
-        for t, Ti, qi in zip(stamps, T, q):
-            f.write(f"{t:.9f} {Ti[0, 3]:.9g} {Ti[1, 3]:.9g} {Ti[2, 3]:.9g} {qi[0]:.9g} {qi[1]:.9g} {qi[2]:.9g} {qi[3]:.9g}\n")
+        f.write(TUM_HEADER)
+        f.write(text)
 
 
 def read_tum(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

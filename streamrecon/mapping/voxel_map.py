@@ -1,9 +1,13 @@
 """GlobalMap: a voxel-downsampled, colour-averaged point map with a hard point budget.
 
-Each integrated point goes to the voxel ``floor(p / voxel_size)``; a voxel keeps the sum of its
-points (for the centroid), the sum of their colours (for the mean colour), the point count, the
-highest confidence seen and the frame that last touched it. Points below the confidence threshold
-or non-finite are dropped first.
+Each integrated point goes to the voxel ``floor(p / voxel_size)`` (computed in float64); a voxel
+keeps the sum of its points (for the centroid), the sum of their colours (for the mean colour), the
+point count, the highest confidence seen, the frame that last touched it and its key (the packed
+integer voxel index). Points at or below the confidence threshold are dropped first; of the rest,
+non-finite points are dropped and counted (``non_finite``), and so are points whose voxel index does
+not fit the key (``out_of_range``: ``|floor(p / voxel_size)| >= 2**20 - 1`` on some axis). The range
+check is done in floating point, before any integer cast, so a huge coordinate (1e30) can never wrap
+around into a real voxel.
 
 Storage: per-voxel aggregates live in append-only arrays (a voxel keeps its row), and a sorted
 ``(key, row)`` index finds them. A frame's points are grouped with one sort; existing voxels are
@@ -13,7 +17,11 @@ O(N) (no re-sort), so a frame costs O(k log k + N) memory traffic of 16 bytes pe
 Budget: when the map holds more than ``max_points`` voxels, either the voxel size doubles and all
 voxels are re-aggregated (``coarsen``, the default: the whole map is kept, less finely), or the
 voxels that were updated longest ago are evicted down to 90 % of the budget (``evict``: a sliding
-window map). Either way memory is bounded for arbitrarily long runs.
+window map). Either way memory is bounded for arbitrarily long runs. Keys are never recomputed from
+float centroids: eviction keeps the stored keys, and coarsening maps the stored integer index ``ijk``
+to ``ijk // 2`` (exactly ``floor(p / (2 * voxel_size))`` for every point of the voxel), so each old
+voxel goes to exactly one new voxel and keys stay unique. Voxels straddling the origin cannot merge
+below 8 (one per octant); when coarsening can no longer shrink the map, the oldest voxels are evicted.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["MapConfig", "GlobalMap", "IntegrateResult", "DEFAULT_CONF_THRESH", "model_conf_thresh"]
+__all__ = ["MapConfig", "GlobalMap", "IntegrateResult", "DEFAULT_CONF_THRESH"]
 
 _logger = logging.getLogger(__name__)
 _BITS = 21
@@ -33,18 +41,6 @@ _MASK = (1 << _BITS) - 1
 
 
 DEFAULT_CONF_THRESH = 1.5  # the reference demo's value, for the official checkpoints
-
-
-def model_conf_thresh(model, value: Optional[float] = None) -> float:
-    """The confidence threshold to use with ``model``: ``value`` when given, else the threshold its
-    checkpoint recommends (metadata ``conf_thresh``; the bundled model calibrates its own), else 1.5."""
-    if value is not None:
-        return float(value)
-    meta = getattr(model, "checkpoint_meta", None) or {}
-    try:
-        return float(meta.get("conf_thresh", DEFAULT_CONF_THRESH))
-    except (TypeError, ValueError):
-        return DEFAULT_CONF_THRESH
 
 
 @dataclass(frozen=True)
@@ -109,6 +105,7 @@ class _Table:
         self.count = np.zeros(capacity, np.int64)
         self.conf = np.zeros(capacity, np.float32)  # max confidence
         self.seen = np.zeros(capacity, np.int64)  # last frame that touched the voxel
+        self.key = np.zeros(capacity, np.int64)  # the voxel's key (packed integer voxel index)
         self.keys = np.empty(0, np.int64)  # sorted
         self.rows = np.empty(0, np.int64)  # row of keys[i]
 
@@ -117,7 +114,7 @@ class _Table:
         if need <= cap:
             return
         new_cap = max(need, 2 * cap)
-        for name in ("xyz", "rgb", "count", "conf", "seen"):
+        for name in ("xyz", "rgb", "count", "conf", "seen", "key"):
             old = getattr(self, name)
             arr = np.zeros((new_cap,) + old.shape[1:], old.dtype)
             arr[: self.n] = old[: self.n]
@@ -137,6 +134,7 @@ class _Table:
         self._grow(self.n + k)
         sl = slice(self.n, self.n + k)
         self.xyz[sl], self.rgb[sl], self.count[sl], self.conf[sl], self.seen[sl] = xyz, rgb, count, conf, seen
+        self.key[sl] = keys
         self.n += k
         # merge two sorted, disjoint key lists in O(N + k)
         total = len(self.keys) + k
@@ -150,9 +148,28 @@ class _Table:
         return rows
 
     def live(self) -> tuple:
-        """The used rows of every aggregate."""
+        """The used rows of every aggregate (the key column is ``live_keys()``)."""
         n = self.n
         return self.xyz[:n], self.rgb[:n], self.count[:n], self.conf[:n], self.seen[:n]
+
+    def live_keys(self) -> np.ndarray:
+        """The key of every used row (row order, not sorted)."""
+        return self.key[: self.n]
+
+    def select(self, keep: np.ndarray) -> "_Table":
+        """A new table with only the rows where ``keep`` (bool, one per used row) is set, in row order;
+        the sorted index is filtered in O(N), keys are carried over unchanged."""
+        n = self.n
+        m = int(np.count_nonzero(keep))
+        t = _Table(capacity=max(1024, m))
+        for name in ("xyz", "rgb", "count", "conf", "seen", "key"):
+            getattr(t, name)[:m] = getattr(self, name)[:n][keep]
+        t.n = m
+        new_row = np.cumsum(keep) - 1
+        sel = keep[self.rows]
+        t.keys = self.keys[sel]
+        t.rows = new_row[self.rows[sel]]
+        return t
 
 
 class GlobalMap:
@@ -168,18 +185,35 @@ class GlobalMap:
         self.coarsenings = 0
         self.evicted = 0
         self.out_of_range = 0
+        self.non_finite = 0
 
     def __len__(self) -> int:
         return self._t.n
 
     # ----------------------------------------------------------------------------------------
 
-    def _keys(self, pts: np.ndarray, voxel: float) -> tuple[np.ndarray, np.ndarray]:
-        ijk = np.floor(pts / voxel).astype(np.int64)
-        ok = (np.abs(ijk) < _OFFSET - 1).all(axis=1)
-        ijk = ijk + _OFFSET
-        keys = (ijk[:, 0] << (2 * _BITS)) | (ijk[:, 1] << _BITS) | ijk[:, 2]
-        return keys, ok
+    @staticmethod
+    def _voxel_index(pts: np.ndarray, voxel: float) -> tuple[np.ndarray, np.ndarray]:
+        """``floor(pts / voxel)`` as float64 ``(N, 3)`` and whether each row fits a key. Checked in
+        float, before any integer cast: non-finite or huge values are simply not ``< _OFFSET - 1``."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            v = np.divide(pts, voxel, dtype=np.float64)
+        np.floor(v, out=v)
+        ok = (np.abs(v) < _OFFSET - 1).all(axis=1)
+        return v, ok
+
+    @staticmethod
+    def _encode(ijk: np.ndarray) -> np.ndarray:
+        """Pack in-range integer voxel indices ``(N, 3)`` into non-negative int64 keys."""
+        ijk = ijk.astype(np.int64) + _OFFSET
+        return (ijk[:, 0] << (2 * _BITS)) | (ijk[:, 1] << _BITS) | ijk[:, 2]
+
+    @staticmethod
+    def _decode(keys: np.ndarray) -> np.ndarray:
+        """The integer voxel indices ``(N, 3)`` of keys (inverse of ``_encode``)."""
+        keys = np.asarray(keys, np.int64)
+        ijk = np.stack([(keys >> (2 * _BITS)) & _MASK, (keys >> _BITS) & _MASK, keys & _MASK], axis=1)
+        return ijk - _OFFSET
 
     def integrate(self, points: np.ndarray, colors: np.ndarray, conf: np.ndarray, frame_index: int) -> IntegrateResult:
         """Add one frame's world points.
@@ -199,16 +233,21 @@ class GlobalMap:
         if not (len(pts) == len(col) == len(cf)):
             raise ValueError(f"points {pts.shape}, colors {col.shape} and conf {cf.shape} disagree")
         n_in = len(pts)
-        keep = (cf > self.cfg.conf_thresh) & np.isfinite(pts).all(axis=1)
-        pts, col, cf = pts[keep], col[keep], cf[keep]
-        keys, ok = self._keys(pts, self.voxel_size)
+        keep = cf > self.cfg.conf_thresh
+        pts, col, cf = pts[keep].astype(np.float64, copy=False), col[keep], cf[keep]
+        ijk, ok = self._voxel_index(pts, self.voxel_size)  # non-finite points fail the range check too
         if not ok.all():
-            self.out_of_range += int((~ok).sum())
-            pts, col, cf, keys = pts[ok], col[ok], cf[ok], keys[ok]
+            bad = ~ok
+            n_bad = int(np.count_nonzero(bad))
+            n_nonfinite = int(np.count_nonzero(~np.isfinite(pts[bad]).all(axis=1)))
+            self.non_finite += n_nonfinite
+            self.out_of_range += n_bad - n_nonfinite
+            pts, col, cf, ijk = pts[ok], col[ok], cf[ok], ijk[ok]
+        keys = self._encode(ijk)  # only in-range indices are ever cast to int
         self.points_integrated += len(pts)
         if len(pts) == 0:
             return IntegrateResult(n_in, 0, np.empty((0, 3), np.float32), np.empty((0, 3), np.uint8))
-        ukeys, agg, cnt = _group(keys, {"xyz": pts.astype(np.float64), "rgb": col.astype(np.float64), "max_conf": cf})
+        ukeys, agg, cnt = _group(keys, {"xyz": pts, "rgb": col.astype(np.float64), "max_conf": cf})
         t = self._t
         rows = t.find(ukeys)
         old = rows >= 0
@@ -229,31 +268,49 @@ class GlobalMap:
         return IntegrateResult(n_in, len(pts), new_pts, new_col)
 
     def _rebuild(self, keys: np.ndarray, xyz, rgb, count, conf, seen) -> None:
-        """Replace the table with the given voxels (any key order)."""
+        """Replace the table with the given voxels (unique keys, any order)."""
         order = np.argsort(keys, kind="stable")
         t = _Table(capacity=max(1024, len(keys)))
         t.append(keys[order], xyz[order], rgb[order], count[order], conf[order], seen[order])
         self._t = t
 
-    def _enforce_budget(self) -> None:
-        xyz, rgb, count, conf, seen = self._t.live()
-        if self.cfg.budget_policy == "evict":
-            target = max(1, int(self.cfg.max_points * 0.9))
-            drop = len(count) - target
-            keep = np.sort(np.argsort(seen, kind="stable")[drop:])  # newest voxels survive
-            keys, _ = self._keys(xyz[keep] / count[keep, None], self.voxel_size)
-            self._rebuild(keys, xyz[keep], rgb[keep], count[keep], conf[keep], seen[keep])
-            self.evicted += drop
-            _logger.info("map budget: evicted %d oldest voxels", drop)
+    def _evict_to(self, target: int) -> None:
+        """Drop the least recently updated voxels down to ``target``; survivors keep their keys."""
+        seen = self._t.live()[4]
+        drop = len(seen) - target
+        if drop <= 0:
             return
-        while len(count) > self.cfg.max_points:
+        keep = np.zeros(len(seen), bool)
+        keep[np.argsort(seen, kind="stable")[drop:]] = True  # newest voxels survive
+        self._t = self._t.select(keep)
+        self.evicted += drop
+        _logger.info("map budget: evicted %d oldest voxels", drop)
+
+    def _enforce_budget(self) -> None:
+        if self.cfg.budget_policy == "evict":
+            self._evict_to(max(1, int(self.cfg.max_points * 0.9)))
+            return
+        xyz, rgb, count, conf, seen = self._t.live()
+        keys = self._t.live_keys()
+        ijk = self._decode(keys)
+        changed = False
+        # once every index is -1 or 0 (one voxel per octant) doubling cannot merge anything more
+        while len(count) > self.cfg.max_points and (ijk.min() < -1 or ijk.max() > 0):
             self.voxel_size *= 2
             self.coarsenings += 1
-            keys, _ = self._keys(xyz / count[:, None], self.voxel_size)
-            ukeys, agg, _ = _group(keys, {"xyz": xyz, "rgb": rgb, "count": count, "max_conf": conf, "max_seen": seen})
+            changed = True
+            # floor division of the stored integer index: exactly floor(p / (2 * voxel)) for the voxel's points
+            keys, agg, _ = _group(self._encode(ijk // 2),
+                                  {"xyz": xyz, "rgb": rgb, "count": count, "max_conf": conf, "max_seen": seen})
             xyz, rgb, count, conf, seen = agg["xyz"], agg["rgb"], agg["count"], agg["max_conf"], agg["max_seen"]
-            self._rebuild(ukeys, xyz, rgb, count, conf, seen)
+            ijk = self._decode(keys)
             _logger.info("map budget: voxel size doubled to %.4g (%d points)", self.voxel_size, len(count))
+        if changed:
+            self._rebuild(keys, xyz, rgb, count, conf, seen)
+        if len(self) > self.cfg.max_points:
+            _logger.warning("map budget: %d voxels around the origin cannot be coarsened below %d; evicting",
+                            len(self), self.cfg.max_points)
+            self._evict_to(self.cfg.max_points)
 
     # ----------------------------------------------------------------------------------------
 
@@ -265,13 +322,13 @@ class GlobalMap:
 
     def nbytes(self) -> int:
         t = self._t
-        return sum(a.nbytes for a in (t.xyz, t.rgb, t.count, t.conf, t.seen, t.keys, t.rows))
+        return sum(a.nbytes for a in (t.xyz, t.rgb, t.count, t.conf, t.seen, t.key, t.keys, t.rows))
 
     def stats(self) -> dict:
         return {"points": len(self), "voxel_size": self.voxel_size, "conf_thresh": self.cfg.conf_thresh,
                 "points_integrated": self.points_integrated,
                 "coarsenings": self.coarsenings, "evicted": self.evicted, "out_of_range": self.out_of_range,
-                "bytes": self.nbytes()}
+                "non_finite": self.non_finite, "bytes": self.nbytes()}
 
     def clear(self) -> None:
         """Drop every point (the voxel size returns to its configured value)."""

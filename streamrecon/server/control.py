@@ -95,7 +95,7 @@ def _query_raymap(node: "Node", req: dict) -> list:
         hw = (size[0], size[1])
     if (K is None or hw is None) and s.engine.last_K is None:
         raise ControlError("the stream has no frame yet: give both K and size")
-    probe = s.engine.probe(T, K, hw, name=str(req.get("name", "query")))
+    probe = s.pipeline.probe(T, K, hw, name=str(req.get("name", "query")))
     return encode_reply(True, cmd="query_raymap", stream_id=s.stream_id, K=probe.K.reshape(-1).tolist(),
                         arrays={"points_cam": probe.points_cam, "points_world": probe.points_world,
                                 "conf": probe.conf, "rgb": probe.rgb, "pose_estimate": probe.pose_estimate})
@@ -105,7 +105,7 @@ def _save_map(node: "Node", req: dict) -> list:
     s = _stream(node, req)
     target = node.stream_dir(s.stream_id) if req.get("path") is None else _inside(node.output_dir, req["path"])
     node.output_dir.mkdir(parents=True, exist_ok=True)
-    return encode_reply(True, cmd="save_map", stream_id=s.stream_id, files=s.save(target))
+    return encode_reply(True, cmd="save_map", stream_id=s.stream_id, files=s.export(target))
 
 
 def _close_stream(node: "Node", req: dict) -> list:

@@ -17,6 +17,7 @@ one) and never stop the loop.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -24,10 +25,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
-
-from ..engine import EngineConfig, Frame, StreamEngine, default_size, process_batch
-from ..mapping import GlobalMap, MapConfig, model_conf_thresh
+from ..engine import Frame, process_batch
+from ..fileio import atomic_write_text
+from ..pipeline import LoadedModel, build_pipeline, engine_config, load_resolved
+from ..settings import SettingsError
+from ..sinks.zmq_results import ResultPublisher
 from ..wire import FrameMessage, WireError, decode_frame, encode_result
 from .config import ServeConfig, is_loopback_endpoint
 from .session import Pending, StreamSession
@@ -41,7 +43,12 @@ _ACK_OK = b"OK"
 class Node:
     """Args:
         cfg: node settings (validated here).
-        model: a loaded model shared by all streams (else ``cfg.weights`` is loaded).
+        model: a loaded model (or :class:`LoadedModel`) shared by all streams (else the settings'
+            weights, or the bundled model, are loaded).
+
+    Each stream gets its own :class:`StreamPipeline` built from ``cfg.pipeline`` (the same code path
+    as ``streamrecon run``): files under ``<output-dir>/streams/<id>/``, the result publisher, and,
+    with ``--viewer``/``--save-rrd``, a subtree ``streams/<id>/`` of one shared Rerun recording.
     """
 
     def __init__(self, cfg: ServeConfig, model=None) -> None:
@@ -49,20 +56,11 @@ class Node:
 
         cfg.validate()
         self.cfg = cfg
-        if model is None:
-            if not cfg.weights:
-                raise ValueError("no --weights given")
-            from ..checkpoint import load_model
-            from ..runner import _resolve_device
-
-            model = load_model(cfg.weights, device=_resolve_device(cfg.device))
-        self.model = model
-        self.engine_cfg = EngineConfig(size=cfg.size or default_size(model), policy=cfg.state_policy,
-                                       reset_every=cfg.reset_every, precision=cfg.precision)
-        self.map_cfg = MapConfig(voxel_size=cfg.voxel_size, max_points=cfg.max_points,
-                                 conf_thresh=model_conf_thresh(model, cfg.conf_thresh),
-                                 budget_policy=cfg.budget_policy, pixel_stride=cfg.pixel_stride)
-        self.output_dir = Path(cfg.output_dir)
+        self.loaded = LoadedModel.wrap(model) if model is not None else load_resolved(cfg.pipeline.engine)
+        self.model = self.loaded.model
+        self.engine_cfg = engine_config(cfg.pipeline.engine, self.model)
+        self.output_dir = Path(cfg.pipeline.outputs.output_dir)
+        self.recording = None
         self.sessions: dict[str, StreamSession] = {}
         self.node_errors: Counter = Counter()  # messages that named no (valid) stream
         self.counters: Counter = Counter()
@@ -76,6 +74,12 @@ class Node:
         self.auth = None
         try:
             self._open_sockets()
+            o = cfg.pipeline.outputs
+            if o.viewer != "none" or o.save_rrd:
+                from ..pipeline.build import rerun_config
+                from ..sinks.rerun_sink import RerunRecording
+
+                self.recording = RerunRecording(rerun_config(cfg.pipeline, "streamrecon-serve"), multi_stream=True)
         except Exception:
             self.ctx.destroy(linger=0)
             raise
@@ -97,7 +101,7 @@ class Node:
 
             self._public, self._secret = zmq.auth.load_certificate(cfg.curve_secret_key)
             if self._secret is None:
-                raise ValueError(f"{cfg.curve_secret_key} holds no secret key")
+                raise SettingsError(f"{cfg.curve_secret_key} holds no secret key")
             self.auth = ThreadAuthenticator(self.ctx)
             self.auth.start()
             self.auth.configure_curve(domain="*", location=str(cfg.curve_clients))
@@ -112,7 +116,7 @@ class Node:
                 sock.bind(endpoint)
             except zmq.ZMQError as e:
                 sock.close()
-                raise ValueError(f"cannot bind the {name} socket to {endpoint}: {e}") from None
+                raise SettingsError(f"cannot bind the {name} socket to {endpoint}: {e}") from None
             return sock
 
         self.ingest = bind(zmq.ROUTER, cfg.ingest, "ingest")
@@ -235,10 +239,16 @@ class Node:
         if len(self.sessions) >= self.cfg.max_streams:
             return None
         lossless = self.cfg.lossless if msg.lossless is None else msg.lossless
-        s = StreamSession(stream_id=msg.stream_id, engine=StreamEngine(self.model, self.engine_cfg),
-                          gmap=GlobalMap(self.map_cfg), lossless=lossless)
-        self.sessions[msg.stream_id] = s
-        _logger.info("stream %s opened (%s)", msg.stream_id, "lossless" if lossless else "live")
+        sid = msg.stream_id
+        publisher = ResultPublisher(lambda parts: self._send(self.results, parts), sid,
+                                    geometry_stride=self.cfg.geometry_stride, map_points=self.cfg.pipeline.map.map_points)
+        pipeline = build_pipeline(self.cfg.pipeline, self.loaded, stream_id=sid, output_dir=self.stream_dir(sid),
+                                  extra_sinks=[publisher], recording=self.recording, prefix=f"streams/{sid}/",
+                                  describe={"source": f"serve:{sid}", "output_dir": str(self.stream_dir(sid)),
+                                            "config": self.cfg.flat(), "checkpoint": self.loaded.info.describe()})
+        s = StreamSession(stream_id=sid, pipeline=pipeline, publisher=publisher, lossless=lossless)
+        self.sessions[sid] = s
+        _logger.info("stream %s opened (%s)", sid, "lossless" if lossless else "live")
         return s
 
     def _accept(self, msg: FrameMessage, recv_ns: int, envelope: Optional[list], req_peer: bool) -> None:
@@ -299,10 +309,17 @@ class Node:
                 s.errors[e.kind] += 1
                 self._ack(p, "rejected", str(e))
                 continue
+            try:
+                frame = s.pipeline.prepare(Frame(image=rgb, seq=p.msg.seq, stamp=p.msg.stamp_ns / 1e9,
+                                                 source=s.stream_id, K=p.msg.K))
+            except ValueError as e:  # e.g. a frame size the calibration does not fit
+                s.errors["bad_frame"] += 1
+                s.pipeline.record_error(f"frame {p.msg.seq}: {e}")
+                self._ack(p, "rejected", str(e))
+                continue
             if p.msg.reset:
                 s.engine.reset(keep_trajectory=True)
-            items.append((s, p, Frame(image=rgb, seq=p.msg.seq, stamp=p.msg.stamp_ns / 1e9, source=s.stream_id,
-                                      K=p.msg.K)))
+            items.append((s, p, frame))
         if not items:
             return
         self.counters["model_calls"] += 1
@@ -316,39 +333,25 @@ class Node:
                 results = [s.engine.process(f)]
             except Exception as e:
                 results = [e]
-        for (s, p, _), r in zip(items, results):
+        for (s, p, f), r in zip(items, results):
             if isinstance(r, Exception):
                 s.errors["processing"] += 1
-                _logger.warning("stream %s frame %s: %s", s.stream_id, p.msg.seq, r)
+                s.pipeline.record_error(f"frame {p.msg.seq}: {r}")
                 self._ack(p, "rejected", str(r))
                 continue
-            pts, conf = r.world_points(self.cfg.map_points)
-            s.gmap.integrate(pts, r.colors, conf, r.index)
-            self._publish_result(s, p, r)
+            try:
+                s.pipeline.consume(r, context={"recv_ns": p.recv_ns, "stamp_ns": p.msg.stamp_ns}, frame=f)
+            except Exception as e:  # the stream's stage or map failed on this frame: count it, go on
+                s.errors["processing"] += 1
+                s.pipeline.record_error(f"frame {p.msg.seq}: {e}")
+                self._ack(p, "rejected", str(e))
+                continue
+            self.counters["published"] += 1
             self._ack(p, "processed")
 
     def _ack(self, p: Pending, status: str, error: str = "") -> None:
         if p.reply_to is not None:
             self._send(self.ingest, p.reply_to + [self._ack_body(p.msg, status, error)])
-
-    def _publish_result(self, s: StreamSession, p: Pending, r) -> None:
-        pub_ns = time.time_ns()
-        latency_ms = (pub_ns - p.recv_ns) / 1e6
-        s.record(r, latency_ms)
-        header = {"seq": p.msg.seq, "stamp_ns": p.msg.stamp_ns, "recv_ns": p.recv_ns, "pub_ns": pub_ns,
-                  "latency_ms": round(latency_ms, 3), "index": r.index, "segment": r.segment,
-                  "T_wc": r.T_wc.reshape(-1).tolist(), "K": r.K.reshape(-1).tolist(),
-                  "K_original": r.K_original.reshape(-1).tolist(),
-                  "stages_ms": {k: round(v, 3) for k, v in r.timings_ms.items()}}
-        self._send(self.results, encode_result(s.stream_id, "pose", header))
-        self.counters["published"] += 1
-        g = self.cfg.geometry_stride
-        if g:
-            pts, conf = r.world_points(self.cfg.map_points)
-            self._send(self.results, encode_result(
-                s.stream_id, "geometry", {"seq": p.msg.seq, "stamp_ns": p.msg.stamp_ns, "stride": g, "frame": "world"},
-                {"points": pts[::g, ::g].astype(np.float16), "conf": conf[::g, ::g].astype(np.float16),
-                 "colors": r.colors[::g, ::g]}))
 
     # ------------------------------------------------------------------------------------------
     # control, status, shutdown
@@ -394,13 +397,19 @@ class Node:
         return self.output_dir / "streams" / stream_id
 
     def close_stream(self, stream_id: str) -> list[str]:
-        """Flush a stream's trajectory and map to its directory and forget it."""
+        """Close a stream's pipeline (its sinks write trajectory, map, summary) and forget it."""
         s = self.sessions.pop(stream_id)
         for p in s.queue:
             self._ack(p, "dropped", "stream closed")
-        files = s.save(self.stream_dir(stream_id))
-        self._send(self.results, encode_result(stream_id, "status", {**s.status(), "closed": True}))
-        return files
+        summary = s.pipeline.close(stop_reason="stream closed")
+        directory = self.stream_dir(stream_id)
+        status = {**s.status(), "closed": True}
+        try:
+            atomic_write_text(directory / "status.json", json.dumps(status, indent=1) + "\n")
+        except OSError as e:
+            _logger.error("stream %s: could not write status.json: %s", stream_id, e)
+        self._send(self.results, encode_result(stream_id, "status", status))
+        return [str(directory / n) for n in summary.get("outputs", [])] + [str(directory / "status.json")]
 
     def close(self) -> None:
         """Flush every open stream (atomically written files), then close the sockets."""
@@ -409,6 +418,8 @@ class Node:
                 self.close_stream(sid)
             except Exception:
                 _logger.exception("could not flush stream %s", sid)
+        if self.recording is not None:
+            self.recording.close()
         for sock in (self.ingest, self.results, self.control, *self.subs):
             sock.close(linger=0)
         if self.auth is not None:

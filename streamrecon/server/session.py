@@ -1,18 +1,19 @@
-"""One stream inside the node: its engine (state), map, trajectory, queue and counters."""
+"""One stream inside the node: its pipeline (engine, map, trajectory, sinks), queue and counters."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
-
-from ..engine import FrameResult, StreamEngine
 from ..fileio import atomic_write_text
-from ..mapping import GlobalMap, write_glb, write_ply, write_tum
+from ..mapping import write_tum
+from ..pipeline import StreamPipeline
+from ..sinks.files import write_map_files
+from ..sinks.zmq_results import ResultPublisher
 from ..wire import FrameMessage
 
 __all__ = ["StreamSession", "Pending"]
@@ -29,22 +30,23 @@ class Pending:
 
 @dataclass
 class StreamSession:
-    """State of one ``stream_id``.
+    """State of one ``stream_id`` (owned by the node's loop thread).
 
     Attributes:
+        pipeline: the stream's :class:`StreamPipeline` (engine, map, trajectory, file/viewer sinks).
+        publisher: its result publisher (also one of the pipeline's sinks).
         lossless: deliver every frame in order (acks when processed) instead of newest-wins.
         queue: frames waiting; live streams keep only the newest one.
     """
 
     stream_id: str
-    engine: StreamEngine
-    gmap: GlobalMap
+    pipeline: StreamPipeline
+    publisher: ResultPublisher
     lossless: bool
     created: float = field(default_factory=time.monotonic)
     last_activity: float = field(default_factory=time.monotonic)
     queue: deque = field(default_factory=deque)
     received: int = 0
-    processed: int = 0
     dropped: int = 0
     duplicates: int = 0
     busy: int = 0
@@ -52,42 +54,36 @@ class StreamSession:
     last_seq: Optional[int] = None
     publisher_session: Optional[str] = None
     next_seq: int = 0
-    stamps: list = field(default_factory=list)
-    poses: list = field(default_factory=list)
-    _recent: deque = field(default_factory=lambda: deque(maxlen=50))
-    latency_ms: deque = field(default_factory=lambda: deque(maxlen=1000))
 
-    def fps(self) -> float:
-        r = self._recent
-        return (len(r) - 1) / (r[-1] - r[0]) if len(r) > 1 and r[-1] > r[0] else 0.0
+    @property
+    def engine(self):
+        return self.pipeline.engine
 
-    def record(self, result: FrameResult, latency_ms: float) -> None:
-        self.processed += 1
-        self._recent.append(time.monotonic())
-        self.latency_ms.append(latency_ms)
-        self.stamps.append(result.stamp)
-        self.poses.append(result.T_wc.astype(np.float64))
+    @property
+    def gmap(self):
+        return self.pipeline.gmap
+
+    @property
+    def processed(self) -> int:
+        return self.pipeline.processed
 
     def status(self) -> dict[str, Any]:
-        lat = np.asarray(self.latency_ms) if self.latency_ms else np.zeros(1)
+        p50, p99 = self.publisher.latency_percentiles()
         return {
-            "stream_id": self.stream_id, "mode": "lossless" if self.lossless else "live", "fps": round(self.fps(), 3),
-            "received": self.received, "processed": self.processed, "dropped": self.dropped,
-            "duplicates": self.duplicates, "busy": self.busy, "errors": sum(self.errors.values()),
-            "errors_by_kind": dict(self.errors), "queue_depth": len(self.queue), "map_points": len(self.gmap),
-            "segment": self.engine.segment, "latency_ms_p50": round(float(np.percentile(lat, 50)), 3),
-            "latency_ms_p99": round(float(np.percentile(lat, 99)), 3),
+            "stream_id": self.stream_id, "mode": "lossless" if self.lossless else "live",
+            "fps": round(self.pipeline.fps(), 3), "received": self.received, "processed": self.processed,
+            "dropped": self.dropped, "duplicates": self.duplicates, "busy": self.busy,
+            "errors": sum(self.errors.values()), "errors_by_kind": dict(self.errors), "queue_depth": len(self.queue),
+            "map_points": len(self.gmap), "segment": self.engine.segment, "frames_with_K_given": self.pipeline.k_given,
+            "latency_ms_p50": round(p50, 3), "latency_ms_p99": round(p99, 3), "sinks": self.pipeline.sink_stats(),
         }
 
-    def save(self, directory: Path) -> list[str]:
-        """Write trajectory.txt, map.ply, map.glb and status.json (atomically) into ``directory``."""
+    def export(self, directory: Path) -> list[str]:
+        """Write the trajectory, map and status *now* into ``directory`` (``save_map``; atomic files)."""
         directory.mkdir(parents=True, exist_ok=True)
-        poses = np.stack(self.poses) if self.poses else np.empty((0, 4, 4))
-        write_tum(directory / "trajectory.txt", self.stamps, poses)
+        stamps, poses = self.pipeline.trajectory.arrays()
+        write_tum(directory / "trajectory.txt", stamps, poses)
         xyz, rgb, conf = self.gmap.points()
-        write_ply(directory / "map.ply", xyz, rgb, conf)
-        write_glb(directory / "map.glb", xyz, rgb, path_xyz=poses[:, :3, 3] if len(poses) else None)
-        import json
-
+        names = ["trajectory.txt", *write_map_files(directory, xyz, rgb, conf, poses), "status.json"]
         atomic_write_text(directory / "status.json", json.dumps(self.status(), indent=1) + "\n")
-        return [str(directory / n) for n in ("trajectory.txt", "map.ply", "map.glb", "status.json")]
+        return [str(directory / n) for n in names]

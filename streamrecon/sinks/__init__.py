@@ -1,5 +1,8 @@
-"""Where results go: files in the output directory, and the Rerun view (imported lazily)."""
+"""Where results go, behind one protocol (:class:`Sink`: ``on_frame``, ``on_probe``, ``close``): files
+in the output directory, the Rerun view (imported lazily), the ZeroMQ result publisher, a null sink,
+and the background wrapper that keeps slow sinks off the frame loop."""
 
-from .files import OutputWriter
+from .base import BackgroundSink, FrameEvent, NullSink, Sink, SinkStats, StreamClosed
+from .files import FileSink, safe_name
 
-__all__ = ["OutputWriter"]
+__all__ = ["BackgroundSink", "FrameEvent", "NullSink", "Sink", "SinkStats", "StreamClosed", "FileSink", "safe_name"]

@@ -1,10 +1,18 @@
-"""Files of a run in ``--output-dir`` (each written atomically: temp file + rename).
+"""``FileSink``: the files of one stream in its output directory (``run`` and, per stream, ``serve``).
 
-* ``trajectory.txt`` -- TUM (``t tx ty tz qx qy qz qw``, camera-to-world, global frame);
-* ``map.ply`` / ``map.glb`` -- the voxel map (GLB also holds the camera path);
-* ``frames/NNNNNN.npz`` (optional) -- per-frame pointmaps, confidences, pose, intrinsics, colours;
-* ``probes/<name>_NNNNNN.npz|.png`` -- raymap probe predictions;
-* ``summary.json`` -- counters, fps, latency percentiles, memory, map statistics, config.
+* ``trajectory.txt`` -- TUM (``t tx ty tz qx qy qz qw``, camera-to-world, global frame), written
+  append-only: each frame adds one line; the file is flushed and fsynced every ``flush_every`` frames
+  and at the end (constant cost per frame however long the run);
+* ``map.ply`` / ``map.glb`` -- the voxel map at the end (GLB also holds the camera path; atomic);
+* ``frames/NNNNNN.npz`` (optional) -- per-frame pointmaps, confidences, pose, intrinsics (``K``
+  estimated at model resolution, ``K_original`` in original pixels, ``K_given`` when the frame came
+  with intrinsics, else an all-NaN 3x3), colours;
+* ``probes/<name>_NNNNNN.npz|.png`` -- raymap probe predictions (names are sanitised to
+  ``[A-Za-z0-9_.-]``: a probe name never leaves ``probes/``);
+* ``summary.json`` -- counters, fps, latency percentiles, memory, map statistics, config
+  (rewritten atomically every ``flush_every`` frames with ``"in_progress": true``, and at the end).
+
+Run it behind :class:`~streamrecon.sinks.base.BackgroundSink` (``drop=False``): it never drops.
 """
 
 from __future__ import annotations
@@ -12,18 +20,29 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import IO, Any, Optional
 
 import numpy as np
 
 from ..fileio import atomic_write_bytes, atomic_write_text
-from ..frames import FrameResult, ProbeResult
-from ..mapping import GlobalMap, write_glb, write_ply, write_tum
+from ..frames import ProbeResult
+from ..mapping import TUM_HEADER, tum_lines, write_glb, write_ply
+from .base import FrameEvent, StreamClosed
 
-__all__ = ["OutputWriter"]
+__all__ = ["FileSink", "safe_name", "json_default", "write_map_files"]
 
 _logger = logging.getLogger(__name__)
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+_NAN_K = np.full((3, 3), np.nan)
+
+
+def safe_name(name: str, limit: int = 64) -> str:
+    """A file-name component: characters outside ``[A-Za-z0-9_.-]`` become ``_``, no leading dot."""
+    out = _UNSAFE.sub("_", str(name))[:limit].lstrip(".")
+    return out or "unnamed"
 
 
 def _npz_bytes(**arrays: np.ndarray) -> bytes:
@@ -32,47 +51,75 @@ def _npz_bytes(**arrays: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-class OutputWriter:
+def json_default(o: Any) -> Any:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def write_map_files(directory: Path, xyz: np.ndarray, rgb: np.ndarray, conf: np.ndarray, poses: np.ndarray) -> list[str]:
+    """``map.ply`` and ``map.glb`` (with the camera path of ``poses`` ``(F, 4, 4)`` ``T_wc``), atomically."""
+    write_ply(directory / "map.ply", xyz, rgb, conf)
+    write_glb(directory / "map.glb", xyz, rgb, path_xyz=poses[:, :3, 3] if len(poses) else None)
+    return ["map.ply", "map.glb"]
+
+
+class FileSink:
     """Args:
         out_dir: output directory (created).
         save_frames: also write one ``.npz`` per processed frame.
+        flush_every: fsync the trajectory and rewrite ``summary.json`` every N frames (0 = only at the end).
     """
 
-    def __init__(self, out_dir: str | Path, save_frames: bool = False) -> None:
+    name = "files"
+
+    def __init__(self, out_dir: str | Path, save_frames: bool = False, flush_every: int = 100) -> None:
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.save_frames = save_frames
-        self._stamps: list[float] = []
-        self._poses = np.empty((0, 4, 4))
-        self._pose_chunk: list[np.ndarray] = []
+        self.save_frames, self.flush_every = save_frames, flush_every
         self.written: set[str] = set()
+        self._traj: Optional[IO[str]] = None
+        self._since_flush = 0
 
-    def add_frame(self, r: FrameResult) -> None:
-        self._stamps.append(r.stamp)
-        self._pose_chunk.append(r.T_wc)
-        if len(self._pose_chunk) >= 256:
-            self._consolidate()
+    # ------------------------------------------------------------------------------------------
+
+    def _trajectory_file(self) -> IO[str]:
+        if self._traj is None:
+            self._traj = open(self.dir / "trajectory.txt", "w", buffering=1 << 16)
+            self._traj.write(TUM_HEADER)
+            self.written.add("trajectory.txt")
+        return self._traj
+
+    def _sync_trajectory(self) -> None:
+        f = self._trajectory_file()
+        f.flush()
+        os.fsync(f.fileno())
+        self._since_flush = 0
+
+    def on_frame(self, event: FrameEvent) -> None:
+        r = event.result
+        self._trajectory_file().write(tum_lines([r.stamp], r.T_wc[None]))
+        self._since_flush += 1
         if self.save_frames:
-            name = f"frames/{r.index:06d}.npz"
-            atomic_write_bytes(self.dir / name, _npz_bytes(
+            atomic_write_bytes(self.dir / f"frames/{r.index:06d}.npz", _npz_bytes(
                 points_cam=r.points_cam, points_world=r.points_world_pose, points_world_head=r.points_world_head,
                 conf_cam=r.conf_cam, conf_world=r.conf_world, depth=r.depth, T_wc=r.T_wc, K=r.K,
-                K_original=r.K_original, colors=r.colors, stamp=np.float64(r.stamp), seq=np.int64(r.seq)))
+                K_original=r.K_original, K_given=r.K_given if r.K_given is not None else _NAN_K, colors=r.colors,
+                stamp=np.float64(r.stamp), seq=np.int64(r.seq)))
+            self.written.add("frames/")
+        if self.flush_every and self._since_flush >= self.flush_every:
+            self._sync_trajectory()
+        if event.summary is not None:
+            self.write_summary({**event.summary, "outputs": sorted(self.written | {"summary.json"})})
 
-    def _consolidate(self) -> None:
-        if self._pose_chunk:
-            self._poses = np.concatenate([self._poses, np.stack(self._pose_chunk)])
-            self._pose_chunk = []
-
-    @property
-    def trajectory(self) -> tuple[list[float], np.ndarray]:
-        self._consolidate()
-        return self._stamps, self._poses
-
-    def add_probe(self, p: ProbeResult) -> None:
+    def on_probe(self, p: ProbeResult) -> None:
         import cv2
 
-        stem = f"probes/{p.name}_{p.frame_index:06d}"
+        stem = f"probes/{safe_name(p.name)}_{p.frame_index:06d}"
         atomic_write_bytes(self.dir / f"{stem}.npz", _npz_bytes(
             points_cam=p.points_cam, points_world=p.points_world, conf=p.conf, rgb=p.rgb, T_wc=p.T_wc, K=p.K,
             pose_estimate=p.pose_estimate))
@@ -81,41 +128,29 @@ class OutputWriter:
             atomic_write_bytes(self.dir / f"{stem}.png", png.tobytes())
         self.written.add("probes/")
 
-    def write_trajectory(self) -> None:
-        stamps, poses = self.trajectory
-        write_tum(self.dir / "trajectory.txt", stamps, poses)
-        self.written.add("trajectory.txt")
-
-    def write_map(self, gmap: GlobalMap) -> None:
-        xyz, rgb, conf = gmap.points()
-        write_ply(self.dir / "map.ply", xyz, rgb, conf)
-        _, poses = self.trajectory
-        write_glb(self.dir / "map.glb", xyz, rgb, path_xyz=poses[:, :3, 3] if len(poses) else None)
-        self.written.update({"map.ply", "map.glb"})
-
     def write_summary(self, summary: dict[str, Any]) -> None:
-        atomic_write_text(self.dir / "summary.json", json.dumps(summary, indent=1, default=_json_default) + "\n")
+        atomic_write_text(self.dir / "summary.json", json.dumps(summary, indent=1, default=json_default) + "\n")
         self.written.add("summary.json")
 
-    def write_all(self, gmap: Optional[GlobalMap], summary: dict[str, Any]) -> None:
-        """Trajectory, map and summary; each independently, so one failure does not lose the rest."""
-        for name, fn in (("trajectory", self.write_trajectory), ("map", lambda: gmap is not None and self.write_map(gmap))):
+    def close(self, final: StreamClosed) -> None:
+        """Trajectory (fsync), map and summary; each independently, so one failure does not lose the rest."""
+        summary = dict(final.summary)
+        errors: list[str] = list(summary.get("output_errors", []))
+
+        def map_files() -> None:
+            self.written.update(write_map_files(self.dir, final.map_xyz, final.map_rgb, final.map_conf, final.poses))
+
+        def trajectory() -> None:
+            self._sync_trajectory()
+            self._traj.close()
+
+        for name, fn in (("trajectory", trajectory), ("map", map_files)):
             try:
                 fn()
             except Exception as e:  # e.g. disk full: report, keep writing the others
                 _logger.error("could not write the %s: %s", name, e)
-                summary.setdefault("output_errors", []).append(f"{name}: {e}")
+                errors.append(f"{name}: {e}")
+        if errors:
+            summary["output_errors"] = errors
         summary["outputs"] = sorted(self.written | {"summary.json"})
         self.write_summary(summary)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)

@@ -13,6 +13,9 @@ Entity layout (OpenCV world, ``RIGHT_HAND_Y_DOWN``)::
     world/virtual/<name>        raymap probes: Transform3D + Pinhole + predicted image and points
     metrics/...                 per-frame scalars (fps, latency per stage, map size, confidence)
 
+With ``serve``, one recording holds every stream, each under its own subtree ``streams/<id>/``
+(``streams/<id>/world/...``, ``streams/<id>/metrics/...``).
+
 Timelines: ``frame`` (processed index) and ``capture_time`` (the frame's capture stamp).
 Viewers: ``spawn`` starts the native viewer, ``web`` serves the web viewer; both are started as
 ``rerun`` processes bound to 127.0.0.1 (the SDK's own servers bind every interface). ``save_path``
@@ -33,8 +36,9 @@ from typing import Optional
 import numpy as np
 
 from ..frames import FrameResult, ProbeResult
+from .base import FrameEvent, StreamClosed
 
-__all__ = ["RerunSink", "RerunConfig", "blueprint"]
+__all__ = ["RerunSink", "RerunConfig", "RerunRecording", "blueprint"]
 
 _logger = logging.getLogger(__name__)
 
@@ -66,20 +70,26 @@ class RerunConfig:
         return self.viewer != "none" or bool(self.save_path)
 
 
-def blueprint():
-    """3D view (accumulating over time) | input image, depth, confidence, metrics."""
+def blueprint(prefix: str = ""):
+    """3D view (accumulating over time) | input image, depth, confidence, metrics (of the stream under
+    ``prefix``; for a multi-stream recording, ``prefix=None`` gives one 3D view of every stream)."""
     import rerun.blueprint as rrb
 
     accumulate = rrb.VisibleTimeRange("frame", start=rrb.TimeRangeBoundary.infinite(),
                                       end=rrb.TimeRangeBoundary.cursor_relative())
+    if prefix is None:
+        return rrb.Blueprint(rrb.Horizontal(rrb.Spatial3DView(origin="/streams", name="streams", time_ranges=[accumulate]),
+                                            rrb.TimeSeriesView(origin="/streams", name="metrics"), column_shares=[3, 1]),
+                             collapse_panels=True)
+    w = f"/{prefix}world"
     return rrb.Blueprint(
         rrb.Horizontal(
-            rrb.Spatial3DView(origin="/world", name="map", time_ranges=[accumulate]),
+            rrb.Spatial3DView(origin=w, name="map", time_ranges=[accumulate]),
             rrb.Vertical(
-                rrb.Spatial2DView(origin="/world/cam/image", contents=["$origin", "$origin/image"], name="input"),
-                rrb.Spatial2DView(origin="/world/cam/image/depth", name="depth"),
-                rrb.Spatial2DView(origin="/world/cam/image/confidence", name="confidence"),
-                rrb.TimeSeriesView(origin="/metrics", name="metrics"),
+                rrb.Spatial2DView(origin=f"{w}/cam/image", contents=["$origin", "$origin/image"], name="input"),
+                rrb.Spatial2DView(origin=f"{w}/cam/image/depth", name="depth"),
+                rrb.Spatial2DView(origin=f"{w}/cam/image/confidence", name="confidence"),
+                rrb.TimeSeriesView(origin=f"/{prefix}metrics", name="metrics"),
             ),
             column_shares=[3, 1],
         ),
@@ -98,16 +108,17 @@ def _wait_port(host: str, port: int, timeout: float) -> bool:
     return False
 
 
-class RerunSink:
-    """Logs frames, the growing map, probes and metrics to one explicit Rerun recording."""
+class RerunRecording:
+    """One explicit Rerun recording and its viewer process (shared by every stream of a node)."""
 
-    def __init__(self, config: RerunConfig) -> None:
+    def __init__(self, config: RerunConfig, multi_stream: bool = False) -> None:
         import rerun as rr
 
         self.rr = rr
         self.cfg = config
         self._viewer_proc: Optional[subprocess.Popen] = None
         self.rec = rr.RecordingStream(config.application_id, recording_id=config.recording_id)
+        bp = blueprint(None if multi_stream else "")
         sinks = []
         if config.viewer != "none":
             url = self._start_viewer()
@@ -116,14 +127,8 @@ class RerunSink:
             Path(config.save_path).parent.mkdir(parents=True, exist_ok=True)
             sinks.append(rr.FileSink(str(config.save_path)))
         if sinks:
-            self.rec.set_sinks(*sinks, default_blueprint=blueprint())
-        self.rec.send_blueprint(blueprint())
-        self.rec.log("world", rr.ViewCoordinates.RIGHT_HAND_Y_DOWN, static=True)
-        for name in ("fps", "latency_ms/total", "map_points", "conf_mean", "dropped"):
-            self.rec.log(f"metrics/{name}", rr.SeriesLines(names=name), static=True)
-        self._last_position: Optional[np.ndarray] = None
-        self._rng = np.random.default_rng(0)
-        self._frames = 0
+            self.rec.set_sinks(*sinks, default_blueprint=bp)
+        self.rec.send_blueprint(bp)
 
     def _start_viewer(self) -> str:
         cfg = self.cfg
@@ -143,6 +148,58 @@ class RerunSink:
                             host, cfg.web_port, host, cfg.grpc_port)
         return f"rerun+http://{host}:{cfg.grpc_port}/proxy"
 
+    def close(self) -> None:
+        try:
+            self.rec.flush(timeout_sec=10.0)
+        except Exception as e:  # a viewer that went away must not lose the other outputs
+            _logger.warning("Rerun flush failed: %s", e)
+        self.rec.disconnect()
+        if self._viewer_proc is not None and self.cfg.viewer == "web":
+            self._viewer_proc.terminate()
+
+
+class RerunSink:
+    """Logs one stream's frames, growing map, probes and metrics into a recording.
+
+    Args:
+        config: the view settings (a recording is made from it unless ``recording`` is given).
+        recording: a shared recording (``serve``); the sink then does not close it.
+        prefix: entity subtree of this stream (``""`` for ``run``, ``"streams/<id>/"`` for ``serve``).
+    """
+
+    name = "viewer"
+
+    def __init__(self, config: RerunConfig, recording: Optional[RerunRecording] = None, prefix: str = "") -> None:
+        self._own = recording is None
+        self.recording = recording or RerunRecording(config)
+        self.rr, self.rec, self.cfg = self.recording.rr, self.recording.rec, config
+        self.p = prefix
+        rr = self.rr
+        self.rec.log(f"{prefix}world", rr.ViewCoordinates.RIGHT_HAND_Y_DOWN, static=True)
+        for name in ("fps", "latency_ms/total", "map_points", "conf_mean", "dropped"):
+            self.rec.log(f"{prefix}metrics/{name}", rr.SeriesLines(names=name), static=True)
+        self._last_position: Optional[np.ndarray] = None
+        self._rng = np.random.default_rng(0)
+        self._frames = 0
+
+    # sink protocol ------------------------------------------------------------------------------
+
+    def on_frame(self, event: FrameEvent) -> None:
+        self.log_frame(event.result, event.new_points, event.new_colors, event.metrics)
+        if event.map_snapshot is not None:
+            self.log_map(event.result.index, *event.map_snapshot)
+
+    def on_probe(self, probe: ProbeResult) -> None:
+        self.log_probe(probe)
+
+    def close(self, final: Optional[StreamClosed] = None) -> None:
+        if final is not None and len(final.map_xyz):
+            self.rec.set_time("frame", sequence=max(self._frames - 1, 0))
+            self.rec.log(f"{self.p}world/map/global", self.rr.Points3D(final.map_xyz, colors=final.map_rgb, radii=-1.5),
+                         static=True)
+        if self._own:
+            self.recording.close()
+
     # ----------------------------------------------------------------------------------------
 
     def _set_time(self, index: int, stamp: float) -> None:
@@ -161,35 +218,35 @@ class RerunSink:
         rr = self.rr
         self._set_time(result.index, result.stamp)
         h, w = result.depth.shape
-        self.rec.log("world/cam", rr.Transform3D(translation=result.T_wc[:3, 3], mat3x3=result.T_wc[:3, :3]))
-        self.rec.log("world/cam/image", rr.Pinhole(image_from_camera=result.K, resolution=[w, h],
+        self.rec.log(f"{self.p}world/cam", rr.Transform3D(translation=result.T_wc[:3, 3], mat3x3=result.T_wc[:3, :3]))
+        self.rec.log(f"{self.p}world/cam/image", rr.Pinhole(image_from_camera=result.K, resolution=[w, h],
                                                    camera_xyz=rr.ViewCoordinates.RDF, image_plane_distance=0.1))
-        self.rec.log("world/cam/image", self._image(result.colors))
-        self.rec.log("world/cam/image/depth", rr.DepthImage(result.depth, meter=1.0))
-        self.rec.log("world/cam/image/confidence", rr.Image(result.conf_cam.astype(np.float32)))
+        self.rec.log(f"{self.p}world/cam/image", self._image(result.colors))
+        self.rec.log(f"{self.p}world/cam/image/depth", rr.DepthImage(result.depth, meter=1.0))
+        self.rec.log(f"{self.p}world/cam/image/confidence", rr.Image(result.conf_cam.astype(np.float32)))
         if len(new_points):
             if len(new_points) > self.cfg.max_points_per_frame:
                 pick = self._rng.choice(len(new_points), self.cfg.max_points_per_frame, replace=False)
                 new_points, new_colors = new_points[pick], new_colors[pick]
-            self.rec.log("world/map/points", rr.Points3D(new_points, colors=new_colors, radii=-1.5))
+            self.rec.log(f"{self.p}world/map/points", rr.Points3D(new_points, colors=new_colors, radii=-1.5))
         position = result.T_wc[:3, 3].astype(np.float32)
         if self._last_position is not None:
-            self.rec.log("world/trajectory", rr.LineStrips3D([np.stack([self._last_position, position])],
+            self.rec.log(f"{self.p}world/trajectory", rr.LineStrips3D([np.stack([self._last_position, position])],
                                                              colors=[255, 80, 0]))
         self._last_position = position
         for name, value in metrics.items():
-            self.rec.log(f"metrics/{name}", rr.Scalars(float(value)))
+            self.rec.log(f"{self.p}metrics/{name}", rr.Scalars(float(value)))
         self._frames += 1
 
     def log_map(self, index: int, xyz: np.ndarray, rgb: np.ndarray) -> None:
         """Consolidate: the whole map to ``world/map/global``, per-frame points cleared."""
         self.rec.set_time("frame", sequence=index)
-        self.rec.log("world/map/global", self.rr.Points3D(xyz, colors=rgb, radii=-1.5), static=True)
-        self.rec.log("world/map/points", self.rr.Clear(recursive=True))
+        self.rec.log(f"{self.p}world/map/global", self.rr.Points3D(xyz, colors=rgb, radii=-1.5), static=True)
+        self.rec.log(f"{self.p}world/map/points", self.rr.Clear(recursive=True))
 
     def log_probe(self, probe: ProbeResult) -> None:
         rr = self.rr
-        base = f"world/virtual/{probe.name}"
+        base = f"{self.p}world/virtual/{probe.name}"
         h, w = probe.conf.shape
         self.rec.set_time("frame", sequence=probe.frame_index)
         self.rec.log(base, rr.Transform3D(translation=probe.T_wc[:3, 3], mat3x3=probe.T_wc[:3, :3]))
@@ -200,13 +257,4 @@ class RerunSink:
                                                    radii=-1.0))
 
     def log_text(self, text: str, level: str = "INFO") -> None:
-        self.rec.log("log", self.rr.TextLog(text, level=level))
-
-    def close(self) -> None:
-        try:
-            self.rec.flush(timeout_sec=10.0)
-        except Exception as e:  # a viewer that went away must not lose the other outputs
-            _logger.warning("Rerun flush failed: %s", e)
-        self.rec.disconnect()
-        if self._viewer_proc is not None and self.cfg.viewer == "web":
-            self._viewer_proc.terminate()
+        self.rec.log(f"{self.p}log", self.rr.TextLog(text, level=level))

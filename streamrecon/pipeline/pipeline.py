@@ -1,0 +1,245 @@
+"""``StreamPipeline``: the only code between a :class:`StreamEngine` and the outside world.
+
+One pipeline per stream (``run`` has one; ``serve`` one per ``stream_id``)::
+
+    Frame --prepare--> engine --FrameResult--> consume: geometry stage --> global map, trajectory --FrameEvent--> sinks
+    (serve: the node prepares frames, steps many engines in one batch, then calls consume(result) for each)
+
+The geometry stage (:class:`~streamrecon.slam.GeometryStage`, optional) undistorts frames and
+attaches known intrinsics before the engine, and after it replaces the network's pose and
+pointmaps with tracked ones (``--backend track``) before anything reaches the map.
+
+The pipeline owns the map, the trajectory, the counters and the timings (in its own structure: the
+engine's ``FrameResult`` is never modified) and hands frozen events to its sinks. ``close()`` sends
+the final :class:`StreamClosed` to every sink and returns the :class:`RunSummary`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from ..engine.stats import LatencyStats, device_peak_mb, peak_rss_mb, rss_mb
+from ..frames import Frame, FrameResult, ProbeResult
+from ..mapping import GlobalMap
+from ..sinks.base import BackgroundSink, FrameEvent, Sink, StreamClosed
+from .summary import RunSummary, SourceCounts
+from .trajectory import Trajectory
+
+__all__ = ["StreamPipeline", "PipelineOptions"]
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """Args:
+        stream_id: the stream's name (``run``: the source).
+        map_points: ``pose`` (``T_wc`` x camera pointmap) or ``head`` (the model's world head).
+        consolidate_every: hand the whole map to the sinks every N frames (0 = never).
+        flush_every: hand a running summary to the sinks every N frames (0 = never).
+        describe: static facts for the summary (settings, model), passed through.
+    """
+
+    stream_id: str = ""
+    map_points: str = "pose"
+    consolidate_every: int = 200
+    flush_every: int = 100
+    describe: dict[str, Any] = field(default_factory=dict)
+
+
+class StreamPipeline:
+    """Args:
+        engine: the stream's :class:`~streamrecon.engine.StreamEngine` (owns the model state).
+        gmap: its global map.
+        sinks: where results go (files, viewer, publisher); order is kept.
+        options: see :class:`PipelineOptions`.
+        on_result: optional callback ``(FrameResult) -> None`` after each frame (tests, embedding).
+    """
+
+    def __init__(self, engine, gmap: GlobalMap, sinks: Sequence[Sink] = (), options: PipelineOptions = PipelineOptions(),
+                 on_result: Optional[Callable[[FrameResult], None]] = None, stage=None) -> None:
+        self.engine, self.gmap, self.sinks, self.opt = engine, gmap, list(sinks), options
+        self.stage = stage if stage is not None and stage.active else None
+        self.on_result = on_result
+        self.trajectory = Trajectory()
+        self.stats = LatencyStats()
+        self.processed = 0
+        self.n_errors = 0
+        self.errors: list[str] = []
+        self.k_given = 0
+        self.segments_seen = 0
+        self.conf_max = 0.0
+        self.empty_map_warned = False
+        self.rss_start: Optional[float] = None
+        self.rss_samples: list[tuple[int, float]] = []
+        self.started = time.monotonic()
+        self._recent: list[float] = []
+        self.closed: Optional[RunSummary] = None
+        self.sink_ms_total = 0.0  # loop-thread time spent handing results to sinks
+
+    # ------------------------------------------------------------------------------------------
+
+    def record_error(self, message: str) -> None:
+        """Count a frame that could not be used (kept: the first 20 messages)."""
+        self.n_errors += 1
+        if len(self.errors) < 20:
+            self.errors.append(message)
+        _logger.warning("%s%s", f"stream {self.opt.stream_id}: " if self.opt.stream_id else "", message)
+
+    def prepare(self, frame: Frame) -> Frame:
+        """The frame as the engine should see it (undistorted, known intrinsics attached)."""
+        return self.stage.prepare(frame) if self.stage is not None else frame
+
+    def push(self, frame: Frame, source_ms: float = 0.0) -> FrameResult:
+        """Process one frame of this stream: prepare, engine step, then :meth:`consume`.
+
+        Returns the result as it entered the map (with the geometry stage's pose and pointmaps).
+
+        Raises:
+            Exception: whatever made the frame unusable (already counted by :meth:`record_error`).
+        """
+        try:
+            frame = self.prepare(frame) if isinstance(frame, Frame) else frame
+            result = self.engine.process(frame)
+        except Exception as e:
+            self.record_error(f"frame {getattr(frame, 'seq', '?')}: {e}")
+            raise
+        return self.consume(result, source_ms=source_ms, frame=frame if isinstance(frame, Frame) else
+                            getattr(frame, "frame", None))
+
+    def consume(self, result: FrameResult, source_ms: float = 0.0, context: Optional[dict] = None,
+                frame: Optional[Frame] = None) -> FrameResult:
+        """Run the geometry stage on a result the engine produced (here or in a batch), integrate it
+        and hand it to the sinks. ``frame`` is the prepared frame (the tracker needs its image)."""
+        t_stage = time.perf_counter()
+        if self.stage is not None:
+            result = self.stage.process(result, frame)
+        stage_ms = 1e3 * (time.perf_counter() - t_stage)
+        t0 = time.perf_counter()
+        pts, conf = result.world_points(self.opt.map_points)
+        integ = self.gmap.integrate(pts, result.colors, conf, result.index)
+        self.trajectory.append(result.stamp, result.T_wc)
+        self.processed += 1
+        self.segments_seen = result.segment + 1
+        if result.K_given is not None:
+            self.k_given += 1
+        self._check_confidence(conf)
+        t1 = time.perf_counter()
+        n = self.processed
+        snapshot = None
+        if self.opt.consolidate_every and n % self.opt.consolidate_every == 0 and self._wants_snapshot():
+            snapshot = self.gmap.points()[:2]
+        summary = None
+        if self.opt.flush_every and n % self.opt.flush_every == 0:
+            summary = self.summary(stop_reason="running").to_dict()
+        now = time.monotonic()
+        self._recent = [t for t in self._recent[-49:] if now - t < 5.0] + [now]
+        engine_ms = sum(result.timings_ms.values())
+        event = FrameEvent(
+            stream_id=self.opt.stream_id, result=result, new_points=integ.new_points, new_colors=integ.new_colors,
+            map_points=len(self.gmap), summary=summary, context=dict(context or {}), map_snapshot=snapshot,
+            metrics={"fps": self.fps(), "map_points": len(self.gmap), "conf_mean": float(result.conf_cam.mean()),
+                     "latency_ms/total": engine_ms + source_ms + 1e3 * (t1 - t0)})
+        for sink in self.sinks:
+            try:
+                sink.on_frame(event)
+            except Exception as e:  # a sink that fails must not stop the stream
+                self._sink_error(sink, e)
+        t2 = time.perf_counter()
+        self.sink_ms_total += 1e3 * (t2 - t1)
+        timings = {"source": source_ms, **result.timings_ms, "map": 1e3 * (t1 - t0), "sinks": 1e3 * (t2 - t1)}
+        if self.stage is not None:
+            timings["geometry"] = stage_ms
+        self.stats.add(timings)
+        if self.rss_start is None and result.index >= 10:
+            self.rss_start = rss_mb()
+        if result.index % 50 == 0:
+            self.rss_samples.append((result.index, rss_mb()))
+            del self.rss_samples[:-200]
+        if self.on_result is not None:
+            self.on_result(result)
+        return result
+
+    def _wants_snapshot(self) -> bool:
+        return any(getattr(s, "name", "") == "viewer" for s in self.sinks)
+
+    def _sink_error(self, sink: Sink, e: Exception) -> None:
+        self.record_error(f"sink {getattr(sink, 'name', sink)}: {type(e).__name__}: {e}")
+
+    def _check_confidence(self, conf: np.ndarray) -> None:
+        """Say once, after 10 frames, when the confidence filter has kept nothing at all."""
+        self.conf_max = max(self.conf_max, float(np.nanmax(conf)) if conf.size else 0.0)
+        if not self.empty_map_warned and self.processed >= 10 and len(self.gmap) == 0:
+            self.empty_map_warned = True
+            _logger.warning("the map is empty: no point had confidence above --conf-thresh %.2f in %d frames "
+                            "(highest %.3f); lower --conf-thresh to keep points", self.gmap.cfg.conf_thresh,
+                            self.processed, self.conf_max)
+
+    def fps(self) -> float:
+        r = self._recent
+        return (len(r) - 1) / (r[-1] - r[0]) if len(r) > 1 and r[-1] > r[0] else 0.0
+
+    # ------------------------------------------------------------------------------------------
+
+    def probe(self, T_wc: np.ndarray, K: Optional[np.ndarray] = None, hw: Optional[tuple[int, int]] = None,
+              name: str = "probe") -> ProbeResult:
+        """A raymap query of a virtual camera (the state is unchanged); the result also goes to the sinks."""
+        p = self.engine.probe(T_wc, K, hw, name=name)
+        for sink in self.sinks:
+            try:
+                sink.on_probe(p)
+            except Exception as e:
+                self._sink_error(sink, e)
+        return p
+
+    def sink_stats(self) -> dict[str, Any]:
+        return {s.name: s.stats.to_dict() for s in self.sinks if isinstance(s, BackgroundSink)}
+
+    def summary(self, stop_reason: str = "running", interrupted: bool = False, fatal: Optional[str] = None,
+                source: Optional[SourceCounts] = None, extra: Optional[dict[str, Any]] = None) -> RunSummary:
+        """The summary as of now (``stop_reason="running"`` while the stream goes on)."""
+        src = source or SourceCounts(read=self.processed + self.n_errors)
+        wall_s = time.monotonic() - self.started
+        lat = self.stats.summary()
+        return RunSummary(
+            stream_id=self.opt.stream_id, frames_in=src.read, processed=self.processed, dropped=src.dropped,
+            errors=self.n_errors + src.errors,
+            error_messages=self.errors + ([src.last_error] if src.last_error else []),
+            fps=round(self.processed / wall_s, 3) if wall_s > 0 else 0.0, wall_s=round(wall_s, 3), latency_ms=lat,
+            latency_ms_per_frame_mean=round(sum(v["mean"] for k, v in lat.items() if k != "source"), 3),
+            memory_mb={"peak_rss": round(peak_rss_mb(), 1), "rss_at_frame_10": self.rss_start,
+                       "rss_now": round(rss_mb(), 1), "rss_samples": list(self.rss_samples),
+                       "device_peak": device_peak_mb(self.engine.device)},
+            map={**self.gmap.stats(), "confidence_max": round(self.conf_max, 4)}, segments=self.segments_seen,
+            frames_with_K_given=self.k_given, sinks=self.sink_stats(), in_progress=stop_reason == "running",
+            slam=self.stage.stats() if self.stage is not None else {"backend": "none"},
+            interrupted=interrupted, stop_reason=stop_reason, fatal_error=fatal,
+            extra={**self.opt.describe, **(extra or {})})
+
+    def close(self, stop_reason: str = "end of stream", interrupted: bool = False, fatal: Optional[str] = None,
+              source: Optional[SourceCounts] = None, extra: Optional[dict[str, Any]] = None) -> RunSummary:
+        """Hand the final state to every sink (each writes its outputs; background sinks are drained)
+        and return the summary. A second call returns the first summary."""
+        if self.closed is not None:
+            return self.closed
+        summary = self.summary(stop_reason, interrupted, fatal, source, extra)
+        xyz, rgb, conf = self.gmap.points()
+        stamps, poses = self.trajectory.arrays()
+        final = StreamClosed(stream_id=self.opt.stream_id, summary=summary.to_dict(), map_xyz=xyz, map_rgb=rgb,
+                             map_conf=conf, stamps=stamps, poses=poses)
+        for sink in self.sinks:
+            try:
+                sink.close(final)
+            except Exception as e:
+                self._sink_error(sink, e)
+        written: set[str] = set()
+        for sink in self.sinks:
+            written |= getattr(getattr(sink, "inner", sink), "written", set())
+        self.closed = replace(summary, sinks=self.sink_stats(),
+                              extra={**summary.extra, "outputs": sorted(written | ({"summary.json"} if written else set()))})
+        return self.closed

@@ -1,0 +1,56 @@
+"""Settings of ``streamrecon run``: the source and run-only settings, plus the shared
+:class:`~streamrecon.settings.PipelineConfig` (torch-free, so the CLI can build its flags anywhere)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .probe import parse_probe
+from .settings import PipelineConfig, SettingsError, from_flat, setting, to_flat
+
+__all__ = ["RunConfig"]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Settings of one run: the source and run-only settings, plus the shared :class:`PipelineConfig`.
+    ``RunConfig.of(source=..., weights=..., voxel_size=...)`` builds one from flat names."""
+
+    source: str = setting("", help="image folder, video file, camera (0, cam:0, /dev/video0) or live:VIDEO", cli=False)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    stride: int = setting(1, help="use every n-th frame of a file source")
+    max_frames: int = setting(0, help="stop after this many processed frames (0 = all)")
+    repeat: int = setting(1, help="loop a file source this many times (soak tests)")
+    fps: float = setting(30.0, help="timestamps for image folders without time in their names")
+    probe: list[str] = setting(help="raymap probe: orbit[:N] or cameras.json, optional @end|@every:N|@i,j,k (repeatable)",
+                               factory=list, repeat=True)
+    prefetch: Optional[bool] = setting(None, help="read and preprocess the next frames of a file source while the model "
+                                                  "runs (default: on with a GPU; on a CPU the threads compete)")
+    progress: Optional[bool] = setting(None, help="progress line (default: on a TTY)")
+
+    @classmethod
+    def of(cls, **values: Any) -> "RunConfig":
+        """From flat setting names (pipeline settings go to their section)."""
+        if isinstance(values.get("probe"), str):
+            values["probe"] = [values["probe"]]
+        return from_flat(cls, values)
+
+    def flat(self) -> dict[str, Any]:
+        return to_flat(self)
+
+    def validate(self) -> None:
+        """Raise :class:`SettingsError` naming the first bad setting (before anything is loaded)."""
+        if not self.source:
+            raise SettingsError("no source given (a folder, a video file, or a camera such as 0)")
+        for name in ("stride", "repeat"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"--{name} must be >= 1")
+        if self.max_frames < 0:
+            raise SettingsError("--max-frames must be >= 0")
+        self.pipeline.validate()
+        for p in self.probe:
+            try:
+                parse_probe(p)
+            except ValueError as e:
+                raise SettingsError(str(e) if "--probe" in str(e) else f"--probe {p!r}: {e}") from None

@@ -1,0 +1,283 @@
+"""One settings model for every command: ``PipelineConfig(engine, map, outputs, slam)``.
+
+Each setting is declared once, as a dataclass field with its help text in ``metadata``; the CLI flags
+(:mod:`streamrecon.cli.flags`), the YAML sections (``engine:`` / ``map:`` / ``outputs:`` / ``slam:``) and the
+validation all come from these declarations. ``RunConfig`` and ``ServeConfig`` add the settings that
+belong to one command only (the source, the sockets) and share the same ``PipelineConfig``.
+
+One name per concept across commands: ``--output-dir``, ``--precision``, ``--state-policy``,
+``--size`` (``N`` = long side, ``HxW`` = read as its long side, ``224``/``224x224`` = the square crop).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+__all__ = ["SettingsError", "setting", "parse_size", "EngineSettings", "MapSettings", "OutputSettings", "SlamSettings",
+           "PipelineConfig", "section_fields", "from_flat", "to_flat", "load_yaml", "DEPRECATED_NAMES"]
+
+_logger = logging.getLogger(__name__)
+
+
+class SettingsError(ValueError):
+    """A setting that cannot work; the message names the setting as its flag."""
+
+
+def setting(default: Any = dataclasses.MISSING, *, help: str, choices: Optional[tuple] = None,
+            factory: Any = None, repeat: bool = False, cli: bool = True, short: Optional[str] = None) -> Any:
+    """A dataclass field that is also a flag: ``help`` (its documentation), ``choices``, ``repeat``
+    (a list flag given several times), ``cli=False`` (YAML and Python only)."""
+    meta = {"help": help, "choices": choices, "repeat": repeat, "cli": cli, "short": short}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def parse_size(value: Any) -> Optional[int]:
+    """``None``/``""`` -> ``None`` (the model's own); ``512``/``"512"`` -> 512; ``"384x512"`` -> 512
+    (the long side: the reference crops keep the image's aspect); ``"224x224"`` -> 224 (square crop)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise SettingsError(f"--size must be N or HxW, got {value!r}")
+    if isinstance(value, int):
+        n = value
+    else:
+        text = str(value).strip().lower()
+        try:
+            parts = [int(p) for p in text.split("x")] if "x" in text else [int(text)]
+        except ValueError:
+            raise SettingsError(f"--size must be N or HxW (e.g. 512 or 384x512), got {value!r}") from None
+        if len(parts) not in (1, 2):
+            raise SettingsError(f"--size must be N or HxW, got {value!r}")
+        n = max(parts)
+    if n < 16 or n > 4096:
+        raise SettingsError(f"--size must be between 16 and 4096 pixels, got {value!r}")
+    return n
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How frames become results: which model, where it runs, and how the state is updated."""
+
+    weights: Optional[str] = setting(None, help="checkpoint (.pth official container or .safetensors); "
+                                               "omitted: the bundled model")
+    device: str = setting("auto", help="auto, cpu, cuda or cuda:N")
+    size: Optional[str] = setting(None, help="model input: N = long side (512 for DPT models), 224 = the square "
+                                             "crop (linear models), HxW = read as its long side")
+    state_policy: str = setting("cut3r", choices=("cut3r", "ttt3r"), help="state update rule")
+    reset_every: int = setting(0, help="reset the state every N frames, chaining the poses (0 = never)")
+    precision: str = setting("fp32", choices=("fp32", "bf16", "fp16"),
+                             help="fp32 (checkpoint-exact) or bf16/fp16 autocast of the trunk (heads stay fp32)")
+    fast_preprocess: bool = setting(False, help="resize on the model's device with torch (faster on a GPU; "
+                                                "not bit-exact with the reference loader)")
+
+    def model_size(self) -> Optional[int]:
+        return parse_size(self.size)
+
+    def validate(self) -> None:
+        parse_size(self.size)
+        if self.reset_every < 0:
+            raise SettingsError("--reset-every must be >= 0")
+        if not (self.device in ("auto", "cpu") or self.device.startswith(("cuda", "mps"))):
+            raise SettingsError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class MapSettings:
+    """How results become the global map."""
+
+    conf_thresh: Optional[float] = setting(None, help="keep map points with confidence above this "
+                                                      "(default: the checkpoint's recommendation, else 1.5)")
+    voxel_size: float = setting(0.02, help="map voxel edge in world units (metres)")
+    max_points: int = setting(2_000_000, help="hard budget of map points")
+    budget_policy: str = setting("coarsen", choices=("coarsen", "evict"),
+                                 help="at the budget: coarsen (double the voxel) or evict (drop the oldest voxels)")
+    map_points: str = setting("pose", choices=("pose", "head"),
+                              help="pose = T_wc x camera pointmap (the reference demo), head = the model's world head")
+    pixel_stride: int = setting(2, help="integrate every n-th pixel into the map")
+
+    def validate(self) -> None:
+        if not self.voxel_size > 0:
+            raise SettingsError("--voxel-size must be > 0")
+        if self.max_points < 1:
+            raise SettingsError("--max-points must be >= 1")
+        if self.pixel_stride < 1:
+            raise SettingsError("--pixel-stride must be >= 1")
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """Where results go: files, the Rerun view."""
+
+    output_dir: str = setting("outputs/run", help="where the outputs go")
+    save_frames: bool = setting(False, help="also write frames/NNNNNN.npz per frame")
+    viewer: str = setting("none", choices=("spawn", "web", "none"),
+                          help="live Rerun viewer: spawn (native, needs a display) or web; bound to 127.0.0.1")
+    save_rrd: Optional[str] = setting(None, help="record the Rerun view to this .rrd file")
+    consolidate_every: int = setting(200, help="Rerun: re-log the whole map every N frames")
+    flush_every: int = setting(100, help="flush trajectory.txt and summary.json every N frames")
+    sink_queue: int = setting(64, help="frames a background sink may have waiting (files wait, the viewer drops)")
+
+    def validate(self) -> None:
+        for name in ("consolidate_every", "flush_every"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{flag_name(name)} must be >= 0")
+        if self.sink_queue < 1:
+            raise SettingsError("--sink-queue must be >= 1")
+
+
+@dataclass(frozen=True)
+class SlamSettings:
+    """The geometric backend between the network and the map: poses from multi-view geometry."""
+
+    backend: str = setting("none", choices=("none", "track"),
+                           help="none = poses from the network alone; track = feature tracking with PnP / two-view "
+                                "geometry and keyframes, the network's depth as the prior")
+    intrinsics: Optional[str] = setting(None, help="known intrinsics fx,fy,cx,cy[,k1,k2,p1,p2[,k3]] in original "
+                                                   "pixels (distortion: frames are undistorted at the source)")
+    calib: Optional[str] = setting(None, help="calibration file: OpenCV YAML (camera_matrix/distortion_coefficients), "
+                                              "Kalibr camchain YAML or ROS camera_info YAML")
+    track_width: int = setting(640, help="tracking works on frames resized to at most this width")
+
+    def validate(self) -> None:
+        if self.intrinsics and self.calib:
+            raise SettingsError("give --intrinsics or --calib, not both")
+        if self.track_width < 64:
+            raise SettingsError("--track-width must be >= 64")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything between a frame and the outside world, shared by ``run`` and ``serve``."""
+
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    map: MapSettings = field(default_factory=MapSettings)
+    outputs: OutputSettings = field(default_factory=OutputSettings)
+    slam: SlamSettings = field(default_factory=SlamSettings)
+
+    def validate(self) -> None:
+        self.engine.validate()
+        self.map.validate()
+        self.outputs.validate()
+        self.slam.validate()
+
+
+SECTIONS: dict[str, type] = {"engine": EngineSettings, "map": MapSettings, "outputs": OutputSettings,
+                             "slam": SlamSettings}
+
+#: old spellings -> the one name (accepted for one release with a warning)
+DEPRECATED_NAMES: dict[str, str] = {"out_dir": "output_dir", "dtype": "precision", "policy": "state_policy",
+                                    "rule": "state_policy"}
+_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def section_fields() -> dict[str, str]:
+    """Setting name -> its section (names are unique across sections)."""
+    return {f.name: sec for sec, cls in SECTIONS.items() for f in fields(cls)}
+
+
+def canonical(name: str, value: Any, where: str = "flag") -> tuple[str, Any]:
+    """Map a deprecated spelling to the current one (with a warning)."""
+    if name in DEPRECATED_NAMES:
+        new = DEPRECATED_NAMES[name]
+        _logger.warning("%s %s is deprecated; use %s", where, flag_name(name) if where == "flag" else name,
+                        flag_name(new) if where == "flag" else new)
+        if new == "precision":
+            value = _DTYPE_NAMES.get(value, value)
+        return new, value
+    return name, value
+
+
+def from_flat(cls: type, values: Mapping[str, Any]) -> Any:
+    """Build ``cls`` (a config with a ``pipeline: PipelineConfig`` field) from flat ``name -> value``
+    pairs: pipeline settings go to their section, the rest to ``cls`` itself."""
+    where = section_fields()
+    own = {f.name for f in fields(cls)} - {"pipeline"}
+    parts: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    top: dict[str, Any] = {}
+    for k, v in values.items():
+        k, v = canonical(k, v, where="setting")
+        if k in where:
+            parts[where[k]][k] = v
+        elif k in own:
+            top[k] = v
+        else:
+            raise SettingsError(f"unknown setting {k!r}")
+    pipeline = PipelineConfig(**{s: SECTIONS[s](**kv) for s, kv in parts.items()})
+    return cls(pipeline=pipeline, **top)
+
+
+def to_flat(cfg: Any) -> dict[str, Any]:
+    """The inverse of :func:`from_flat` (for ``summary.json``)."""
+    out = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "pipeline"}
+    for sec in SECTIONS:
+        out.update(dataclasses.asdict(getattr(cfg.pipeline, sec)))
+    return out
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (clear errors for a missing file, bad YAML, a non-mapping)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise SettingsError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SettingsError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path}: expected a mapping of settings")
+    return data
+
+
+def load_yaml(path: str | Path, cls: type) -> dict[str, Any]:
+    """A YAML settings file as flat ``name -> value`` pairs for :func:`from_flat`.
+
+    The file has sections ``engine:``, ``map:``, ``outputs:`` and the command's own keys at the top
+    level; ``-`` in keys reads as ``_``. Top-level pipeline keys (the old flat layout) still work with
+    a warning. Unknown keys are an error naming them."""
+    path = Path(path)
+    data = read_yaml_mapping(path)
+    where = section_fields()
+    own = {f.name for f in fields(cls)} - {"pipeline"}
+    flat: dict[str, Any] = {}
+    unknown: list[str] = []
+    flat_pipeline: list[str] = []
+    for key, value in data.items():
+        key = str(key).replace("-", "_")
+        if key in SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise SettingsError(f"{path}: section {key!r} must be a mapping")
+            for k, v in value.items():
+                k, v = canonical(str(k).replace("-", "_"), v, where="setting")
+                if where.get(k) != key:
+                    unknown.append(f"{key}.{k}")
+                else:
+                    flat[k] = v
+            continue
+        key, value = canonical(key, value, where="setting")
+        if key in own:
+            flat[key] = value
+        elif key in where:
+            flat_pipeline.append(key)
+            flat[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise SettingsError(f"{path}: unknown settings {sorted(unknown)}")
+    if flat_pipeline:
+        _logger.warning("%s: top-level %s are deprecated; put them under engine:/map:/outputs:", path,
+                        ", ".join(sorted(flat_pipeline)))
+    return flat

@@ -1,0 +1,193 @@
+"""The sink protocol, the events sinks receive, a null sink, and the background wrapper.
+
+A sink sees three things, in order, from one pipeline: ``on_frame(FrameEvent)`` per processed frame,
+``on_probe(ProbeResult)`` per raymap probe, and ``close(StreamClosed)`` once. Events are frozen and
+shared between sinks: a sink never modifies what it receives.
+
+Slow sinks run behind :class:`BackgroundSink`: the frame loop only enqueues; a worker thread does the
+work. With ``drop=False`` (files) a full queue makes the loop wait -- nothing is ever lost; with
+``drop=True`` (the viewer) frame events that do not fit are dropped and counted. Probes and the
+close event are never dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol, runtime_checkable
+
+import numpy as np
+
+from ..frames import FrameResult, ProbeResult
+
+__all__ = ["FrameEvent", "StreamClosed", "Sink", "NullSink", "BackgroundSink", "SinkStats"]
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FrameEvent:
+    """One processed frame as the pipeline hands it to its sinks.
+
+    Attributes:
+        stream_id: the stream's name (``run``: the source's name).
+        result: the engine's :class:`FrameResult` (not modified by anyone downstream).
+        new_points: ``(M, 3)`` float32 world points of the map voxels this frame created.
+        new_colors: ``(M, 3)`` uint8 their colours.
+        map_points: size of the map after this frame.
+        metrics: scalars for display (fps, map size, latency, ...).
+        map_snapshot: ``(xyz (N, 3) float32, rgb (N, 3) uint8)`` of the whole map when a consolidation
+            is due (every ``consolidate_every`` frames), else ``None``.
+        summary: the running summary (a dict) when a periodic flush is due, else ``None``.
+        context: what the caller knew of the frame beyond the result (``serve``: ``recv_ns``,
+            ``stamp_ns`` of the wire message), passed through untouched.
+    """
+
+    stream_id: str
+    result: FrameResult
+    new_points: np.ndarray
+    new_colors: np.ndarray
+    map_points: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    map_snapshot: Optional[tuple[np.ndarray, np.ndarray]] = None
+    summary: Optional[dict[str, Any]] = None
+    context: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StreamClosed:
+    """The end of a stream: everything a sink needs to write its final outputs.
+
+    Attributes:
+        stream_id: the stream's name.
+        summary: the final summary as a dict (``RunSummary.to_dict()``).
+        map_xyz, map_rgb, map_conf: the global map ``(N, 3)`` float32, ``(N, 3)`` uint8, ``(N,)`` float32.
+        stamps: ``(F,)`` capture times; poses: ``(F, 4, 4)`` camera-to-world ``T_wc``, global frame.
+    """
+
+    stream_id: str
+    summary: dict[str, Any]
+    map_xyz: np.ndarray
+    map_rgb: np.ndarray
+    map_conf: np.ndarray
+    stamps: np.ndarray
+    poses: np.ndarray
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Where results go. ``name`` appears in the summary's per-sink figures."""
+
+    name: str
+
+    def on_frame(self, event: FrameEvent) -> None: ...
+
+    def on_probe(self, probe: ProbeResult) -> None: ...
+
+    def close(self, final: StreamClosed) -> None: ...
+
+
+class NullSink:
+    """Receives everything, does nothing (benchmarks, embedding with a callback only)."""
+
+    name = "null"
+
+    def on_frame(self, event: FrameEvent) -> None:
+        pass
+
+    def on_probe(self, probe: ProbeResult) -> None:
+        pass
+
+    def close(self, final: StreamClosed) -> None:
+        pass
+
+
+@dataclass
+class SinkStats:
+    """Per-sink figures: events handled, dropped (viewer only), failed; busy time; queue high-water mark."""
+
+    frames: int = 0
+    dropped: int = 0
+    errors: int = 0
+    busy_ms: float = 0.0
+    queue_max: int = 0
+    last_error: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"frames": self.frames, "dropped": self.dropped, "errors": self.errors,
+                "busy_ms": round(self.busy_ms, 3), "queue_max": self.queue_max, "last_error": self.last_error}
+
+
+_STOP = object()
+
+
+class BackgroundSink:
+    """Runs ``inner`` on a worker thread behind a bounded queue.
+
+    Args:
+        inner: the sink doing the work.
+        maxsize: events that may wait.
+        drop: drop frame events when the queue is full (viewer) instead of waiting (files).
+    """
+
+    def __init__(self, inner: Sink, maxsize: int = 64, drop: bool = False) -> None:
+        self.inner, self.drop = inner, drop
+        self.name = inner.name
+        self.stats = SinkStats()
+        self._q: queue.Queue = queue.Queue(maxsize=maxsize)
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name=f"sink-{inner.name}", daemon=True)
+        self._thread.start()
+
+    def _call(self, fn, arg) -> None:
+        t0 = time.perf_counter()
+        try:
+            fn(arg)
+        except Exception as e:  # a failing sink must not stop the stream or the other sinks
+            self.stats.errors += 1
+            self.stats.last_error = f"{type(e).__name__}: {e}"
+            _logger.error("sink %s: %s", self.name, self.stats.last_error)
+        finally:
+            self.stats.busy_ms += 1e3 * (time.perf_counter() - t0)
+
+    def _work(self) -> None:
+        while True:
+            kind, item = self._q.get()
+            if kind is _STOP:
+                return
+            if kind == "frame":
+                self._call(self.inner.on_frame, item)
+                self.stats.frames += 1
+            elif kind == "probe":
+                self._call(self.inner.on_probe, item)
+            elif kind == "close":
+                self._call(self.inner.close, item)
+
+    def _put(self, kind: str, item: Any, droppable: bool) -> None:
+        if self._closed:
+            raise RuntimeError(f"sink {self.name} is closed")
+        if droppable and self.drop:
+            try:
+                self._q.put_nowait((kind, item))
+            except queue.Full:
+                self.stats.dropped += 1
+                return
+        else:
+            self._q.put((kind, item))
+        self.stats.queue_max = max(self.stats.queue_max, self._q.qsize())
+
+    def on_frame(self, event: FrameEvent) -> None:
+        self._put("frame", event, droppable=True)
+
+    def on_probe(self, probe: ProbeResult) -> None:
+        self._put("probe", probe, droppable=False)
+
+    def close(self, final: StreamClosed) -> None:
+        """Hand over the final event, wait until everything queued is done."""
+        self._put("close", final, droppable=False)
+        self._closed = True
+        self._q.put((_STOP, None))
+        self._thread.join()

@@ -1,0 +1,182 @@
+"""The geometry stage of the pipeline: between the engine's result and the map.
+
+``GeometryStage`` does, per frame, in frame order:
+
+* **before the engine** (:meth:`prepare`): undistort the frame when the calibration has distortion,
+  and attach the known ``K`` (``--intrinsics`` / ``--calib``) to frames that came without one;
+* **after the engine** (:meth:`process`): choose the intrinsics -- the frame's given ``K`` if any,
+  else the network's focal estimate smoothed over the sequence (running median) -- then, with
+  ``backend="track"``, track the frame (:class:`~streamrecon.slam.tracker.Tracker`) for its pose and
+  the network-depth scale; and return a new :class:`FrameResult` whose camera pointmap is the
+  network depth (times the scale) unprojected with those intrinsics and whose world pointmap and
+  ``T_wc`` are the tracked ones. The network's own values stay in ``K``; ``tracking`` says how the
+  pose was found.
+
+With ``backend="none"`` and no known intrinsics the result is passed through untouched.
+When tracking is lost, the pose is the last good pose moved by the network's own relative motion
+(scaled by the depth scale), and tracking restarts at that frame.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, deque
+from dataclasses import replace
+from typing import Any, Optional
+
+import numpy as np
+
+from ..frames import Frame, FrameResult, TrackingInfo
+from ..settings import SettingsError, SlamSettings
+from .calib import Calibration, Undistorter, parse_intrinsics, read_calibration
+from .tracker import Tracker, TrackerConfig
+
+__all__ = ["GeometryStage", "calibration_from_settings"]
+
+_logger = logging.getLogger(__name__)
+
+
+def calibration_from_settings(s: SlamSettings) -> Optional[Calibration]:
+    if s.intrinsics:
+        return parse_intrinsics(s.intrinsics)
+    if s.calib:
+        return read_calibration(s.calib)
+    return None
+
+
+def _inv(T: np.ndarray) -> np.ndarray:
+    out = np.eye(4)
+    out[:3, :3] = T[:3, :3].T
+    out[:3, 3] = -T[:3, :3].T @ T[:3, 3]
+    return out
+
+
+class GeometryStage:
+    """Args:
+        settings: the ``slam:`` settings.
+        calibration: known intrinsics (else from the settings).
+    """
+
+    def __init__(self, settings: SlamSettings, calibration: Optional[Calibration] = None,
+                 tracker: Optional[TrackerConfig] = None) -> None:
+        self.s = settings
+        self.cal = calibration if calibration is not None else calibration_from_settings(settings)
+        self.undistort = Undistorter(self.cal) if self.cal is not None and self.cal.distorted else None
+        self.tracker = Tracker(tracker or TrackerConfig()) if settings.backend == "track" else None
+        self._focals: deque = deque(maxlen=101)
+        self._checked: set[tuple[int, int]] = set()
+        self.states: Counter = Counter()
+        self.track_ms: deque = deque(maxlen=10_000)
+        self._net_prev: Optional[np.ndarray] = None
+        self._T_prev: Optional[np.ndarray] = None
+
+    @property
+    def active(self) -> bool:
+        return self.tracker is not None or self.cal is not None
+
+    # ------------------------------------------------------------------------------------------
+
+    def prepare(self, frame: Frame) -> Frame:
+        """Undistort and attach the known intrinsics (a new :class:`Frame`; the input is not changed)."""
+        if self.cal is None:
+            return frame
+        h, w = frame.image.shape[:2]
+        if (w, h) not in self._checked:
+            self.cal.check_image(w, h)  # SettingsError names the mismatch
+            self._checked.add((w, h))
+        image = self.undistort(frame.image) if self.undistort is not None else frame.image
+        K = frame.K if frame.K is not None else self.cal.K
+        return replace(frame, image=image, K=K)
+
+    def _intrinsics(self, r: FrameResult) -> np.ndarray:
+        """Original-pixel ``K``: the given one, else the network's focal, smoothed (running median)."""
+        self._focals.append((r.K_original[0, 0], r.K_original[1, 1]))  # reported beside a given K
+        if r.K_given is not None:
+            return r.K_given
+        f = np.median(np.asarray(self._focals), axis=0)
+        K = r.K_original.copy()
+        K[0, 0], K[1, 1] = f
+        return K
+
+    def process(self, r: FrameResult, frame: Optional[Frame]) -> FrameResult:
+        """The result with geometry-based pose and pointmaps (see the module docstring)."""
+        if not self.active:
+            return r
+        K0 = self._intrinsics(r)
+        K_model = r.crop.K_to_model(K0)
+        scale, T_wc, info = 1.0, r.T_wc, None
+        if self.tracker is not None:
+            if frame is None:
+                raise ValueError("the tracking backend needs the frame's image")
+            T_wc, scale, info = self._track(r, frame, K0)
+        h, w = r.depth.shape
+        depth = r.depth * np.float32(scale)
+        v, u = np.mgrid[0:h, 0:w]
+        Kinv = np.linalg.inv(K_model)
+        rays = np.stack([u, v, np.ones_like(u)], -1).astype(np.float64) @ Kinv.T
+        pts_cam = (rays * depth[..., None]).astype(np.float32)
+        R, t = T_wc[:3, :3].astype(np.float32), T_wc[:3, 3].astype(np.float32)
+        return replace(r, T_wc=T_wc, points_cam=pts_cam, points_world_pose=pts_cam @ R.T + t, depth=depth,
+                       K_used=K0, tracking=info)
+
+    def _track(self, r: FrameResult, frame: Frame, K0: np.ndarray) -> tuple[np.ndarray, float, TrackingInfo]:
+        import cv2
+
+        t0 = time.perf_counter()
+        img = frame.image
+        h0, w0 = img.shape[:2]
+        f = min(1.0, self.s.track_width / w0)
+        grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+        if f < 1.0:
+            grey = cv2.resize(grey, (int(round(w0 * f)), int(round(h0 * f))), interpolation=cv2.INTER_AREA)
+        Kt = K0.copy()
+        Kt[:2] *= f
+        Kt[0, 2] = (K0[0, 2] + 0.5) * f - 0.5
+        Kt[1, 2] = (K0[1, 2] + 0.5) * f - 0.5
+        depth, crop = r.depth, r.crop
+
+        def depth_at(px: np.ndarray) -> np.ndarray:
+            orig = (px + 0.5) / f - 0.5
+            m = np.rint(crop.to_model(orig)).astype(int)
+            hh, ww = depth.shape
+            ok = (m[:, 0] >= 0) & (m[:, 0] < ww) & (m[:, 1] >= 0) & (m[:, 1] < hh)
+            z = np.full(len(px), np.nan)
+            z[ok] = depth[m[ok, 1], m[ok, 0]]
+            return z
+
+        # fallback: the last pose moved by the network's own relative motion (translation scaled)
+        net = r.T_wc
+        if self._T_prev is None or self._net_prev is None:
+            fallback = np.eye(4) if self._T_prev is None else self._T_prev
+        else:
+            rel = _inv(self._net_prev) @ net
+            rel[:3, 3] *= self.tracker.scale or 1.0
+            fallback = self._T_prev @ rel
+        res = self.tracker.track(grey, Kt, depth_at, fallback)
+        self._net_prev, self._T_prev = net, res.T_wc
+        self.states[res.state] += 1
+        ms = 1e3 * (time.perf_counter() - t0)
+        self.track_ms.append(ms)
+        info = TrackingInfo(state=res.state, method=res.method, tracked=res.tracked, inliers=res.inliers,
+                            keyframe=res.keyframe, depth_scale=res.depth_scale, ms=ms)
+        return res.T_wc, float(res.depth_scale or 1.0), info
+
+    def stats(self) -> dict[str, Any]:
+        """For ``summary.json`` and the status heartbeat."""
+        out: dict[str, Any] = {"backend": self.s.backend, "intrinsics": None if self.cal is None else
+                               {"K": self.cal.K.tolist(), "distortion": self.cal.dist.tolist(), "source": self.cal.source}}
+        if self._focals:
+            out["network_focal_px"] = [round(float(v), 2) for v in np.median(np.asarray(self._focals), axis=0)]
+        if self.tracker is not None:
+            ms = np.asarray(self.track_ms) if self.track_ms else np.zeros(1)
+            out.update(states=dict(self.states), keyframes=self.tracker.n_keyframes,
+                       keyframes_kept=len(self.tracker.keyframes), depth_scale=self.tracker.scale,
+                       track_ms_p50=round(float(np.percentile(ms, 50)), 3),
+                       track_ms_p99=round(float(np.percentile(ms, 99)), 3))
+        return out
+
+
+def check_backend(name: str) -> None:
+    if name not in ("none", "track"):
+        raise SettingsError(f"--backend must be none or track, got {name!r}")
