@@ -139,14 +139,21 @@ class OutputSettings:
 class SlamSettings:
     """The geometric backend between the network and the map: poses from multi-view geometry."""
 
-    backend: str = setting("none", choices=("none", "track"),
+    backend: str = setting("auto", choices=("auto", "none", "track"),
                            help="none = poses from the network alone; track = feature tracking with PnP / two-view "
-                                "geometry and keyframes, the network's depth as the prior")
+                                "geometry and keyframes, the network's depth as the prior; auto = track when the "
+                                "intrinsics are known (--intrinsics / --calib), else none (see docs/ACCURACY.md)")
     intrinsics: Optional[str] = setting(None, help="known intrinsics fx,fy,cx,cy[,k1,k2,p1,p2[,k3]] in original "
                                                    "pixels (distortion: frames are undistorted at the source)")
     calib: Optional[str] = setting(None, help="calibration file: OpenCV YAML (camera_matrix/distortion_coefficients), "
                                               "Kalibr camchain YAML or ROS camera_info YAML")
     track_width: int = setting(640, help="tracking works on frames resized to at most this width")
+
+    def resolved_backend(self) -> str:
+        """``auto`` -> ``track`` with known intrinsics, else ``none`` (measured: docs/ACCURACY.md)."""
+        if self.backend == "auto":
+            return "track" if (self.intrinsics or self.calib) else "none"
+        return self.backend
 
     def validate(self) -> None:
         if self.intrinsics and self.calib:

@@ -91,8 +91,8 @@ def long(args) -> dict:
         for i in range(args.frames):
             T = base.T_wc.copy()
             T[:3, 3] += offsets[i % len(offsets)]  # a camera moving around one room: the map saturates
-            r = dataclasses.replace(base, index=i, seq=i, stamp=i / 30.0, T_wc=T,
-                                    points_world_pose=base.points_cam @ T[:3, :3].T.astype(np.float32) + T[:3, 3].astype(np.float32))
+            R, t = T[:3, :3].astype(np.float32), T[:3, 3].astype(np.float32)
+            r = dataclasses.replace(base, index=i, seq=i, stamp=i / 30.0, T_wc=T, points_world_pose=base.points_cam @ R.T + t)
             t0 = time.perf_counter()
             pipe.consume(r)
             t_all += 1e3 * (time.perf_counter() - t0)

@@ -1,5 +1,6 @@
 """Checkpoint reading (safe ``.pth`` unpickling, ``.safetensors``), strict loading, conversion."""
 
+from .info import CheckpointInfo
 from .io import (
                  Checkpoint,
                  CheckpointError,
@@ -12,11 +13,11 @@ from .io import (
                  read_checkpoint,
                  write_safetensors,
 )
-from .info import CheckpointInfo
 from .safe_pickle import UnsafeCheckpointError, load_pth, to_plain
 
 __all__ = [
     "Checkpoint", "CheckpointError", "CheckpointMismatchError", "UnsafeCheckpointError", "alias_groups",
-    "convert_checkpoint", "load_model", "load_model_info", "CheckpointInfo", "load_state_dict_strict", "read_checkpoint", "write_safetensors",
+    "convert_checkpoint", "load_model", "load_model_info", "CheckpointInfo", "load_state_dict_strict", "read_checkpoint",
+    "write_safetensors",
     "load_pth", "to_plain",
 ]

@@ -196,7 +196,6 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     The model is built on the ``meta`` device and the checkpoint tensors are assigned directly
     (no second copy of the weights), then moved to ``device`` / ``dtype``.
     """
-    from ..models import Cut3r
 
     return load_model_info(path, device=device, dtype=dtype, eval_mode=eval_mode)[0]
 

@@ -23,10 +23,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_train)
 
     p = sub.add_parser("eval", help="score a model on sequences with ground truth (depth, trajectory, map)")
-    p.add_argument("dataset", type=Path, help="a sequence folder or a folder of them (synthetic, TUM RGB-D, 7-Scenes)")
+    p.add_argument("dataset", type=Path, help="a sequence folder or a folder of them (synthetic, TUM RGB-D, 7-Scenes, "
+                                              "SUN3D/3DMatch, KITTI odometry, APC)")
     p.add_argument("--weights", default=None, help="checkpoint (default: the bundled model)")
-    p.add_argument("--format", choices=["synthetic", "tum", "7scenes"], default=None)
+    p.add_argument("--format", choices=["synthetic", "tum", "7scenes", "sun3d", "kitti", "apc"], default=None,
+                   help="force the dataset format (default: detected per folder)")
     p.add_argument("--intrinsics", default=None, help="fx,fy,cx,cy for TUM / 7-Scenes (defaults per format)")
+    p.add_argument("--backend", action="append", default=None, metavar="NAME",
+                   help="pose backend to score (repeatable, e.g. --backend none --backend track); given, or on "
+                        "SUN3D / KITTI / APC data, the per-backend report with identity / random-walk / constant-"
+                        "depth baselines is printed (default backend: none)")
+    p.add_argument("--known-intrinsics", action=argparse.BooleanOptionalAction, default=True,
+                   help="per-backend report: give the pipeline the dataset's intrinsics (default: on)")
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--state-policy", choices=["cut3r", "ttt3r"], default="cut3r")
     p.add_argument("--reset-every", type=int, default=0)
@@ -67,25 +75,24 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _load(weights, device: str):
-    from ..checkpoint import CheckpointError, UnsafeCheckpointError, load_model
-    from ..runner import _resolve_device
-    from ..weights import bundled_weights
+    """``(LoadedModel, path)`` of ``--weights`` or the bundled model."""
+    from ..checkpoint import CheckpointError, UnsafeCheckpointError
+    from ..pipeline.resolve import load_resolved
+    from ..settings import EngineSettings
 
-    path = weights or bundled_weights()
-    if path is None:
-        raise UserError("no --weights given and no bundled model is installed")
     try:
-        return load_model(path, device=_resolve_device(device)), path
+        loaded = load_resolved(EngineSettings(weights=weights, device=device))
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
-    except (CheckpointError, UnsafeCheckpointError, ValueError) as e:
-        raise UserError(f"incompatible checkpoint {path}: {e}") from None
+    except (CheckpointError, UnsafeCheckpointError) as e:
+        raise UserError(f"incompatible checkpoint {weights}: {e}") from None
+    return loaded, loaded.info.path
 
 
 def _eval(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..eval.datasets import find_sequences
+    from ..eval.datasets import REAL_FORMATS, find_sequences
     from ..eval.evaluate import EvalConfig, evaluate, format_report
 
     K = None
@@ -100,11 +107,21 @@ def _eval(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
     model, path = _load(args.weights, args.device)
-    cfg = EvalConfig(size=args.size, policy=args.state_policy, reset_every=args.reset_every,
-                     max_frames=args.max_frames, stride=args.stride)
-    report = evaluate(model, sequences, cfg, baselines=not args.no_baselines)
-    report["weights"] = str(path)
-    print(format_report(report))
+    if args.backend or args.format in REAL_FORMATS or any(s.fmt in REAL_FORMATS for s in sequences):
+        from ..eval.real import evaluate_backends, format_real_report
+
+        report = evaluate_backends(model, sequences, backends=args.backend or ["none"],
+                                   known_intrinsics=args.known_intrinsics, size=args.size, max_frames=args.max_frames,
+                                   stride=args.stride, baselines=not args.no_baselines,
+                                   state_policy=args.state_policy, reset_every=args.reset_every)
+        report["weights"] = str(path)
+        print(format_real_report(report))
+    else:
+        cfg = EvalConfig(size=args.size, policy=args.state_policy, reset_every=args.reset_every,
+                         max_frames=args.max_frames, stride=args.stride)
+        report = evaluate(model, sequences, cfg, baselines=not args.no_baselines)
+        report["weights"] = str(path)
+        print(format_report(report))
     if args.json:
         from ..fileio import atomic_write_text
 

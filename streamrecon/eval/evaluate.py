@@ -131,7 +131,8 @@ def evaluate_sequence(model, seq: EvalSequence, cfg: EvalConfig = EvalConfig()) 
     t0 = time.perf_counter()
     results = [engine.process(Frame(image=seq.rgb(i), seq=i, stamp=float(seq.stamps[i]), source=seq.name)) for i in idx]
     fps = len(idx) / (time.perf_counter() - t0)
-    return score_results(seq, idx, results, replace(cfg, conf_thresh=resolve_conf_thresh(loaded.info, cfg.conf_thresh))) | {"fps": fps}
+    scored = score_results(seq, idx, results, replace(cfg, conf_thresh=resolve_conf_thresh(loaded.info, cfg.conf_thresh)))
+    return scored | {"fps": fps}
 
 
 def constant_baseline(seq: EvalSequence, cfg: EvalConfig = EvalConfig()) -> dict:

@@ -21,7 +21,8 @@ import numpy as np
 
 from ..fileio import atomic_open, atomic_write_bytes
 
-__all__ = ["write_ply", "read_ply", "write_glb", "write_tum", "read_tum", "tum_lines", "TUM_HEADER", "matrix_to_quat_xyzw", "quat_xyzw_to_matrix"]
+__all__ = ["write_ply", "read_ply", "write_glb", "write_tum", "read_tum", "tum_lines", "TUM_HEADER", "matrix_to_quat_xyzw",
+           "quat_xyzw_to_matrix"]
 
 
 def write_ply(path: str | Path, xyz: np.ndarray, rgb: np.ndarray, conf: Optional[np.ndarray] = None) -> None:

@@ -68,8 +68,10 @@ def build_pipeline(cfg: PipelineConfig, loaded: LoadedModel, stream_id: str = ""
     options = PipelineOptions(stream_id=stream_id, map_points=cfg.map.map_points, consolidate_every=o.consolidate_every,
                               flush_every=o.flush_every, describe=describe or {})
     stage = None
-    if cfg.slam.backend != "none" or cfg.slam.intrinsics or cfg.slam.calib:
+    if cfg.slam.resolved_backend() != "none" or cfg.slam.intrinsics or cfg.slam.calib:
+        from dataclasses import replace
+
         from ..slam import GeometryStage
 
-        stage = GeometryStage(cfg.slam)
+        stage = GeometryStage(replace(cfg.slam, backend=cfg.slam.resolved_backend()))
     return StreamPipeline(engine, gmap, sinks, options, on_result=on_result, stage=stage)

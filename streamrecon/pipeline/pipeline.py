@@ -155,6 +155,7 @@ class StreamPipeline:
         timings = {"source": source_ms, **result.timings_ms, "map": 1e3 * (t1 - t0), "sinks": 1e3 * (t2 - t1)}
         if self.stage is not None:
             timings["geometry"] = stage_ms
+        timings["frame"] = sum(v for k, v in timings.items() if k != "source")  # the frame loop's own time
         self.stats.add(timings)
         if self.rss_start is None and result.index >= 10:
             self.rss_start = rss_mb()
@@ -211,7 +212,7 @@ class StreamPipeline:
             errors=self.n_errors + src.errors,
             error_messages=self.errors + ([src.last_error] if src.last_error else []),
             fps=round(self.processed / wall_s, 3) if wall_s > 0 else 0.0, wall_s=round(wall_s, 3), latency_ms=lat,
-            latency_ms_per_frame_mean=round(sum(v["mean"] for k, v in lat.items() if k != "source"), 3),
+            latency_ms_per_frame_mean=lat.get("frame", {}).get("mean", 0.0),
             memory_mb={"peak_rss": round(peak_rss_mb(), 1), "rss_at_frame_10": self.rss_start,
                        "rss_now": round(rss_mb(), 1), "rss_samples": list(self.rss_samples),
                        "device_peak": device_peak_mb(self.engine.device)},
@@ -227,6 +228,8 @@ class StreamPipeline:
         and return the summary. A second call returns the first summary."""
         if self.closed is not None:
             return self.closed
+        if self.stage is not None:
+            self.stage.close()
         summary = self.summary(stop_reason, interrupted, fatal, source, extra)
         xyz, rgb, conf = self.gmap.points()
         stamps, poses = self.trajectory.arrays()

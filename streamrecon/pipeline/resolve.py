@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from ..checkpoint.info import CheckpointInfo
+from ..mapping.voxel_map import DEFAULT_CONF_THRESH  # 1.5, the reference demo's value (official checkpoints)
 
 if TYPE_CHECKING:
     from ..models import Cut3r
@@ -20,7 +21,6 @@ __all__ = ["LoadedModel", "resolve_device", "resolve_weights", "resolve_conf_thr
 
 _logger = logging.getLogger(__name__)
 
-from ..mapping.voxel_map import DEFAULT_CONF_THRESH  # 1.5, the reference demo's value (official checkpoints)
 
 
 @dataclass(frozen=True)

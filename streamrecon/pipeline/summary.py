@@ -24,8 +24,9 @@ class RunSummary:
         stream_id: the stream (``run``: the source).
         frames_in, processed, dropped, errors, error_messages: counters (errors = unusable frames).
         fps, wall_s: processed frames per second of wall time since the pipeline started.
-        latency_ms: stage -> ``{p50, p99, mean, n}`` (source, preprocess, model, postprocess, map, sinks).
-        latency_ms_per_frame_mean: mean per-frame latency over all stages but the source.
+        latency_ms: stage -> ``{p50, p99, mean, n}`` (source, preprocess, model, postprocess, geometry,
+            map, sinks, and frame = the sum of all but the source, per frame).
+        latency_ms_per_frame_mean: mean of ``frame``.
         memory_mb: peak and current RSS, samples every 50 frames, device peak.
         map: the global map's statistics.
         segments: reset segments seen.

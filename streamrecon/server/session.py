@@ -76,6 +76,7 @@ class StreamSession:
             "errors": sum(self.errors.values()), "errors_by_kind": dict(self.errors), "queue_depth": len(self.queue),
             "map_points": len(self.gmap), "segment": self.engine.segment, "frames_with_K_given": self.pipeline.k_given,
             "latency_ms_p50": round(p50, 3), "latency_ms_p99": round(p99, 3), "sinks": self.pipeline.sink_stats(),
+            "slam": self.pipeline.stage.stats() if self.pipeline.stage is not None else {"backend": "none"},
         }
 
     def export(self, directory: Path) -> list[str]:

@@ -10,8 +10,11 @@ Entity layout (OpenCV world, ``RIGHT_HAND_Y_DOWN``)::
     world/map/points            only the map points created by this frame (the 3D view accumulates)
     world/map/global            the whole voxel map, re-logged every ``consolidate_every`` frames
     world/trajectory            camera path, one segment per frame (accumulated)
+    world/keyframes             keyframe positions of the geometric backend (--backend track)
     world/virtual/<name>        raymap probes: Transform3D + Pinhole + predicted image and points
-    metrics/...                 per-frame scalars (fps, latency per stage, map size, confidence)
+    metrics/...                 per-frame scalars (fps, latency per stage, map size, confidence;
+                                tracking/state 0 lost 1 weak 2 ok, tracking/inliers)
+    log                         tracking losses and keyframes
 
 With ``serve``, one recording holds every stream, each under its own subtree ``streams/<id>/``
 (``streams/<id>/world/...``, ``streams/<id>/metrics/...``).
@@ -41,6 +44,7 @@ from .base import FrameEvent, StreamClosed
 __all__ = ["RerunSink", "RerunConfig", "RerunRecording", "blueprint"]
 
 _logger = logging.getLogger(__name__)
+_STATE_CODE = {"lost": 0, "weak": 1, "ok": 2, "init": 2}
 
 
 class RerunConfig:
@@ -236,6 +240,16 @@ class RerunSink:
         self._last_position = position
         for name, value in metrics.items():
             self.rec.log(f"{self.p}metrics/{name}", rr.Scalars(float(value)))
+        tr = result.tracking
+        if tr is not None:  # the geometric backend: state (0 lost, 1 weak, 2 ok/init), inliers, keyframes
+            self.rec.log(f"{self.p}metrics/tracking/state", rr.Scalars(float(_STATE_CODE.get(tr.state, 0))))
+            self.rec.log(f"{self.p}metrics/tracking/inliers", rr.Scalars(float(tr.inliers)))
+            if tr.keyframe:
+                self.rec.log(f"{self.p}world/keyframes", rr.Points3D([position], colors=[[0, 160, 255]], radii=-4.0))
+            if tr.state == "lost" or tr.keyframe:
+                self.rec.log(f"{self.p}log", rr.TextLog(f"frame {result.index}: tracking {tr.state} ({tr.method}, "
+                                                         f"{tr.inliers}/{tr.tracked} inliers)",
+                                                         level="WARN" if tr.state == "lost" else "INFO"))
         self._frames += 1
 
     def log_map(self, index: int, xyz: np.ndarray, rgb: np.ndarray) -> None:

@@ -28,7 +28,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..frames import Frame, FrameResult, TrackingInfo
-from ..settings import SettingsError, SlamSettings
+from ..settings import SlamSettings
 from .calib import Calibration, Undistorter, parse_intrinsics, read_calibration
 from .tracker import Tracker, TrackerConfig
 
@@ -63,7 +63,7 @@ class GeometryStage:
         self.s = settings
         self.cal = calibration if calibration is not None else calibration_from_settings(settings)
         self.undistort = Undistorter(self.cal) if self.cal is not None and self.cal.distorted else None
-        self.tracker = Tracker(tracker or TrackerConfig()) if settings.backend == "track" else None
+        self.tracker = Tracker(tracker or TrackerConfig()) if settings.resolved_backend() == "track" else None
         self._focals: deque = deque(maxlen=101)
         self._checked: set[tuple[int, int]] = set()
         self.states: Counter = Counter()
@@ -143,6 +143,7 @@ class GeometryStage:
             ok = (m[:, 0] >= 0) & (m[:, 0] < ww) & (m[:, 1] >= 0) & (m[:, 1] < hh)
             z = np.full(len(px), np.nan)
             z[ok] = depth[m[ok, 1], m[ok, 0]]
+            z[~(z > 0)] = np.nan  # behind the camera or invalid: no prior there
             return z
 
         # fallback: the last pose moved by the network's own relative motion (translation scaled)
@@ -162,9 +163,14 @@ class GeometryStage:
                             keyframe=res.keyframe, depth_scale=res.depth_scale, ms=ms)
         return res.T_wc, float(res.depth_scale or 1.0), info
 
+    def close(self) -> None:
+        """Stop the tracker's background optimiser (if any)."""
+        if self.tracker is not None and hasattr(self.tracker, "close"):
+            self.tracker.close()
+
     def stats(self) -> dict[str, Any]:
         """For ``summary.json`` and the status heartbeat."""
-        out: dict[str, Any] = {"backend": self.s.backend, "intrinsics": None if self.cal is None else
+        out: dict[str, Any] = {"backend": self.s.resolved_backend(), "intrinsics": None if self.cal is None else
                                {"K": self.cal.K.tolist(), "distortion": self.cal.dist.tolist(), "source": self.cal.source}}
         if self._focals:
             out["network_focal_px"] = [round(float(v), 2) for v in np.median(np.asarray(self._focals), axis=0)]
@@ -173,10 +179,6 @@ class GeometryStage:
             out.update(states=dict(self.states), keyframes=self.tracker.n_keyframes,
                        keyframes_kept=len(self.tracker.keyframes), depth_scale=self.tracker.scale,
                        track_ms_p50=round(float(np.percentile(ms, 50)), 3),
-                       track_ms_p99=round(float(np.percentile(ms, 99)), 3))
+                       track_ms_p99=round(float(np.percentile(ms, 99)), 3),
+                       local_ba=dict(getattr(self.tracker, "ba_stats", {}) or {}))
         return out
-
-
-def check_backend(name: str) -> None:
-    if name not in ("none", "track"):
-        raise SettingsError(f"--backend must be none or track, got {name!r}")

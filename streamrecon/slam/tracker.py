@@ -22,15 +22,35 @@ depth sampled at any pixel):
 5. **State**: ``ok`` / ``weak`` by inlier count, ``lost`` below ``lost_inliers`` (or no features: a
    black frame, a textureless wall): the caller's fallback pose is used and tracking restarts from
    this frame as a new keyframe; ``init`` for the first frame.
+6. **Local bundle adjustment** (``local_ba``, needs gtsam; without it tracking runs as before):
+   every track has a persistent integer id; each keyframe records its pose and its observations
+   (track id -> pixel) in a window of the last ``ba_window`` keyframes, and the tracks' 3D points
+   (triangulated, and with ``ba_prior_points`` the network-prior ones too) are kept per track id
+   while a window keyframe sees them. After each new keyframe the window goes to a background
+   thread (:class:`~streamrecon.slam.local_ba.BAWorker`, a queue of one: a newer window replaces a
+   pending one) that runs :func:`~streamrecon.slam.local_ba.local_bundle_adjust` (gtsam, the oldest
+   ``ba_fixed`` keyframes fixed: gauge and scale); it computes only while ``track`` is not running
+   (gtsam holds the GIL). ``track`` never waits for a result: at the start of the next call after
+   one has arrived it takes the window's optimised keyframe poses and points (outliers beyond
+   ``ba_outlier_px`` dropped; a prior point whose rays now span ``min_angle_deg`` counts as
+   triangulated), and moves everything the optimisation did not see (the current keyframe and
+   the last frame pose, newer keyframes, the other points) by the correction of the newest
+   optimised keyframe ``T_opt @ inv(T_old)``, so tracking continues from a consistent state.
+   Poses already returned are not revised (``keyframes`` holds the revised keyframe poses). The
+   keyframe triangulation leaves the adjusted points alone (``ba_keep_points``), and keyframes come
+   at ``ba_kf_parallax`` (more views for the window). Statistics in ``ba_stats``; ``ba_sync``
+   runs the adjustment in the calling thread instead (deterministic, for tests).
 
 Poses are ``T_wc`` (camera-to-world, OpenCV axes), in the world of the first frame.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -56,6 +76,22 @@ class TrackerConfig:
     lost_inliers: int = 12
     min_parallax_px: float = 1.5
     max_keyframes: int = 64
+    init_points: int = 50
+    init_parallax: float = 0.02
+    # local bundle adjustment (see the module docstring)
+    local_ba: bool = True
+    ba_window: int = 8
+    ba_iterations: int = 10
+    ba_sync: bool = False
+    ba_process: bool = False  # the optimisation in a child process instead of the thread (see local_ba)
+    ba_nice: int = 0  # the child's niceness (measured: 10 starves it on a loaded 2-core machine)
+    ba_fixed: int = 2  # the oldest keyframes of the window held fixed (2: gauge and scale)
+    ba_sigma_px: float = 1.0
+    ba_huber: float = 1.345  # Huber threshold, in sigmas
+    ba_outlier_px: float = 3.0  # points with a larger RMS reprojection error after BA are dropped
+    ba_keep_points: bool = True  # keyframe triangulation leaves the bundle-adjusted points as they are
+    ba_prior_points: bool = True  # also adjust the tracks' network-prior points (not triangulated)
+    ba_kf_parallax: Optional[float] = 0.03  # kf_parallax while the local BA runs (None: the same)
 
 
 @dataclass(frozen=True)
@@ -88,6 +124,7 @@ class KeyframeRecord:
     T_wc: np.ndarray
     depth_scale: float
     keypoints: np.ndarray  # (N, 2) float32, tracking pixels
+    track_ids: Optional[np.ndarray] = None  # (N,) int64, the tracks' persistent ids
 
 
 def _inv(T: np.ndarray) -> np.ndarray:
@@ -134,12 +171,44 @@ class Tracker:
         self.kf_index = -1
         self.scale: Optional[float] = None
         self.index = -1
+        self.prior_first = False  # measured: PnP on the network's prior before triangulation is worse than E
+        # local bundle adjustment: the window of keyframes (index, T_wc, track ids, pixels), the
+        # triangulated points by track id, the worker, and an epoch that a tracking restart bumps
+        self._next_tid = 0
+        self._win: deque[dict] = deque(maxlen=max(2, config.ba_window))
+        self._pt_ids = np.zeros(0, np.int64)  # the window's points by track id (sorted)
+        self._pt_X = np.zeros((0, 3))
+        self._epoch = 0
+        self._ba_worker = None
+        self._idle = threading.Event()  # set while track() is not running
+        self._idle.set()
+        self.ba_available = False
+        if config.local_ba:
+            try:  # here, not in the worker's first run: an import holds the GIL for ~0.1 s
+                import gtsam  # noqa: F401
+
+                self.ba_available = True
+            except ImportError:
+                import logging
+
+                logging.getLogger(__name__).warning("local_ba: gtsam is not installed; tracking without it")
+        self._ba_ready: Optional[object] = None  # a synchronous run's result, applied at the next call
+        self._ba_sum_ms = self._ba_sum_it = 0.0
+        self._ba_sum_lat = 0.0
+        # runs: windows sent; applied: results taken; failed: degenerate / gtsam errors; stale: from
+        # before a restart; replaced: windows superseded before they started; mean/max_ms: compute
+        # time; mean_latency_ms: request to result (with the waits for idle); last_error: (initial, final)
+        self.ba_stats: dict = {"runs": 0, "applied": 0, "failed": 0, "stale": 0, "replaced": 0,
+                               "mean_ms": 0.0, "max_ms": 0.0, "mean_latency_ms": 0.0, "mean_iterations": 0.0,
+                               "outliers_dropped": 0, "last_error": None}
 
     def _reset_tracks(self) -> None:
         self.cur = np.zeros((0, 2), np.float32)  # pixel in the previous / current frame
         self.kf_px = np.zeros((0, 2), np.float32)  # pixel in the keyframe
         self.X = np.zeros((0, 3))  # world point (NaN: unknown)
         self.geo = np.zeros(0, bool)  # X from triangulation (else from the network prior)
+        self.tid = np.zeros(0, np.int64)  # persistent track ids
+        self.refined = np.zeros(0, bool)  # X from the bundle adjustment: kept at the next keyframe
         self.n_kf_tracks = 0
 
     # ------------------------------------------------------------------------------------------
@@ -177,6 +246,9 @@ class Tracker:
         new = self._detect(grey, self.cur, self.cfg.max_features - len(self.cur))
         if len(new):
             z = depth_at(new) * (self.scale or 1.0)
+            valid = np.isfinite(z) & (z > 0)
+            if valid.mean() < 0.5:  # the network gives no usable depth here: a constant prior
+                z = np.full(len(new), self._fallback_depth(T_wc))
             rays = np.c_[new, np.ones(len(new))] @ np.linalg.inv(K).T
             Xc = rays * z[:, None]
             Xw = Xc @ T_wc[:3, :3].T + T_wc[:3, 3]
@@ -184,12 +256,161 @@ class Tracker:
             self.cur = np.vstack([self.cur, new])
             self.X = np.vstack([self.X, Xw])
             self.geo = np.concatenate([self.geo, np.zeros(len(new), bool)])
+            self.tid = np.concatenate([self.tid, np.arange(self._next_tid, self._next_tid + len(new))])
+            self.refined = np.concatenate([self.refined, np.zeros(len(new), bool)])
+            self._next_tid += len(new)
         self.kf_px = self.cur.copy()
         self.kf_T = T_wc.copy()
         self.kf_index = self.index
         self.n_kf_tracks = len(self.cur)
         self.n_keyframes += 1
-        self.keyframes.append(KeyframeRecord(self.index, T_wc.copy(), float(self.scale or 1.0), self.cur.copy()))
+        self.keyframes.append(KeyframeRecord(self.index, T_wc.copy(), float(self.scale or 1.0), self.cur.copy(),
+                                             self.tid.copy()))
+        if self.cfg.local_ba and self.ba_available:
+            self._ba_keyframe(K)
+
+    # ------------------------------------------------------------------------------------------ local BA
+
+    def _ba_store(self, ids: np.ndarray, X: np.ndarray) -> None:
+        """Set the points ``ids`` in the per-track-id store (``_pt_ids`` sorted, ``_pt_X``)."""
+        ok = np.isfinite(X).all(1)
+        ids, X = ids[ok], X[ok]
+        keep = ~np.isin(self._pt_ids, ids)
+        allids = np.concatenate([self._pt_ids[keep], ids])
+        allX = np.vstack([self._pt_X[keep], X])
+        order = np.argsort(allids, kind="stable")
+        self._pt_ids, self._pt_X = allids[order], allX[order]
+
+    def _ba_keyframe(self, K: np.ndarray) -> None:
+        """Record the new keyframe in the window, keep its points, and ask for a bundle adjustment."""
+        self._win.append({"index": self.index, "T_wc": self.kf_T.copy(), "ids": self.tid.copy(),
+                          "px": self.cur.astype(np.float64)})
+        use = self.geo | self.cfg.ba_prior_points
+        self._ba_store(self.tid[use], self.X[use])
+        # memory: only points some window keyframe sees
+        seen = np.concatenate([kf["ids"] for kf in self._win])
+        keep = np.isin(self._pt_ids, seen)
+        self._pt_ids, self._pt_X = self._pt_ids[keep], self._pt_X[keep]
+        if len(self._win) <= self.cfg.ba_fixed or len(self._pt_ids) < 12:
+            return
+        args = (K.copy(), [kf["T_wc"].copy() for kf in self._win], [(kf["ids"], kf["px"]) for kf in self._win],
+                self._pt_ids.copy(), self._pt_X.copy())
+        kw = dict(kf_ids=[kf["index"] for kf in self._win], n_fixed=self.cfg.ba_fixed,
+                  sigma_px=self.cfg.ba_sigma_px, huber_k=self.cfg.ba_huber, iterations=self.cfg.ba_iterations,
+                  tag=self._epoch)
+        from .local_ba import BAWorker, local_bundle_adjust
+
+        self.ba_stats["runs"] += 1
+        if self.cfg.ba_sync:
+            res = local_bundle_adjust(*args, **kw)
+            if res is None:
+                self.ba_stats["failed"] += 1
+            else:
+                self._ba_ready = res
+            return
+        if self._ba_worker is None:
+            self._ba_worker = BAWorker(process=self.cfg.ba_process, nice=self.cfg.ba_nice, idle=self._idle)
+            weakref.finalize(self, self._ba_worker.stop)  # a forgotten tracker does not leave its thread behind
+        self._ba_worker.submit(*args, **kw)
+
+    def _ba_poll(self):
+        if self.cfg.ba_sync:
+            res, self._ba_ready = self._ba_ready, None
+            return res
+        if self._ba_worker is None:
+            return None
+        w = self._ba_worker
+        res = w.poll()
+        self.ba_stats["failed"], self.ba_stats["replaced"] = w.failed, w.replaced
+        return res
+
+    def _ba_apply(self, res) -> None:
+        """Take a finished bundle adjustment (see the module docstring)."""
+        st = self.ba_stats
+        if res.tag != self._epoch or self.kf_T is None:
+            st["stale"] += 1  # from before a tracking restart: another world
+            return
+        by_index = {kf["index"]: kf for kf in self._win}
+        opt = {i: T for i, T in zip(res.kf_ids, res.poses) if i in by_index}
+        if not opt:
+            st["stale"] += 1
+            return
+        newest = max(opt)
+        C = opt[newest] @ _inv(by_index[newest]["T_wc"])  # the correction of the newest optimised keyframe
+        new_T: dict[int, np.ndarray] = {}
+        for kf in self._win:
+            new_T[kf["index"]] = opt[kf["index"]] if kf["index"] in opt else (
+                C @ kf["T_wc"] if kf["index"] > newest else kf["T_wc"])
+            kf["T_wc"] = new_T[kf["index"]]
+        for n, rec in enumerate(self.keyframes):
+            if rec.index in new_T:
+                self.keyframes[n] = replace(rec, T_wc=new_T[rec.index].copy())
+        self.kf_T = new_T[self.kf_index].copy() if self.kf_index in new_T else C @ self.kf_T
+        if self.T_prev is not None:
+            self.T_prev = C @ self.T_prev
+        # points: the optimised ones, the outliers dropped, every other one moved with the correction
+        R, t = C[:3, :3], C[:3, 3]
+        good = res.point_err_px <= self.cfg.ba_outlier_px
+        order = np.argsort(res.point_ids)
+        rid, rX, rgood = res.point_ids[order], res.points[order], good[order]
+        rwide = rgood & (res.point_angle_deg[order] >= self.cfg.min_angle_deg)
+
+        def lookup(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            if len(rid) == 0:
+                return np.zeros(len(ids), bool), np.zeros(len(ids), int)
+            j = np.clip(np.searchsorted(rid, ids), 0, len(rid) - 1)
+            return rid[j] == ids, j
+
+        hit, j = lookup(self._pt_ids)
+        moved = self._pt_X @ R.T + t
+        self._pt_X = np.where((hit & rgood[j])[:, None], rX[j], moved)
+        keep = ~(hit & ~rgood[j])
+        self._pt_ids, self._pt_X = self._pt_ids[keep], self._pt_X[keep]
+        hit, j = lookup(self.tid)
+        opt_pt, bad_pt = hit & rgood[j], hit & ~rgood[j]
+        finite = np.isfinite(self.X).all(1)
+        rest = ~hit & finite
+        self.X[rest] = self.X[rest] @ R.T + t
+        self.X[opt_pt] = rX[j[opt_pt]]
+        self.geo[opt_pt] |= rwide[j[opt_pt]]  # a prior point counts as triangulated once it has parallax
+        self.refined[opt_pt] = self.geo[opt_pt]
+        self.X[bad_pt] = np.nan
+        self.geo[bad_pt] = self.refined[bad_pt] = False
+        n_out = int((~good).sum())
+        st["applied"] += 1
+        st["outliers_dropped"] += n_out
+        self._ba_sum_ms += res.ms
+        self._ba_sum_it += res.iterations
+        self._ba_sum_lat += res.latency_ms
+        st["mean_latency_ms"] = round(self._ba_sum_lat / st["applied"], 3)
+        st["mean_ms"] = round(self._ba_sum_ms / st["applied"], 3)
+        st["max_ms"] = round(max(st["max_ms"], res.ms), 3)
+        st["mean_iterations"] = round(self._ba_sum_it / st["applied"], 3)
+        st["last_error"] = (round(res.initial_error, 3), round(res.final_error, 3))
+
+    def _ba_restart(self) -> None:
+        """Tracking restarted from a fallback pose: the window's world no longer connects."""
+        self._epoch += 1
+        self._win.clear()
+        self._pt_ids, self._pt_X = np.zeros(0, np.int64), np.zeros((0, 3))
+        self._ba_ready = None
+        if self._ba_worker is not None:
+            self._ba_worker.discard()
+
+    def close(self) -> None:
+        """Stop the bundle-adjustment thread (it is a daemon thread: optional)."""
+        if self._ba_worker is not None:
+            self._ba_worker.close()
+            self._ba_worker = None
+
+    def _fallback_depth(self, T_wc: np.ndarray) -> float:
+        """A depth prior without the network: the median depth of the triangulated points in view, else 1."""
+        if self.geo.any():
+            z = _to_cam(T_wc, self.X[self.geo])[:, 2]
+            z = z[np.isfinite(z) & (z > 0)]
+            if len(z) >= 10:
+                return float(np.median(z))
+        return 1.0
 
     def _triangulate(self, K: np.ndarray, T_a: np.ndarray, T_b: np.ndarray, pa: np.ndarray, pb: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray]:
@@ -278,18 +499,32 @@ class Tracker:
             depth_at: ``(N, 2)`` pixels -> ``(N,)`` the network's depth there (NaN where unknown).
             fallback_T: the pose to use when tracking fails (the network's, chained).
         """
+        self._idle.clear()  # the bundle-adjustment thread waits while we track (see local_ba)
+        try:
+            return self._track(grey, K, depth_at, fallback_T)
+        finally:
+            self._idle.set()
+
+    def _track(self, grey: np.ndarray, K: np.ndarray, depth_at: Callable[[np.ndarray], np.ndarray],
+               fallback_T: np.ndarray) -> TrackResult:
         t0 = time.perf_counter()
         self.index += 1
+        if self.cfg.local_ba:
+            res = self._ba_poll()
+            if res is not None:
+                self._ba_apply(res)
         if self._prev is None or self.kf_T is None:
             T = fallback_T if self.T_prev is None else fallback_T
             self._prev, self.T_prev = grey, T.copy()
             self._reset_tracks()
+            self._ba_restart()
             self._new_keyframe(grey, T, K, depth_at)
             state = "init" if len(self.cur) >= self.cfg.lost_inliers else "lost"
             return TrackResult(T.copy(), state, "first", len(self.cur), len(self.cur), True, self.scale,
                                1e3 * (time.perf_counter() - t0))
         p1, ok = self._flow(self._prev, grey, self.cur)
         self.cur, self.kf_px, self.X, self.geo = p1[ok], self.kf_px[ok], self.X[ok], self.geo[ok]
+        self.tid, self.refined = self.tid[ok], self.refined[ok]
         tracked = len(self.cur)
         parallax = float(np.median(np.linalg.norm(self.cur - self.kf_px, axis=1))) if tracked else 0.0
         T, inliers, method = None, 0, "fallback"
@@ -298,6 +533,9 @@ class Tracker:
             if (self.geo & known).sum() >= self.cfg.min_pnp:
                 T, inliers = self._pnp(K, self.geo & known, self.T_prev)
                 method = "pnp"
+            if T is None and known.sum() >= self.cfg.lost_inliers and self.prior_first:
+                T, inliers = self._pnp(K, known, self.T_prev)
+                method = "prior"
             if T is None and parallax >= self.cfg.min_parallax_px:
                 T, inliers = self._essential(K)
                 method = "essential"
@@ -309,15 +547,27 @@ class Tracker:
             T = fallback_T.copy()
             self._prev, self.T_prev = grey, T
             self._reset_tracks()
+            self._ba_restart()
             self._new_keyframe(grey, T, K, depth_at)
             return TrackResult(T, "lost", "fallback", tracked, inliers, True, self.scale,
                                1e3 * (time.perf_counter() - t0))
         state = "ok" if inliers >= self.cfg.ok_inliers else "weak"
         h, w = grey.shape
-        is_kf = (parallax >= self.cfg.kf_parallax * w or tracked < self.cfg.kf_min_tracked * self.n_kf_tracks
+        kf_parallax = self.cfg.kf_parallax
+        if self.ba_available and self.cfg.ba_kf_parallax is not None:
+            kf_parallax = self.cfg.ba_kf_parallax
+        is_kf = (parallax >= kf_parallax * w or tracked < self.cfg.kf_min_tracked * self.n_kf_tracks
                  or state == "weak")
-        if is_kf:
+        X = good = None
+        # initialising: the first keyframe as soon as enough triangulate
+        if not is_kf and not self.geo.any() and parallax >= self.cfg.init_parallax * w:
             X, good = self._triangulate(K, self.kf_T, T, self.kf_px, self.cur)
+            is_kf = int(good.sum()) >= self.cfg.init_points
+        if is_kf:
+            if X is None:
+                X, good = self._triangulate(K, self.kf_T, T, self.kf_px, self.cur)
+            if self.cfg.local_ba and self.cfg.ba_keep_points:  # bundle-adjusted points stay
+                good = good & ~self.refined
             self.X[good] = X[good]
             self.geo |= good
             self._update_scale(T, depth_at)

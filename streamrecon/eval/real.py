@@ -1,0 +1,222 @@
+"""``streamrecon eval`` on real sequences with ground truth, side by side for several pose backends.
+
+For every sequence and every backend name, the frames go through a fresh pipeline (the same
+``build_pipeline`` as ``streamrecon run``, no files written) and the results are scored with
+:func:`~streamrecon.eval.evaluate.score_results`: the trajectory from ``FrameResult.T_wc`` and the
+depth from ``FrameResult.depth`` against the ground truth resized and cropped like the model input.
+
+Baselines, beside the backends, on the same frames:
+
+* ``identity``: the camera never moves (under Sim(3) alignment: the largest possible ATE);
+* ``random walk``: :func:`~streamrecon.eval.baselines.random_walk_like` of the reference backend's own
+  trajectory (``none`` when it ran, else the first backend that did): the same step lengths and step
+  rotation angles in random directions; figures are the mean over
+  :data:`~streamrecon.eval.baselines.RANDOM_WALK_SEEDS` seeds;
+* ``constant depth`` (sequences with depth): one depth everywhere, median-scaled per frame, on the
+  pixels the reference backend was scored on.
+
+A backend that fails (unknown name, an exception while building or streaming) becomes an error row.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import fields
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .baselines import RANDOM_WALK_SEEDS, identity_trajectory, random_walk_like, step_angles_deg
+from .datasets import EvalSequence
+from .evaluate import EvalConfig, gt_depth_at_model, score_results
+from .metrics import depth_metrics, path_length, trajectory_metrics
+
+__all__ = ["evaluate_backends", "format_real_report"]
+
+_logger = logging.getLogger(__name__)
+
+_TRAJ_KEYS = ("ate_sim3", "ate_sim3_pct", "sim3_scale", "ate_se3", "ate_se3_pct", "rpe_trans", "rpe_rot_deg")
+_DEPTH_KEYS = ("abs_rel", "delta1", "abs_rel_metric", "delta1_metric")
+
+
+def _indices(n: int, max_frames: int, stride: int) -> list[int]:
+    idx = list(range(0, n, max(1, stride)))
+    return idx[:max_frames] if max_frames else idx
+
+
+def _intrinsics_text(K: np.ndarray) -> str:
+    return ",".join(str(float(v)) for v in (K[0, 0], K[1, 1], K[0, 2], K[1, 2]))
+
+
+def _declared_backends() -> Optional[tuple]:
+    """The backend names :class:`SlamSettings` declares (``None`` when it declares none)."""
+    from ..settings import SlamSettings
+
+    for f in fields(SlamSettings):
+        if f.name == "backend":
+            return f.metadata.get("choices")
+    return None
+
+
+def _run_backend(loaded, seq: EvalSequence, idx: list[int], backend: str, known_intrinsics: bool,
+                 size, state_policy: str, reset_every: int) -> tuple[dict, list]:
+    """Stream frames ``idx`` of ``seq`` through a pipeline with ``backend``; ``(timing row, results)``."""
+    from ..engine import Frame
+    from ..pipeline import build_pipeline
+    from ..settings import EngineSettings, MapSettings, PipelineConfig, SlamSettings
+
+    declared = _declared_backends()
+    if declared and backend not in declared:
+        raise ValueError(f"unknown backend {backend!r} (the settings declare: {', '.join(declared)})")
+    cfg = PipelineConfig(engine=EngineSettings(size=size, state_policy=state_policy, reset_every=reset_every),
+                         map=MapSettings(),
+                         slam=SlamSettings(backend=backend,
+                                           intrinsics=_intrinsics_text(seq.K) if known_intrinsics else None))
+    cfg.validate()
+    pipe = build_pipeline(cfg, loaded, stream_id=seq.name, files=False)
+    results, push_s = [], 0.0
+    try:
+        for i in idx:
+            frame = Frame(image=seq.rgb(i), seq=i, stamp=float(seq.stamps[i]), source=seq.name,
+                          K=seq.K if known_intrinsics else None)
+            t0 = time.perf_counter()
+            results.append(pipe.push(frame))
+            push_s += time.perf_counter() - t0
+    finally:
+        pipe.close()
+    return {"ms_per_frame": 1e3 * push_s / max(1, len(results)), "pipeline_errors": pipe.n_errors}, results
+
+
+def _nan_row(keys) -> dict:
+    return {k: math.nan for k in keys}
+
+
+def _constant_depth(seq: EvalSequence, idx: list[int], results: list) -> dict:
+    """One depth everywhere (median scaling makes the value irrelevant) on the pixels where the
+    backend's depth was scored: valid ground truth at model resolution and a finite positive prediction."""
+    rows = []
+    for i, r in zip(idx, results):
+        gt = gt_depth_at_model(seq.depth(i), r.crop)
+        mask = (gt > 0) & np.isfinite(r.depth) & (r.depth > 0)
+        rows.append(depth_metrics(np.ones_like(gt), gt, mask))
+    return {k: float(np.nanmean([row[k] for row in rows])) for k in ("abs_rel", "delta1")}
+
+
+def _random_walk(ref_T: np.ndarray, gt: np.ndarray, seeds: int) -> dict:
+    per_seed = [trajectory_metrics(random_walk_like(ref_T, seed), gt) for seed in range(seeds)]
+    out = {k: float(np.nanmean([m[k] for m in per_seed])) for k in _TRAJ_KEYS}
+    out.update({f"{k}_std": float(np.nanstd([m[k] for m in per_seed])) for k in ("ate_sim3", "ate_sim3_pct")})
+    return out
+
+
+def _evaluate_sequence(loaded, seq: EvalSequence, backends: Sequence[str], known_intrinsics: bool, size,
+                       max_frames: int, stride: int, baselines: bool, state_policy: str, reset_every: int,
+                       cfg: EvalConfig) -> dict:
+    idx = _indices(len(seq), max_frames, stride)
+    gt = seq.T_wc[idx]
+    rows: list[dict] = []
+    runs: dict[str, tuple[np.ndarray, list]] = {}
+    for b in backends:
+        row = {"label": b, "kind": "backend", "backend": b}
+        try:
+            timing, results = _run_backend(loaded, seq, idx, b, known_intrinsics, size, state_policy, reset_every)
+            scores = score_results(seq, idx, results, cfg)
+        except Exception as e:  # one backend failing must not stop the others
+            _logger.warning("%s: backend %s failed: %s: %s", seq.name, b, type(e).__name__, e)
+            row.update(_nan_row(_TRAJ_KEYS + _DEPTH_KEYS), ms_per_frame=math.nan,
+                       error=f"{type(e).__name__}: {e}")
+            rows.append(row)
+            continue
+        T = np.stack([r.T_wc for r in results])
+        row.update({k: scores[k] for k in _TRAJ_KEYS + _DEPTH_KEYS + ("accuracy", "completeness")}, **timing)
+        if not seq.has_depth:
+            row.update(_nan_row(_DEPTH_KEYS))
+        same = [name for name, (T_other, _) in runs.items() if np.array_equal(T_other, T)]
+        if same:
+            row["same_as"] = same[0]  # e.g. a backend name the pipeline does not (yet) act on
+        runs.setdefault(b, (T, results))
+        rows.append(row)
+
+    reference = "none" if "none" in runs else next(iter(runs), None)
+    if baselines:
+        ident = {"label": "identity", "kind": "baseline", **trajectory_metrics(identity_trajectory(len(idx)), gt)}
+        ident["sim3_scale"] = math.nan  # no motion to scale: the alignment's scale is a convention (1)
+        rows.append(ident | _nan_row(_DEPTH_KEYS))
+        if reference is not None:
+            ref_T, ref_results = runs[reference]
+            rows.append({"label": f"random walk ({reference} steps, {RANDOM_WALK_SEEDS} seeds)", "kind": "baseline",
+                         "reference": reference, "seeds": RANDOM_WALK_SEEDS,
+                         **_random_walk(ref_T, gt, RANDOM_WALK_SEEDS)} | _nan_row(_DEPTH_KEYS))
+            if seq.has_depth:
+                rows.append({"label": "constant depth", "kind": "baseline", "reference": reference,
+                             **_nan_row(_TRAJ_KEYS), **_constant_depth(seq, idx, ref_results)})
+    return {"name": seq.name, "fmt": seq.fmt, "frames": len(idx), "has_depth": seq.has_depth,
+            "path_length": path_length(gt), "rotation_sum_deg": float(step_angles_deg(gt).sum()) if len(gt) > 1 else 0.0,
+            "reference": reference, "rows": rows}
+
+
+def evaluate_backends(loaded, sequences: Sequence[EvalSequence], backends: Sequence[str] = ("none",),
+                      known_intrinsics: bool = True, size=None, max_frames: int = 0, stride: int = 1,
+                      baselines: bool = True, state_policy: str = "cut3r", reset_every: int = 0) -> dict:
+    """Score every backend on every sequence, with the identity / random-walk / constant-depth baselines.
+
+    Args:
+        loaded: a :class:`~streamrecon.pipeline.LoadedModel` (shared by every pipeline).
+        backends: ``SlamSettings.backend`` names, run in this order; a failure is an error row.
+        known_intrinsics: give the pipeline the dataset's K (``--intrinsics`` and ``Frame.K``).
+        size: the model input size (``None``: the model's own).
+        max_frames, stride: which frames (every ``stride``-th, at most ``max_frames``; 0 = all).
+
+    Returns:
+        ``{"sequences": [{name, fmt, frames, path_length, rows: [...]}, ...], "config": {...}}``; each row
+        has ``label``, ``kind`` (``backend``/``baseline``), the trajectory and depth figures (NaN where
+        they do not apply) and, for backends, ``ms_per_frame`` or ``error``.
+    """
+    from ..pipeline import resolve_conf_thresh
+
+    cfg = EvalConfig(conf_thresh=resolve_conf_thresh(getattr(loaded, "info", None)))
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of frames without valid depth
+        for seq in sequences:
+            out.append(_evaluate_sequence(loaded, seq, list(backends), known_intrinsics, size, max_frames, stride,
+                                          baselines, state_policy, reset_every, cfg))
+    return {"sequences": out,
+            "config": {"backends": list(backends), "known_intrinsics": known_intrinsics, "size": size,
+                       "max_frames": max_frames, "stride": stride, "state_policy": state_policy,
+                       "reset_every": reset_every, "random_walk_seeds": RANDOM_WALK_SEEDS}}
+
+
+_COLUMNS = (("ate_sim3", "ATE Sim3 m", 4), ("ate_sim3_pct", "ATE Sim3 %", 1), ("ate_se3", "ATE SE3 m", 4),
+            ("rpe_rot_deg", "RPE deg/f", 3), ("rpe_trans", "RPE m/f", 4), ("sim3_scale", "Sim3 scale", 3),
+            ("abs_rel", "AbsRel", 3), ("delta1", "d<1.25", 3), ("ms_per_frame", "ms/frame", 0))
+
+
+def _cell(v, digits: int) -> str:
+    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def format_real_report(report: dict) -> str:
+    """A markdown table per sequence: rows = backends, then baselines."""
+    blocks = []
+    for s in report["sequences"]:
+        head = (f"### {s['name']} ({s['fmt']}): {s['frames']} frames, GT path {s['path_length']:.3f} m, "
+                f"GT rotation {s['rotation_sum_deg']:.1f} deg" + ("" if s["has_depth"] else ", no depth GT"))
+        lines = [head, "", "| | " + " | ".join(name for _, name, _ in _COLUMNS) + " |",
+                 "|---|" + "---:|" * len(_COLUMNS)]
+        notes = []
+        for r in s["rows"]:
+            if "error" in r:
+                msg = r["error"].replace("|", "/").replace("\n", " ")
+                lines.append(f"| {r['label']} | error: {msg[:120]} |" + " – |" * (len(_COLUMNS) - 1))
+                continue
+            lines.append(f"| {r['label']} | " + " | ".join(_cell(r.get(k), d) for k, _, d in _COLUMNS) + " |")
+            if r.get("same_as"):
+                notes.append(f"{r['label']}: trajectory identical to {r['same_as']} (backend not acted on?)")
+        if notes:
+            lines += [""] + [f"note: {n}" for n in notes]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
