@@ -146,7 +146,7 @@ def _render(seed, frames=30):
 
 
 def _track(seq, prior):
-    tr = Tracker(TrackerConfig())
+    tr = Tracker(TrackerConfig(ba_sync=True))  # the local BA in the calling thread: deterministic
     out = []
     for i in range(len(seq["rgb"])):
         d = seq["depth"][i]
@@ -183,7 +183,7 @@ def test_degenerate_frames_go_lost_and_tracking_recovers():
     grey = [cv2.cvtColor(im, cv2.COLOR_RGB2GRAY) for im in seq["rgb"]]
     frames = grey[:5] + [np.zeros_like(grey[0]), np.full_like(grey[0], 255), np.full_like(grey[0], 128)] \
         + [grey[5]] * 3 + grey[6:]
-    tr = Tracker()
+    tr = Tracker(TrackerConfig(ba_sync=True))
     states = []
     for g in frames:
         r = tr.track(g, seq["K"], lambda px: np.full(len(px), 2.0), np.eye(4))
