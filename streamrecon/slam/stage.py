@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, deque
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any, Optional
 
 import numpy as np
@@ -30,7 +30,7 @@ import numpy as np
 from ..frames import Frame, FrameResult, TrackingInfo
 from ..settings import SlamSettings
 from .calib import Calibration, Undistorter, parse_intrinsics, read_calibration
-from .tracker import Tracker, TrackerConfig
+from .tracker import Tracker, TrackerConfig, _inv
 
 __all__ = ["GeometryStage", "calibration_from_settings"]
 
@@ -43,13 +43,6 @@ def calibration_from_settings(s: SlamSettings) -> Optional[Calibration]:
     if s.calib:
         return read_calibration(s.calib)
     return None
-
-
-def _inv(T: np.ndarray) -> np.ndarray:
-    out = np.eye(4)
-    out[:3, :3] = T[:3, :3].T
-    out[:3, 3] = -T[:3, :3].T @ T[:3, 3]
-    return out
 
 
 class GeometryStage:
@@ -70,6 +63,8 @@ class GeometryStage:
         self.track_ms: deque = deque(maxlen=10_000)
         self._net_prev: Optional[np.ndarray] = None
         self._T_prev: Optional[np.ndarray] = None
+        self._rays_key: Optional[tuple] = None
+        self._rays_cache: Optional[np.ndarray] = None
 
     @property
     def active(self) -> bool:
@@ -110,15 +105,21 @@ class GeometryStage:
             if frame is None:
                 raise ValueError("the tracking backend needs the frame's image")
             T_wc, scale, info = self._track(r, frame, K0)
-        h, w = r.depth.shape
         depth = r.depth * np.float32(scale)
-        v, u = np.mgrid[0:h, 0:w]
-        Kinv = np.linalg.inv(K_model)
-        rays = np.stack([u, v, np.ones_like(u)], -1).astype(np.float64) @ Kinv.T
-        pts_cam = (rays * depth[..., None]).astype(np.float32)
+        pts_cam = (self._rays(r.depth.shape, K_model) * depth[..., None]).astype(np.float32)
         R, t = T_wc[:3, :3].astype(np.float32), T_wc[:3, 3].astype(np.float32)
         return replace(r, T_wc=T_wc, points_cam=pts_cam, points_world_pose=pts_cam @ R.T + t, depth=depth,
                        K_used=K0, tracking=info)
+
+    def _rays(self, hw: tuple[int, int], K: np.ndarray) -> np.ndarray:
+        """``(H, W, 3)`` rays ``K^-1 [u, v, 1]`` of the model pixels (cached while ``K`` and the size stay)."""
+        key = (hw, K.tobytes())
+        if self._rays_key != key:
+            h, w = hw
+            v, u = np.mgrid[0:h, 0:w]
+            self._rays_cache = np.stack([u, v, np.ones_like(u)], -1).astype(np.float64) @ np.linalg.inv(K).T
+            self._rays_key = key
+        return self._rays_cache
 
     def _track(self, r: FrameResult, frame: Frame, K0: np.ndarray) -> tuple[np.ndarray, float, TrackingInfo]:
         import cv2
@@ -159,8 +160,7 @@ class GeometryStage:
         self.states[res.state] += 1
         ms = 1e3 * (time.perf_counter() - t0)
         self.track_ms.append(ms)
-        info = TrackingInfo(state=res.state, method=res.method, tracked=res.tracked, inliers=res.inliers,
-                            keyframe=res.keyframe, depth_scale=res.depth_scale, ms=ms)
+        info = TrackingInfo(**{f.name: getattr(res, f.name) for f in fields(TrackingInfo)} | {"ms": ms})
         return res.T_wc, float(res.depth_scale or 1.0), info
 
     def close(self) -> None:

@@ -55,6 +55,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..frames import TrackingInfo
+
 __all__ = ["TrackerConfig", "TrackResult", "Tracker", "KeyframeRecord"]
 
 
@@ -95,25 +97,12 @@ class TrackerConfig:
 
 
 @dataclass(frozen=True)
-class TrackResult:
-    """Attributes:
-        T_wc: ``(4, 4)`` the frame's pose (the fallback's when ``state == "lost"``).
-        state: ``init``, ``ok``, ``weak`` or ``lost``.
-        method: ``first``, ``pnp``, ``essential``, ``prior`` (PnP on prior points), ``fallback``.
-        tracked: tracks that survived into this frame; inliers: those the pose agrees with.
-        keyframe: whether this frame became a keyframe.
-        depth_scale: multiply the network depth by this to match the map (None: no estimate yet).
-        ms: time spent.
-    """
+class TrackResult(TrackingInfo):
+    """What :meth:`Tracker.track` found: the :class:`~streamrecon.frames.TrackingInfo` fields (state,
+    method, tracked, inliers, keyframe, depth_scale, ms) plus ``T_wc`` ``(4, 4)``, the frame's pose
+    (the fallback's when ``state == "lost"``)."""
 
     T_wc: np.ndarray
-    state: str
-    method: str
-    tracked: int
-    inliers: int
-    keyframe: bool
-    depth_scale: Optional[float]
-    ms: float
 
 
 @dataclass(frozen=True)
@@ -520,8 +509,8 @@ class Tracker:
             self._ba_restart()
             self._new_keyframe(grey, T, K, depth_at)
             state = "init" if len(self.cur) >= self.cfg.lost_inliers else "lost"
-            return TrackResult(T.copy(), state, "first", len(self.cur), len(self.cur), True, self.scale,
-                               1e3 * (time.perf_counter() - t0))
+            return TrackResult(T_wc=T.copy(), state=state, method="first", tracked=len(self.cur), inliers=len(self.cur),
+                               keyframe=True, depth_scale=self.scale, ms=1e3 * (time.perf_counter() - t0))
         p1, ok = self._flow(self._prev, grey, self.cur)
         self.cur, self.kf_px, self.X, self.geo = p1[ok], self.kf_px[ok], self.X[ok], self.geo[ok]
         self.tid, self.refined = self.tid[ok], self.refined[ok]
@@ -549,8 +538,8 @@ class Tracker:
             self._reset_tracks()
             self._ba_restart()
             self._new_keyframe(grey, T, K, depth_at)
-            return TrackResult(T, "lost", "fallback", tracked, inliers, True, self.scale,
-                               1e3 * (time.perf_counter() - t0))
+            return TrackResult(T_wc=T, state="lost", method="fallback", tracked=tracked, inliers=inliers, keyframe=True,
+                               depth_scale=self.scale, ms=1e3 * (time.perf_counter() - t0))
         state = "ok" if inliers >= self.cfg.ok_inliers else "weak"
         h, w = grey.shape
         kf_parallax = self.cfg.kf_parallax
@@ -575,5 +564,5 @@ class Tracker:
         elif self.scale is None:
             self._update_scale(T, depth_at)
         self._prev, self.T_prev = grey, T.copy()
-        return TrackResult(T.copy(), state, method, tracked, inliers, is_kf, self.scale,
-                           1e3 * (time.perf_counter() - t0))
+        return TrackResult(T_wc=T.copy(), state=state, method=method, tracked=tracked, inliers=inliers, keyframe=is_kf,
+                           depth_scale=self.scale, ms=1e3 * (time.perf_counter() - t0))
