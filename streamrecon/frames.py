@@ -85,6 +85,7 @@ class FrameResult:
         K_used: ``(3, 3)`` original-pixel intrinsics the geometry stage unprojected with (the given
             ``K``, else the network's focal smoothed over the sequence); ``None`` without that stage.
         tracking: how the geometric backend found ``T_wc`` (``None`` with ``--backend none``).
+        descriptor: ``(ed,)`` float32, the mean of the frame's encoder tokens (place recognition).
     """
 
     seq: int
@@ -107,6 +108,7 @@ class FrameResult:
     K_given: Optional[np.ndarray] = None
     K_used: Optional[np.ndarray] = None
     tracking: Optional[TrackingInfo] = None
+    descriptor: Optional[np.ndarray] = None
 
     def world_points(self, which: str = "pose") -> tuple[np.ndarray, np.ndarray]:
         """``(points (H, W, 3), conf (H, W))`` in the global frame: ``"pose"`` = ``T_wc @ points_cam``

@@ -139,20 +139,28 @@ class OutputSettings:
 class SlamSettings:
     """The geometric backend between the network and the map: poses from multi-view geometry."""
 
-    backend: str = setting("auto", choices=("auto", "none", "track"),
+    backend: str = setting("auto", choices=("auto", "none", "track", "slam"),
                            help="none = poses from the network alone; track = feature tracking with PnP / two-view "
-                                "geometry and keyframes, the network's depth as the prior; auto = track when the "
-                                "intrinsics are known (--intrinsics / --calib), else none (see docs/ACCURACY.md)")
+                                "geometry, keyframes and local bundle adjustment, the network's depth as the prior; "
+                                "slam = track plus loop closure (place recognition, Sim(3) pose graph, the map "
+                                "re-anchored to the corrected keyframes); auto = slam when the intrinsics are known "
+                                "(--intrinsics / --calib), else none (see docs/ACCURACY.md)")
     intrinsics: Optional[str] = setting(None, help="known intrinsics fx,fy,cx,cy[,k1,k2,p1,p2[,k3]] in original "
                                                    "pixels (distortion: frames are undistorted at the source)")
     calib: Optional[str] = setting(None, help="calibration file: OpenCV YAML (camera_matrix/distortion_coefficients), "
                                               "Kalibr camchain YAML or ROS camera_info YAML")
     track_width: int = setting(640, help="tracking works on frames resized to at most this width")
+    place: str = setting("bow", choices=("bow", "tokens"),
+                         help="loop-closure place recognition: bow = bag of ORB words learnt from the stream; "
+                              "tokens = the network's pooled encoder tokens (measured: docs/ACCURACY.md)")
+    refine: bool = setting(False, help="after the stream ends: a global bundle adjustment of every keyframe with the "
+                                       "loop edges, writing trajectory_refined.txt and map_refined.ply (files only; "
+                                       "needs --backend track or slam)")
 
     def resolved_backend(self) -> str:
-        """``auto`` -> ``track`` with known intrinsics, else ``none`` (measured: docs/ACCURACY.md)."""
+        """``auto`` -> ``slam`` with known intrinsics, else ``none`` (measured: docs/ACCURACY.md)."""
         if self.backend == "auto":
-            return "track" if (self.intrinsics or self.calib) else "none"
+            return "slam" if (self.intrinsics or self.calib) else "none"
         return self.backend
 
     def validate(self) -> None:
@@ -160,6 +168,9 @@ class SlamSettings:
             raise SettingsError("give --intrinsics or --calib, not both")
         if self.track_width < 64:
             raise SettingsError("--track-width must be >= 64")
+        if self.refine and self.resolved_backend() == "none":
+            raise SettingsError("--refine needs the geometric backend: --backend track or slam (or known intrinsics "
+                                "with --backend auto)")
 
 
 @dataclass(frozen=True)

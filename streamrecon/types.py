@@ -156,6 +156,8 @@ class StepOutput:
         state_attention: ``(B, S)`` mean pre-softmax cross-attention logit of each state token
             over all image-branch tokens, layers and heads (only when the update rule asks).
         intermediates: reference intermediates (``enc_feat``, ``dec_state.l``, ...) when requested.
+        global_feat: ``(B, ed)`` the mean of the view's encoder tokens (what the pose memory is
+            keyed by; the SLAM backend's place-recognition descriptor).
     """
 
     points_cam: Tensor
@@ -166,6 +168,7 @@ class StepOutput:
     rgb: Optional[Tensor] = None
     state_attention: Optional[Tensor] = None
     intermediates: dict = field(default_factory=dict)
+    global_feat: Optional[Tensor] = None
 
     def select(self, i: int) -> "StepOutput":
         """Row ``i`` of the batch (keeps the batch dimension; intermediates are dropped)."""
@@ -174,7 +177,7 @@ class StepOutput:
 
         return StepOutput(points_cam=row(self.points_cam), conf_cam=row(self.conf_cam), points_world=row(self.points_world),
                           conf_world=row(self.conf_world), pose=row(self.pose), rgb=row(self.rgb),
-                          state_attention=row(self.state_attention))
+                          state_attention=row(self.state_attention), global_feat=row(self.global_feat))
 
     def T_wc(self) -> Tensor:
         """``(B, 4, 4)`` camera-to-world matrices from :attr:`pose`."""

@@ -203,7 +203,7 @@ def test_geometry_stage_uses_given_intrinsics_and_smooths_the_network_focal():
     img = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
     K = np.array([[60.0, 0, 32], [0, 60.0, 24], [0, 0, 1]])
     r = eng.process(Frame(image=img, seq=0, stamp=0.0, K=K))
-    assert SlamSettings(intrinsics="60,60,32,24").resolved_backend() == "track"  # auto: known K -> track
+    assert SlamSettings(intrinsics="60,60,32,24").resolved_backend() == "slam"  # auto: known K -> slam
     assert SlamSettings().resolved_backend() == "none"
     stage = GeometryStage(SlamSettings())
     assert not stage.active and stage.process(r, None) is r  # nothing to do: passed through

@@ -40,6 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reset-every", type=int, default=0)
     p.add_argument("--max-frames", type=int, default=0)
     p.add_argument("--stride", type=int, default=1)
+    p.add_argument("--refine", action="store_true",
+                   help="per-backend report: also score the final global alignment (--refine) of each backend")
+    p.add_argument("--there-and-back", action="store_true",
+                   help="per-backend report: also score each sequence played out and back (even frames, then the "
+                        "odd ones in reverse): a revisit for the loop closer")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-baselines", action="store_true", help="skip the untrained and constant baselines")
     p.add_argument("--json", type=Path, default=None, help="write the full report here")
@@ -106,6 +111,8 @@ def _eval(args: argparse.Namespace) -> int:
         sequences = find_sequences(args.dataset, args.format, K)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
+    if args.there_and_back:
+        sequences = sequences + [s.there_and_back() for s in sequences]
     model, path = _load(args.weights, args.device)
     if args.backend or args.format in REAL_FORMATS or any(s.fmt in REAL_FORMATS for s in sequences):
         from ..eval.real import evaluate_backends, format_real_report
@@ -113,7 +120,8 @@ def _eval(args: argparse.Namespace) -> int:
         report = evaluate_backends(model, sequences, backends=args.backend or ["none"],
                                    known_intrinsics=args.known_intrinsics, size=args.size, max_frames=args.max_frames,
                                    stride=args.stride, baselines=not args.no_baselines,
-                                   state_policy=args.state_policy, reset_every=args.reset_every)
+                                   state_policy=args.state_policy, reset_every=args.reset_every,
+                                   refine=args.refine)
         report["weights"] = str(path)
         print(format_real_report(report))
     else:

@@ -171,6 +171,7 @@ class StreamEngine:
             conf_cam=out.conf_cam[0].float().cpu().numpy(), conf_world=out.conf_world[0].float().cpu().numpy(),
             depth=pts_cam[..., 2].copy(), K=K, K_original=crop.K_to_original(K), colors=u8, crop=crop,
             K_given=None if frame.K is None else np.array(frame.K, dtype=np.float64).reshape(3, 3),
+            descriptor=None if out.global_feat is None else out.global_feat[0].float().cpu().numpy(),
         )
 
     def _restart_segment(self, T_wc_global: np.ndarray) -> None:

@@ -75,6 +75,17 @@ class EvalSequence:
         """``(H, W)`` metres, 0 where invalid."""
         return self.depth_loader(i)
 
+    def there_and_back(self) -> "EvalSequence":
+        """The camera goes the path and returns: frames ``0, 2, 4, ...`` then the odd frames backwards
+        (``..., 3, 1``), so no image is seen twice but the return revisits every place -- a loop for
+        the loop closer on sequences that have none."""
+        idx = np.r_[np.arange(0, self.n, 2), np.arange(self.n - 1 - (self.n % 2 == 1), 0, -2)]
+        idx = np.asarray(idx, int)
+        dt = float(np.median(np.diff(self.stamps))) if self.n > 1 else 1.0
+        return EvalSequence(f"{self.name} (there and back)", self.fmt, lambda i: self.rgb_loader(int(idx[i])), len(idx),
+                            lambda i: self.depth_loader(int(idx[i])), self.T_wc[idx], self.K,
+                            np.arange(len(idx)) * 2 * dt, self.has_depth)
+
 
 def _image_loader(paths: list[Path]) -> Callable[[int], np.ndarray]:
     def load(i: int) -> np.ndarray:

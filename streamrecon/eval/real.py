@@ -62,7 +62,7 @@ def _declared_backends() -> Optional[tuple]:
 
 
 def _run_backend(loaded, seq: EvalSequence, idx: list[int], backend: str, known_intrinsics: bool,
-                 size, state_policy: str, reset_every: int) -> tuple[dict, list]:
+                 size, state_policy: str, reset_every: int, refine: bool = False) -> tuple[dict, list]:
     """Stream frames ``idx`` of ``seq`` through a pipeline with ``backend``; ``(timing row, results)``."""
     from ..engine import Frame
     from ..pipeline import build_pipeline
@@ -73,7 +73,7 @@ def _run_backend(loaded, seq: EvalSequence, idx: list[int], backend: str, known_
         raise ValueError(f"unknown backend {backend!r} (the settings declare: {', '.join(declared)})")
     cfg = PipelineConfig(engine=EngineSettings(size=size, state_policy=state_policy, reset_every=reset_every),
                          map=MapSettings(),
-                         slam=SlamSettings(backend=backend,
+                         slam=SlamSettings(backend=backend, refine=refine and backend != "none",
                                            intrinsics=_intrinsics_text(seq.K) if known_intrinsics else None))
     cfg.validate()
     pipe = build_pipeline(cfg, loaded, stream_id=seq.name, files=False)
@@ -86,8 +86,10 @@ def _run_backend(loaded, seq: EvalSequence, idx: list[int], backend: str, known_
             results.append(pipe.push(frame))
             push_s += time.perf_counter() - t0
     finally:
-        pipe.close()
-    return {"ms_per_frame": 1e3 * push_s / max(1, len(results)), "pipeline_errors": pipe.n_errors}, results
+        summary = pipe.close()
+    loops = summary.slam.get("loop_closure", {}).get("closures") if isinstance(summary.slam, dict) else None
+    return {"ms_per_frame": 1e3 * push_s / max(1, len(results)), "pipeline_errors": pipe.n_errors,
+            "loop_closures": loops, "final_poses": dict(pipe.final_poses)}, results
 
 
 def _nan_row(keys) -> dict:
@@ -114,7 +116,7 @@ def _random_walk(ref_T: np.ndarray, gt: np.ndarray, seeds: int) -> dict:
 
 def _evaluate_sequence(loaded, seq: EvalSequence, backends: Sequence[str], known_intrinsics: bool, size,
                        max_frames: int, stride: int, baselines: bool, state_policy: str, reset_every: int,
-                       cfg: EvalConfig) -> dict:
+                       cfg: EvalConfig, refine: bool = False) -> dict:
     idx = _indices(len(seq), max_frames, stride)
     gt = seq.T_wc[idx]
     rows: list[dict] = []
@@ -122,7 +124,8 @@ def _evaluate_sequence(loaded, seq: EvalSequence, backends: Sequence[str], known
     for b in backends:
         row = {"label": b, "kind": "backend", "backend": b}
         try:
-            timing, results = _run_backend(loaded, seq, idx, b, known_intrinsics, size, state_policy, reset_every)
+            timing, results = _run_backend(loaded, seq, idx, b, known_intrinsics, size, state_policy, reset_every,
+                                           refine)
             scores = score_results(seq, idx, results, cfg)
         except Exception as e:  # one backend failing must not stop the others
             _logger.warning("%s: backend %s failed: %s: %s", seq.name, b, type(e).__name__, e)
@@ -131,6 +134,7 @@ def _evaluate_sequence(loaded, seq: EvalSequence, backends: Sequence[str], known
             rows.append(row)
             continue
         T = np.stack([r.T_wc for r in results])
+        final = timing.pop("final_poses", {})
         row.update({k: scores[k] for k in _TRAJ_KEYS + _DEPTH_KEYS + ("accuracy", "completeness")}, **timing)
         if not seq.has_depth:
             row.update(_nan_row(_DEPTH_KEYS))
@@ -139,6 +143,9 @@ def _evaluate_sequence(loaded, seq: EvalSequence, backends: Sequence[str], known
             row["same_as"] = same[0]  # e.g. a backend name the pipeline does not (yet) act on
         runs.setdefault(b, (T, results))
         rows.append(row)
+        for kind, T_final in final.items():  # the poses revised after the stream: loop-closed / refined
+            rows.append({"label": f"{b} ({kind})", "kind": "backend", "backend": b, "revised": kind,
+                         **trajectory_metrics(T_final, gt), **_nan_row(_DEPTH_KEYS)})
 
     reference = "none" if "none" in runs else next(iter(runs), None)
     if baselines:
@@ -160,7 +167,8 @@ def _evaluate_sequence(loaded, seq: EvalSequence, backends: Sequence[str], known
 
 def evaluate_backends(loaded, sequences: Sequence[EvalSequence], backends: Sequence[str] = ("none",),
                       known_intrinsics: bool = True, size=None, max_frames: int = 0, stride: int = 1,
-                      baselines: bool = True, state_policy: str = "cut3r", reset_every: int = 0) -> dict:
+                      baselines: bool = True, state_policy: str = "cut3r", reset_every: int = 0,
+                      refine: bool = False) -> dict:
     """Score every backend on every sequence, with the identity / random-walk / constant-depth baselines.
 
     Args:
@@ -169,6 +177,7 @@ def evaluate_backends(loaded, sequences: Sequence[EvalSequence], backends: Seque
         known_intrinsics: give the pipeline the dataset's K (``--intrinsics`` and ``Frame.K``).
         size: the model input size (``None``: the model's own).
         max_frames, stride: which frames (every ``stride``-th, at most ``max_frames``; 0 = all).
+        refine: also score ``--refine``'s global alignment (a ``<backend> (refined)`` row).
 
     Returns:
         ``{"sequences": [{name, fmt, frames, path_length, rows: [...]}, ...], "config": {...}}``; each row
@@ -183,11 +192,11 @@ def evaluate_backends(loaded, sequences: Sequence[EvalSequence], backends: Seque
         warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of frames without valid depth
         for seq in sequences:
             out.append(_evaluate_sequence(loaded, seq, list(backends), known_intrinsics, size, max_frames, stride,
-                                          baselines, state_policy, reset_every, cfg))
+                                          baselines, state_policy, reset_every, cfg, refine))
     return {"sequences": out,
             "config": {"backends": list(backends), "known_intrinsics": known_intrinsics, "size": size,
                        "max_frames": max_frames, "stride": stride, "state_policy": state_policy,
-                       "reset_every": reset_every, "random_walk_seeds": RANDOM_WALK_SEEDS}}
+                       "reset_every": reset_every, "refine": refine, "random_walk_seeds": RANDOM_WALK_SEEDS}}
 
 
 _COLUMNS = (("ate_sim3", "ATE Sim3 m", 4), ("ate_sim3_pct", "ATE Sim3 %", 1), ("ate_se3", "ATE SE3 m", 4),
@@ -215,7 +224,8 @@ def format_real_report(report: dict) -> str:
                 continue
             lines.append(f"| {r['label']} | " + " | ".join(_cell(r.get(k), d) for k, _, d in _COLUMNS) + " |")
             if r.get("same_as"):
-                notes.append(f"{r['label']}: trajectory identical to {r['same_as']} (backend not acted on?)")
+                why = "no loop closed" if r.get("loop_closures") == 0 else "backend not acted on?"
+                notes.append(f"{r['label']}: trajectory identical to {r['same_as']} ({why})")
         if notes:
             lines += [""] + [f"note: {n}" for n in notes]
         blocks.append("\n".join(lines))

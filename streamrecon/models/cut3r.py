@@ -249,7 +249,8 @@ class Cut3r(nn.Module):
         if keep is not None:
             keep.update(enc_feat=feat, enc_pos=grid_positions(*grid, device=feat.device).unsqueeze(0),
                         global_feat=global_feat, pose_in=pose_in)
-        out = StepOutput(**heads, state_attention=state_attention, intermediates=keep or {})
+        out = StepOutput(**heads, state_attention=state_attention, intermediates=keep or {},
+                         global_feat=global_feat[:, 0])
         return out, cand_tokens, head_layers[-1][:, :1], key
 
     def step(self, inp: FrameInput, state: StreamState, rule: UpdateRule = CUT3R_RULE,

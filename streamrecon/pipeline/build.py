@@ -73,5 +73,7 @@ def build_pipeline(cfg: PipelineConfig, loaded: LoadedModel, stream_id: str = ""
 
         from ..slam import GeometryStage
 
-        stage = GeometryStage(replace(cfg.slam, backend=cfg.slam.resolved_backend()))
+        map_cfg = gmap.cfg
+        stage = GeometryStage(replace(cfg.slam, backend=cfg.slam.resolved_backend()),
+                              map_factory=lambda: GlobalMap(map_cfg))
     return StreamPipeline(engine, gmap, sinks, options, on_result=on_result, stage=stage)

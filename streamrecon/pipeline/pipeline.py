@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence
 
@@ -81,6 +82,14 @@ class StreamPipeline:
         self._recent: list[float] = []
         self.closed: Optional[RunSummary] = None
         self.sink_ms_total = 0.0  # loop-thread time spent handing results to sinks
+        self.map_rebuilds = 0
+        self.refine_stats: Optional[dict] = None
+        # after close: "optimized" (every frame moved with its keyframe after the last loop closure),
+        # "refined" (--refine), (F, 4, 4) T_wc each
+        self.final_poses: dict[str, np.ndarray] = {}  # maps swapped in after a loop closure
+        loop = getattr(self.stage, "loop", None) if self.stage is not None else None
+        # with loop closure: the last results, re-integrated into a map rebuilt from keyframes
+        self._since_kf: deque = deque(maxlen=64 if loop is not None else 0)
 
     # ------------------------------------------------------------------------------------------
 
@@ -117,12 +126,17 @@ class StreamPipeline:
         """Run the geometry stage on a result the engine produced (here or in a batch), integrate it
         and hand it to the sinks. ``frame`` is the prepared frame (the tracker needs its image)."""
         t_stage = time.perf_counter()
+        swapped, loop = False, None
         if self.stage is not None:
             result = self.stage.process(result, frame)
+            swapped = self._swap_map()
+            loop = self.stage.take_loop() if getattr(self.stage, "loop", None) is not None else None
         stage_ms = 1e3 * (time.perf_counter() - t_stage)
         t0 = time.perf_counter()
         pts, conf = result.world_points(self.opt.map_points)
         integ = self.gmap.integrate(pts, result.colors, conf, result.index)
+        if self._since_kf.maxlen:
+            self._since_kf.append((self.stage.epoch, result))
         self.trajectory.append(result.stamp, result.T_wc)
         self.processed += 1
         self.segments_seen = result.segment + 1
@@ -132,7 +146,7 @@ class StreamPipeline:
         t1 = time.perf_counter()
         n = self.processed
         snapshot = None
-        if self.opt.consolidate_every and n % self.opt.consolidate_every == 0 and self._wants_snapshot():
+        if (swapped or (self.opt.consolidate_every and n % self.opt.consolidate_every == 0)) and self._wants_snapshot():
             snapshot = self.gmap.points()[:2]
         summary = None
         if self.opt.flush_every and n % self.opt.flush_every == 0:
@@ -142,7 +156,7 @@ class StreamPipeline:
         engine_ms = sum(result.timings_ms.values())
         event = FrameEvent(
             stream_id=self.opt.stream_id, result=result, new_points=integ.new_points, new_colors=integ.new_colors,
-            map_points=len(self.gmap), summary=summary, context=dict(context or {}), map_snapshot=snapshot,
+            map_points=len(self.gmap), summary=summary, context=dict(context or {}), map_snapshot=snapshot, loop=loop,
             metrics={"fps": self.fps(), "map_points": len(self.gmap), "conf_mean": float(result.conf_cam.mean()),
                      "latency_ms/total": engine_ms + source_ms + 1e3 * (t1 - t0)})
         for sink in self.sinks:
@@ -165,6 +179,21 @@ class StreamPipeline:
         if self.on_result is not None:
             self.on_result(result)
         return result
+
+    def _swap_map(self) -> bool:
+        """Adopt the map the loop closer rebuilt from the corrected keyframes (plus the frames of
+        this epoch since its newest keyframe)."""
+        m = self.stage.take_map() if hasattr(self.stage, "take_map") else None
+        if m is None:
+            return False
+        gmap = m.gmap
+        for epoch, r in self._since_kf:
+            if epoch == m.epoch and r.index > m.upto:
+                pts, conf = r.world_points(self.opt.map_points)
+                gmap.integrate(pts, r.colors, conf, r.index)
+        self.gmap = gmap
+        self.map_rebuilds += 1
+        return True
 
     def _wants_snapshot(self) -> bool:
         return any(getattr(s, "name", "") == "viewer" for s in self.sinks)
@@ -201,6 +230,37 @@ class StreamPipeline:
     def sink_stats(self) -> dict[str, Any]:
         return {s.name: s.stats.to_dict() for s in self.sinks if isinstance(s, BackgroundSink)}
 
+    def _final_keyframes(self, stamps: np.ndarray, poses: np.ndarray) -> tuple[Optional[tuple], Optional[dict]]:
+        """The keyframe poses after the last optimisation and, with ``--refine``, the global alignment."""
+        ids, S = self.stage.loop.keyframe_poses()
+        ids_ok = ids < len(stamps)
+        ids, S = ids[ids_ok], S[ids_ok]
+        keyframes = (stamps[ids], S) if len(ids) else None
+        from ..slam.refine import refine_keyframes, refined_trajectory
+
+        if len(ids) and self.stage.epoch:  # loops were closed: every frame moves with its keyframe
+            self.final_poses["optimized"] = refined_trajectory(poses, ids, poses[ids], S)
+        if not (self.stage.s.refine and len(ids) >= 3):
+            return keyframes, None
+
+        try:
+            res = refine_keyframes([e for e in self.stage.loop.entries() if e.kid < len(stamps)], self.stage.loop.loops)
+        except Exception as e:  # the online outputs are written whatever happens here
+            self.record_error(f"refine: {type(e).__name__}: {e}")
+            return keyframes, None
+        if res is None:
+            self.record_error("refine: too few keyframes or matched points for the global alignment")
+            return keyframes, None
+        T = refined_trajectory(poses, res.kf_ids, poses[res.kf_ids], res.poses)
+        self.final_poses["refined"] = T
+        gmap = type(self.gmap)(self.gmap.cfg)
+        gmap.integrate(res.map_xyz, res.map_rgb, res.map_conf, 0)
+        xyz, rgb, conf = gmap.points()
+        self.refine_stats = {"keyframes": len(res.kf_ids), "tracks": res.tracks, "observations": res.observations,
+                             "reprojection_px": [round(v, 3) for v in res.error_px], "ms": round(res.ms, 1)}
+        return keyframes, {"stamps": stamps, "poses": T, "map_xyz": xyz, "map_rgb": rgb, "map_conf": conf,
+                           "stats": self.refine_stats}
+
     def summary(self, stop_reason: str = "running", interrupted: bool = False, fatal: Optional[str] = None,
                 source: Optional[SourceCounts] = None, extra: Optional[dict[str, Any]] = None) -> RunSummary:
         """The summary as of now (``stop_reason="running"`` while the stream goes on)."""
@@ -216,9 +276,11 @@ class StreamPipeline:
             memory_mb={"peak_rss": round(peak_rss_mb(), 1), "rss_at_frame_10": self.rss_start,
                        "rss_now": round(rss_mb(), 1), "rss_samples": list(self.rss_samples),
                        "device_peak": device_peak_mb(self.engine.device)},
-            map={**self.gmap.stats(), "confidence_max": round(self.conf_max, 4)}, segments=self.segments_seen,
+            map={**self.gmap.stats(), "confidence_max": round(self.conf_max, 4), "rebuilds": self.map_rebuilds},
+            segments=self.segments_seen,
             frames_with_K_given=self.k_given, sinks=self.sink_stats(), in_progress=stop_reason == "running",
-            slam=self.stage.stats() if self.stage is not None else {"backend": "none"},
+            slam=({**self.stage.stats(), **({"refine": self.refine_stats} if self.refine_stats else {})}
+                  if self.stage is not None else {"backend": "none"}),
             interrupted=interrupted, stop_reason=stop_reason, fatal_error=fatal,
             extra={**self.opt.describe, **(extra or {})})
 
@@ -228,13 +290,20 @@ class StreamPipeline:
         and return the summary. A second call returns the first summary."""
         if self.closed is not None:
             return self.closed
+        stamps, poses = self.trajectory.arrays()
+        keyframes = refined = None
         if self.stage is not None:
+            self.stage.finish()  # the loop closer's queue drained, its last correction applied
+            if getattr(self.stage, "loop", None) is not None:
+                self.stage.poll()
+                self._swap_map()
+                keyframes, refined = self._final_keyframes(stamps, poses)
             self.stage.close()
         summary = self.summary(stop_reason, interrupted, fatal, source, extra)
         xyz, rgb, conf = self.gmap.points()
-        stamps, poses = self.trajectory.arrays()
         final = StreamClosed(stream_id=self.opt.stream_id, summary=summary.to_dict(), map_xyz=xyz, map_rgb=rgb,
-                             map_conf=conf, stamps=stamps, poses=poses)
+                             map_conf=conf, stamps=stamps, poses=poses, keyframes=keyframes, refined=refined,
+                             optimized=self.final_poses.get("optimized"))
         for sink in self.sinks:
             try:
                 sink.close(final)

@@ -44,6 +44,9 @@ class FrameEvent:
         summary: the running summary (a dict) when a periodic flush is due, else ``None``.
         context: what the caller knew of the frame beyond the result (``serve``: ``recv_ns``,
             ``stamp_ns`` of the wire message), passed through untouched.
+        loop: when a loop closure was applied just before this frame (``--backend slam``):
+            ``{"edges": (E, 2, 3) float32 keyframe positions of every loop edge so far,
+            "keyframes": (K, 3) float32 corrected keyframe positions, "edge": (i, j, inliers)}``.
     """
 
     stream_id: str
@@ -55,6 +58,7 @@ class FrameEvent:
     map_snapshot: Optional[tuple[np.ndarray, np.ndarray]] = None
     summary: Optional[dict[str, Any]] = None
     context: dict[str, Any] = field(default_factory=dict)
+    loop: Optional[dict[str, Any]] = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,12 @@ class StreamClosed:
         summary: the final summary as a dict (``RunSummary.to_dict()``).
         map_xyz, map_rgb, map_conf: the global map ``(N, 3)`` float32, ``(N, 3)`` uint8, ``(N,)`` float32.
         stamps: ``(F,)`` capture times; poses: ``(F, 4, 4)`` camera-to-world ``T_wc``, global frame.
+        keyframes: ``(stamps (K,), S_wk (K, 4, 4))`` the SLAM backend's keyframe poses after its
+            last optimisation (``None`` without it).
+        optimized: ``(F, 4, 4)`` with loop closures: every frame's pose moved with its keyframe after
+            the last optimisation (``None`` when no loop was closed).
+        refined: ``--refine``'s outputs: ``{"stamps", "poses" (F, 4, 4), "map_xyz", "map_rgb",
+            "map_conf", "stats"}`` (``None`` without it).
     """
 
     stream_id: str
@@ -75,6 +85,9 @@ class StreamClosed:
     map_conf: np.ndarray
     stamps: np.ndarray
     poses: np.ndarray
+    keyframes: Optional[tuple] = None
+    refined: Optional[dict] = None
+    optimized: Optional[np.ndarray] = None
 
 
 @runtime_checkable

@@ -61,6 +61,14 @@ def json_default(o: Any) -> Any:
     return str(o)
 
 
+def _rigid(S: np.ndarray) -> np.ndarray:
+    """``(K, 4, 4)`` Sim(3) keyframe poses -> their ``T_wc`` (the scale divided out of the rotation)."""
+    out = np.array(S, np.float64, copy=True)
+    s = np.cbrt(np.linalg.det(out[:, :3, :3]))
+    out[:, :3, :3] /= s[:, None, None]
+    return out
+
+
 def write_map_files(directory: Path, xyz: np.ndarray, rgb: np.ndarray, conf: np.ndarray, poses: np.ndarray) -> list[str]:
     """``map.ply`` and ``map.glb`` (with the camera path of ``poses`` ``(F, 4, 4)`` ``T_wc``), atomically."""
     write_ply(directory / "map.ply", xyz, rgb, conf)
@@ -144,7 +152,28 @@ class FileSink:
             self._sync_trajectory()
             self._traj.close()
 
-        for name, fn in (("trajectory", trajectory), ("map", map_files)):
+        def keyframes() -> None:
+            if final.keyframes is not None and len(final.keyframes[0]):
+                atomic_write_text(self.dir / "keyframes.txt", TUM_HEADER + tum_lines(final.keyframes[0],
+                                                                                      _rigid(final.keyframes[1])))
+                self.written.add("keyframes.txt")
+
+        def optimized() -> None:
+            if final.optimized is not None:
+                atomic_write_text(self.dir / "trajectory_optimized.txt", TUM_HEADER + tum_lines(final.stamps,
+                                                                                                 final.optimized))
+                self.written.add("trajectory_optimized.txt")
+
+        def refined() -> None:
+            ref = final.refined
+            if ref is None:
+                return
+            atomic_write_text(self.dir / "trajectory_refined.txt", TUM_HEADER + tum_lines(ref["stamps"], ref["poses"]))
+            write_ply(self.dir / "map_refined.ply", ref["map_xyz"], ref["map_rgb"], ref["map_conf"])
+            self.written.update({"trajectory_refined.txt", "map_refined.ply"})
+
+        for name, fn in (("trajectory", trajectory), ("map", map_files), ("keyframes", keyframes), ("optimized", optimized),
+                         ("refined", refined)):
             try:
                 fn()
             except Exception as e:  # e.g. disk full: report, keep writing the others

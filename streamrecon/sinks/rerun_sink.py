@@ -11,6 +11,8 @@ Entity layout (OpenCV world, ``RIGHT_HAND_Y_DOWN``)::
     world/map/global            the whole voxel map, re-logged every ``consolidate_every`` frames
     world/trajectory            camera path, one segment per frame (accumulated)
     world/keyframes             keyframe positions of the geometric backend (--backend track)
+    world/keyframes_corrected   keyframe positions after the latest loop closure (--backend slam)
+    world/loops                 loop-closure edges between keyframes (--backend slam)
     world/virtual/<name>        raymap probes: Transform3D + Pinhole + predicted image and points
     metrics/...                 per-frame scalars (fps, latency per stage, map size, confidence;
                                 tracking/state 0 lost 1 weak 2 ok, tracking/inliers)
@@ -190,6 +192,8 @@ class RerunSink:
 
     def on_frame(self, event: FrameEvent) -> None:
         self.log_frame(event.result, event.new_points, event.new_colors, event.metrics)
+        if event.loop is not None:
+            self.log_loop(event.loop)
         if event.map_snapshot is not None:
             self.log_map(event.result.index, *event.map_snapshot)
 
@@ -251,6 +255,16 @@ class RerunSink:
                                                          f"{tr.inliers}/{tr.tracked} inliers)",
                                                          level="WARN" if tr.state == "lost" else "INFO"))
         self._frames += 1
+
+    def log_loop(self, loop: dict) -> None:
+        """A loop closure: every loop edge so far, the corrected keyframes, a log line."""
+        rr = self.rr
+        self.rec.log(f"{self.p}world/loops", rr.LineStrips3D(list(loop["edges"]), colors=[255, 0, 200]))
+        self.rec.log(f"{self.p}world/keyframes", rr.Clear(recursive=False))
+        self.rec.log(f"{self.p}world/keyframes_corrected", rr.Points3D(loop["keyframes"], colors=[[0, 160, 255]],
+                                                                       radii=-4.0))
+        i, j, n = loop["edge"]
+        self.rec.log(f"{self.p}log", rr.TextLog(f"loop closed: keyframe {j} <-> {i} ({n} inliers)", level="INFO"))
 
     def log_map(self, index: int, xyz: np.ndarray, rgb: np.ndarray) -> None:
         """Consolidate: the whole map to ``world/map/global``, per-frame points cleared."""

@@ -12,6 +12,11 @@
   ``T_wc`` are the tracked ones. The network's own values stay in ``K``; ``tracking`` says how the
   pose was found.
 
+With ``backend="slam"`` every new keyframe also goes to the loop closer
+(:class:`~streamrecon.slam.loop.LoopCloser`, a background thread): when it closes a loop, the
+correction reaches the tracker at the next frame (the stream continues in the corrected world) and
+the map rebuilt from the keyframe clouds is offered to the pipeline (:meth:`take_map`).
+
 With ``backend="none"`` and no known intrinsics the result is passed through untouched.
 When tracking is lost, the pose is the last good pose moved by the network's own relative motion
 (scaled by the depth scale), and tracking restarts at that frame.
@@ -30,6 +35,7 @@ import numpy as np
 from ..frames import Frame, FrameResult, TrackingInfo
 from ..settings import SlamSettings
 from .calib import Calibration, Undistorter, parse_intrinsics, read_calibration
+from .loop import Correction, KeyframeInput, LoopCloser, LoopConfig, MapRebuild
 from .tracker import Tracker, TrackerConfig, _inv
 
 __all__ = ["GeometryStage", "calibration_from_settings"]
@@ -52,11 +58,24 @@ class GeometryStage:
     """
 
     def __init__(self, settings: SlamSettings, calibration: Optional[Calibration] = None,
-                 tracker: Optional[TrackerConfig] = None) -> None:
+                 tracker: Optional[TrackerConfig] = None, loop: Optional[LoopConfig] = None,
+                 map_factory=None, loop_sync: bool = False) -> None:
         self.s = settings
         self.cal = calibration if calibration is not None else calibration_from_settings(settings)
         self.undistort = Undistorter(self.cal) if self.cal is not None and self.cal.distorted else None
-        self.tracker = Tracker(tracker or TrackerConfig()) if settings.resolved_backend() == "track" else None
+        backend = settings.resolved_backend()
+        self.tracker = Tracker(tracker or TrackerConfig()) if backend in ("track", "slam") else None
+        self.loop: Optional[LoopCloser] = None
+        if backend == "slam" or (settings.refine and self.tracker is not None):
+            # refine reads the keyframe database; without slam it is kept but never closes loops
+            cfg = loop or LoopConfig(place=settings.place)
+            if backend != "slam":
+                cfg = replace(cfg, min_gap=10 ** 9, rebuild_map=False)
+            self.loop = LoopCloser(cfg, map_factory=map_factory, sync=loop_sync)
+        self.epoch = 0  # loop-closure corrections applied
+        self.corrections: list[Correction] = []
+        self._map: Optional[MapRebuild] = None
+        self._new_loop: Optional[Correction] = None
         self._focals: deque = deque(maxlen=101)
         self._checked: set[tuple[int, int]] = set()
         self.states: Counter = Counter()
@@ -100,16 +119,76 @@ class GeometryStage:
             return r
         K0 = self._intrinsics(r)
         K_model = r.crop.K_to_model(K0)
-        scale, T_wc, info = 1.0, r.T_wc, None
+        scale, T_wc, info, kf = 1.0, r.T_wc, None, None
+        if self.loop is not None:
+            self._poll_loop()
         if self.tracker is not None:
             if frame is None:
                 raise ValueError("the tracking backend needs the frame's image")
-            T_wc, scale, info = self._track(r, frame, K0)
+            T_wc, scale, info, kf = self._track(r, frame, K0)
         depth = r.depth * np.float32(scale)
         pts_cam = (self._rays(r.depth.shape, K_model) * depth[..., None]).astype(np.float32)
         R, t = T_wc[:3, :3].astype(np.float32), T_wc[:3, 3].astype(np.float32)
-        return replace(r, T_wc=T_wc, points_cam=pts_cam, points_world_pose=pts_cam @ R.T + t, depth=depth,
-                       K_used=K0, tracking=info)
+        out = replace(r, T_wc=T_wc, points_cam=pts_cam, points_world_pose=pts_cam @ R.T + t, depth=depth,
+                      K_used=K0, tracking=info)
+        if kf is not None and self.loop is not None:
+            self._submit_keyframe(out, kf)
+        return out
+
+    def _poll_loop(self) -> None:
+        for item in self.loop.poll():
+            if isinstance(item, Correction):
+                self.tracker.apply_correction(item.C)
+                if self._T_prev is not None:
+                    from .sim3 import sim3_parts
+
+                    Rc, tc, sc = sim3_parts(item.C)
+                    T = np.eye(4)
+                    T[:3, :3], T[:3, 3] = Rc @ self._T_prev[:3, :3], sc * (Rc @ self._T_prev[:3, 3]) + tc
+                    self._T_prev = T
+                self.epoch = item.epoch
+                self.corrections.append(item)
+                self._new_loop = item
+                del self.corrections[:-100]
+            elif isinstance(item, MapRebuild):
+                self._map = item
+
+    def poll(self) -> None:
+        """Take what the loop closer has finished (also done at every :meth:`process`)."""
+        if self.loop is not None:
+            self._poll_loop()
+
+    def take_loop(self) -> Optional[dict]:
+        """The loop closure applied at the latest :meth:`process`, for the viewer (``FrameEvent.loop``), once."""
+        c, self._new_loop = self._new_loop, None
+        if c is None:
+            return None
+        pos = {k: S[:3, 3] for k, S in c.poses.items()}
+        edges = [np.stack([pos[e.i], pos[e.j]]) for e in self.loop.loops if e.i in pos and e.j in pos]
+        return {"edges": np.asarray(edges, np.float32).reshape(-1, 2, 3),
+                "keyframes": np.asarray([pos[k] for k in sorted(pos)], np.float32).reshape(-1, 3),
+                "edge": (c.edge.i, c.edge.j, c.edge.inliers)}
+
+    def take_map(self) -> Optional[MapRebuild]:
+        """The map rebuilt after the latest loop closure, once (``None`` when there is none new)."""
+        m, self._map = self._map, None
+        if m is not None and m.epoch != self.epoch:
+            return None  # a newer correction is on its way: its own rebuild follows
+        return m
+
+    def _submit_keyframe(self, out: FrameResult, kf: tuple) -> None:
+        grey, Kt, depth_at, scale = kf
+        tr = self.tracker
+        Tk = out.T_wc
+        lm_X = (tr.X - Tk[:3, 3]) @ Tk[:3, :3]  # world -> this keyframe's camera
+        lm_X[~tr.geo] = np.nan  # only triangulated points are landmarks (the network's depth may be poor)
+        st = 4
+        cloud = out.points_cam[::st, ::st].reshape(-1, 3)
+        self.loop.submit(KeyframeInput(
+            kid=out.index, epoch=self.epoch, T_wc=out.T_wc.copy(), grey=grey, K=Kt,
+            depth_at=lambda px, f=depth_at, s=scale: f(px) * s, cloud=cloud,
+            colors=out.colors[::st, ::st].reshape(-1, 3), conf=out.conf_cam[::st, ::st].reshape(-1),
+            descriptor=out.descriptor, lm_px=tr.cur.copy(), lm_X=lm_X, lm_ids=tr.tid.copy()))
 
     def _rays(self, hw: tuple[int, int], K: np.ndarray) -> np.ndarray:
         """``(H, W, 3)`` rays ``K^-1 [u, v, 1]`` of the model pixels (cached while ``K`` and the size stay)."""
@@ -121,7 +200,7 @@ class GeometryStage:
             self._rays_key = key
         return self._rays_cache
 
-    def _track(self, r: FrameResult, frame: Frame, K0: np.ndarray) -> tuple[np.ndarray, float, TrackingInfo]:
+    def _track(self, r: FrameResult, frame: Frame, K0: np.ndarray) -> tuple[np.ndarray, float, TrackingInfo, Optional[tuple]]:
         import cv2
 
         t0 = time.perf_counter()
@@ -161,12 +240,21 @@ class GeometryStage:
         ms = 1e3 * (time.perf_counter() - t0)
         self.track_ms.append(ms)
         info = TrackingInfo(**{f.name: getattr(res, f.name) for f in fields(TrackingInfo)} | {"ms": ms})
-        return res.T_wc, float(res.depth_scale or 1.0), info
+        scale = float(res.depth_scale or 1.0)
+        kf = (grey, Kt, depth_at, scale) if res.keyframe and res.state != "lost" else None
+        return res.T_wc, scale, info, kf
+
+    def finish(self) -> None:
+        """End of stream: let the loop closer process the keyframes it was handed."""
+        if self.loop is not None:
+            self.loop.flush()
 
     def close(self) -> None:
-        """Stop the tracker's background optimiser (if any)."""
+        """Stop the tracker's and the loop closer's background threads (if any)."""
         if self.tracker is not None and hasattr(self.tracker, "close"):
             self.tracker.close()
+        if self.loop is not None:
+            self.loop.close()
 
     def stats(self) -> dict[str, Any]:
         """For ``summary.json`` and the status heartbeat."""
@@ -181,4 +269,6 @@ class GeometryStage:
                        track_ms_p50=round(float(np.percentile(ms, 50)), 3),
                        track_ms_p99=round(float(np.percentile(ms, 99)), 3),
                        local_ba=dict(getattr(self.tracker, "ba_stats", {}) or {}))
+        if self.loop is not None:
+            out["loop_closure"] = self.loop.to_dict() | {"corrections_applied": self.epoch}
         return out

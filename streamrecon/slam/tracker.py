@@ -386,6 +386,40 @@ class Tracker:
         if self._ba_worker is not None:
             self._ba_worker.discard()
 
+    def apply_correction(self, C: np.ndarray) -> None:
+        """Move the whole tracking state onto a corrected world ``x' = C x`` (``C`` a ``(4, 4)`` Sim(3),
+        from loop closure): poses, points, keyframe records, the bundle-adjustment window, and the
+        depth scale (times ``C``'s scale). A bundle adjustment in flight is discarded (stale)."""
+        from .sim3 import sim3_parts
+
+        R, t, s = sim3_parts(C)
+
+        def pose(T: np.ndarray) -> np.ndarray:
+            out = np.eye(4)
+            out[:3, :3] = R @ T[:3, :3]
+            out[:3, 3] = s * (R @ T[:3, 3]) + t
+            return out
+
+        def points(X: np.ndarray) -> np.ndarray:
+            return s * (X @ R.T) + t  # NaN rows stay NaN
+
+        if self.T_prev is not None:
+            self.T_prev = pose(self.T_prev)
+        if self.kf_T is not None:
+            self.kf_T = pose(self.kf_T)
+        self.X = points(self.X)
+        self._pt_X = points(self._pt_X)
+        for kf in self._win:
+            kf["T_wc"] = pose(kf["T_wc"])
+        for n, rec in enumerate(self.keyframes):
+            self.keyframes[n] = replace(rec, T_wc=pose(rec.T_wc), depth_scale=rec.depth_scale * s)
+        if self.scale is not None:
+            self.scale *= s
+        self._epoch += 1
+        self._ba_ready = None
+        if self._ba_worker is not None:
+            self._ba_worker.discard()
+
     def close(self) -> None:
         """Stop the bundle-adjustment thread (it is a daemon thread: optional)."""
         if self._ba_worker is not None:
