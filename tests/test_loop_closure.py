@@ -324,3 +324,20 @@ def test_slam_pipeline_on_real_video_closes_the_loop_and_writes_refined_outputs(
         e = ate(traj, seq.T_wc, True)["percent_of_path"]
         assert e < 5.0 and 3 * e < e_none, (name, e, e_none)
     assert (tmp_path / "none" / "trajectory.txt").is_file() and not (tmp_path / "none" / "keyframes.txt").exists()
+
+
+def test_refined_trajectory_does_not_correct_a_frame_twice():
+    """A frame emitted after the stage applied a correction already carries it: its keyframe's online
+    pose is brought into the frame's epoch first."""
+    C = sim3(_rot([0, 0.3, 0]), [0.5, 0, 0], 1.2)
+    kf = sim3(np.eye(3), [1.0, 0, 0])
+    frame_before = sim3(np.eye(3), [1.1, 0, 0])  # epoch 0, like its keyframe
+    frame_after = C @ sim3(np.eye(3), [1.2, 0, 0])  # emitted in epoch 1 (already corrected)
+    R, t, s = sim3_parts(frame_after)
+    frame_after = sim3(R, t, 1.0)
+    poses = np.stack([kf, frame_before, frame_after])
+    final_kf = C @ kf  # the pose graph agrees with the correction: nothing more should move
+    out = refined_trajectory(poses, np.array([0]), poses[[0]], final_kf[None], np.array([0, 0, 1]), {1: C})
+    np.testing.assert_allclose(out[2], poses[2], atol=1e-9)  # not corrected twice
+    Rc, tc, sc = sim3_parts(C)
+    np.testing.assert_allclose(out[1, :3, 3], sc * Rc @ poses[1, :3, 3] + tc, atol=1e-9)  # corrected once

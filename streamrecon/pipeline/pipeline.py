@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from array import array
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence
@@ -88,8 +89,13 @@ class StreamPipeline:
         # "refined" (--refine), (F, 4, 4) T_wc each
         self.final_poses: dict[str, np.ndarray] = {}  # maps swapped in after a loop closure
         loop = getattr(self.stage, "loop", None) if self.stage is not None else None
-        # with loop closure: the last results, re-integrated into a map rebuilt from keyframes
-        self._since_kf: deque = deque(maxlen=64 if loop is not None else 0)
+        closes = loop is not None and loop.cfg.rebuild_map and loop.map_factory is not None
+        # with loop closure: the last frames' map points (strided, confident; their epoch and index),
+        # re-integrated into a map rebuilt from keyframes
+        self._since_kf: deque = deque(maxlen=64 if closes else 0)
+        self._map_epoch = 0  # the loop-closure epoch the map is in
+        self._rows = array("q")  # result.index of every trajectory row
+        self._row_epochs = array("i")  # the loop-closure epoch each row was emitted in
 
     # ------------------------------------------------------------------------------------------
 
@@ -136,8 +142,10 @@ class StreamPipeline:
         pts, conf = result.world_points(self.opt.map_points)
         integ = self.gmap.integrate(pts, result.colors, conf, result.index)
         if self._since_kf.maxlen:
-            self._since_kf.append((self.stage.epoch, result))
+            self._since_kf.append(self._map_chunk(result))
         self.trajectory.append(result.stamp, result.T_wc)
+        self._rows.append(result.index)
+        self._row_epochs.append(getattr(self.stage, "epoch", 0) if self.stage is not None else 0)
         self.processed += 1
         self.segments_seen = result.segment + 1
         if result.K_given is not None:
@@ -180,20 +188,51 @@ class StreamPipeline:
             self.on_result(result)
         return result
 
+    def _map_chunk(self, r: FrameResult) -> tuple:
+        """``(epoch, index, points, colours, conf)`` of a frame as the map takes it (strided, confident)."""
+        pts, conf = r.world_points(self.opt.map_points)
+        st = self.gmap.cfg.pixel_stride
+        pts, col, conf = pts[::st, ::st].reshape(-1, 3), r.colors[::st, ::st].reshape(-1, 3), conf[::st, ::st].reshape(-1)
+        keep = conf > self.gmap.cfg.conf_thresh
+        return self.stage.epoch, r.index, pts[keep].copy(), col[keep].copy(), conf[keep].copy()
+
+    def _readd_recent(self, gmap, upto: int, epoch: int) -> None:
+        """Integrate the buffered frames newer than keyframe ``upto`` into ``gmap`` (world of ``epoch``),
+        each brought through the corrections it was emitted before."""
+        corr = self.stage.correction_of
+        for ep, index, pts, col, conf in self._since_kf:
+            if index <= upto:
+                continue
+            X = pts.astype(np.float64)
+            for e in range(ep + 1, epoch + 1):
+                if e in corr:
+                    X = X @ corr[e][:3, :3].T + corr[e][:3, 3]
+            gmap.integrate(X.astype(np.float32), col, conf, index)
+
     def _swap_map(self) -> bool:
-        """Adopt the map the loop closer rebuilt from the corrected keyframes (plus the frames of
-        this epoch since its newest keyframe)."""
+        """Adopt the map the loop closer rebuilt from the corrected keyframes (plus the frames since its
+        newest keyframe)."""
         m = self.stage.take_map() if hasattr(self.stage, "take_map") else None
         if m is None:
             return False
-        gmap = m.gmap
-        for epoch, r in self._since_kf:
-            if epoch == m.epoch and r.index > m.upto:
-                pts, conf = r.world_points(self.opt.map_points)
-                gmap.integrate(pts, r.colors, conf, r.index)
-        self.gmap = gmap
+        self._readd_recent(m.gmap, m.upto, m.epoch)
+        self.gmap = m.gmap
+        self._map_epoch = m.epoch
         self.map_rebuilds += 1
         return True
+
+    def _final_map(self) -> None:
+        """End of stream: if a loop was closed after the last rebuild (while the queue drained),
+        rebuild from the final keyframe database now, so the map is in the final world."""
+        loop = self.stage.loop
+        if not self._since_kf.maxlen or self.stage.epoch == self._map_epoch:
+            return
+        ids, _ = loop.keyframe_poses()
+        gmap = loop.rebuild_map(loop.map_factory())
+        self._readd_recent(gmap, int(ids[-1]) if len(ids) else -1, self.stage.epoch)
+        self.gmap = gmap
+        self._map_epoch = self.stage.epoch
+        self.map_rebuilds += 1
 
     def _wants_snapshot(self) -> bool:
         return any(getattr(s, "name", "") == "viewer" for s in self.sinks)
@@ -232,26 +271,28 @@ class StreamPipeline:
 
     def _final_keyframes(self, stamps: np.ndarray, poses: np.ndarray) -> tuple[Optional[tuple], Optional[dict]]:
         """The keyframe poses after the last optimisation and, with ``--refine``, the global alignment."""
-        ids, S = self.stage.loop.keyframe_poses()
-        ids_ok = ids < len(stamps)
-        ids, S = ids[ids_ok], S[ids_ok]
-        keyframes = (stamps[ids], S) if len(ids) else None
         from ..slam.refine import refine_keyframes, refined_trajectory
 
-        if len(ids) and self.stage.epoch:  # loops were closed: every frame moves with its keyframe
-            self.final_poses["optimized"] = refined_trajectory(poses, ids, poses[ids], S)
-        if not (self.stage.s.refine and len(ids) >= 3):
+        ids, S = self.stage.loop.keyframe_poses()
+        rows_all = np.frombuffer(self._rows, np.int64) if len(self._rows) else np.zeros(0, np.int64)
+        epochs = np.frombuffer(self._row_epochs, np.int32) if len(self._row_epochs) else np.zeros(0, np.int32)
+        # a keyframe's id is its result.index; the trajectory row is where that index was consumed
+        pos = np.clip(np.searchsorted(rows_all, ids), 0, max(0, len(rows_all) - 1))
+        found = (rows_all[pos] == ids) if len(rows_all) else np.zeros(len(ids), bool)
+        ids, S, rows = ids[found], S[found], pos[found]
+        keyframes = (stamps[rows], S) if len(rows) else None
+        corr = self.stage.correction_of
+        if len(rows) and self.stage.epoch:  # loops were closed: every frame moves with its keyframe
+            self.final_poses["optimized"] = refined_trajectory(poses, rows, poses[rows], S, epochs, corr)
+        if not (self.stage.s.refine and len(rows) >= 3):
             return keyframes, None
-
-        try:
-            res = refine_keyframes([e for e in self.stage.loop.entries() if e.kid < len(stamps)], self.stage.loop.loops)
-        except Exception as e:  # the online outputs are written whatever happens here
-            self.record_error(f"refine: {type(e).__name__}: {e}")
-            return keyframes, None
+        keep = set(ids.tolist())
+        res = refine_keyframes([e for e in self.stage.loop.entries() if e.kid in keep], self.stage.loop.loops)
         if res is None:
             self.record_error("refine: too few keyframes or matched points for the global alignment")
             return keyframes, None
-        T = refined_trajectory(poses, res.kf_ids, poses[res.kf_ids], res.poses)
+        rrows = pos[found][np.searchsorted(ids, res.kf_ids)]
+        T = refined_trajectory(poses, rrows, poses[rrows], res.poses, epochs, corr)
         self.final_poses["refined"] = T
         gmap = type(self.gmap)(self.gmap.cfg)
         gmap.integrate(res.map_xyz, res.map_rgb, res.map_conf, 0)
@@ -293,12 +334,18 @@ class StreamPipeline:
         stamps, poses = self.trajectory.arrays()
         keyframes = refined = None
         if self.stage is not None:
-            self.stage.finish()  # the loop closer's queue drained, its last correction applied
-            if getattr(self.stage, "loop", None) is not None:
-                self.stage.poll()
-                self._swap_map()
-                keyframes, refined = self._final_keyframes(stamps, poses)
-            self.stage.close()
+            try:
+                # the loop closer's queue drained (briefly when interrupted), its last correction applied
+                self.stage.finish(timeout=5.0 if interrupted or fatal else 60.0)
+                if getattr(self.stage, "loop", None) is not None:
+                    self.stage.poll()
+                    self._swap_map()
+                    self._final_map()
+                    keyframes, refined = self._final_keyframes(stamps, poses)
+            except Exception as e:  # the online outputs are written whatever happens here
+                self.record_error(f"loop closure / refine at close: {type(e).__name__}: {e}")
+            finally:
+                self.stage.close()
         summary = self.summary(stop_reason, interrupted, fatal, source, extra)
         xyz, rgb, conf = self.gmap.points()
         final = StreamClosed(stream_id=self.opt.stream_id, summary=summary.to_dict(), map_xyz=xyz, map_rgb=rgb,

@@ -226,11 +226,17 @@ class LoopCloser:
         t_end = time.monotonic() + timeout
         while self._q.unfinished_tasks and time.monotonic() < t_end:
             time.sleep(0.005)
+        if self._q.unfinished_tasks:
+            _logger.warning("loop closure: %d keyframes still queued after %.0f s; the outputs leave them out",
+                            self._q.unfinished_tasks, timeout)
         return not self._q.unfinished_tasks
 
     def close(self) -> None:
         if self._thread is not None:
-            self._q.put(None)
+            try:
+                self._q.put(None, timeout=30)
+            except queue.Full:  # the thread is stuck: it is a daemon, leave it
+                _logger.warning("loop closure: the thread did not take the stop request")
             self._thread.join(timeout=30)
             self._thread = None
 
@@ -314,6 +320,10 @@ class LoopCloser:
     def _process(self, kf: KeyframeInput) -> None:
         t0 = time.perf_counter()
         T = self._bring_forward(np.asarray(kf.T_wc, np.float64), kf.epoch)
+        if not np.isfinite(T).all():
+            self.stats.errors += 1
+            self.stats.last_error = f"keyframe {kf.kid}: non-finite pose (skipped)"
+            return
         px, desc, pts = self._features(kf)
         cloud, colors, conf = self._cloud(kf)
         lm_px, lm_X, lm_desc, lm_ids = self._landmarks(kf)
@@ -322,13 +332,14 @@ class LoopCloser:
         with self._lock:
             self.db[kf.kid] = e
             self.order.append(kf.kid)
-        self.places.add(kf.kid, desc if self.cfg.place == "bow" else kf.descriptor)
+        q = desc if self.cfg.place == "bow" else kf.descriptor
+        if q is not None:
+            self.places.add(kf.kid, q)
         self.stats.processed += 1
         n = len(self.order)
-        if n > self.cfg.min_gap and n - self._last_closure_at > self.cfg.min_interval:
+        if q is not None and n > self.cfg.min_gap and self.stats.processed - self._last_closure_at > self.cfg.min_interval:
             self.stats.queries += 1
             before = self.order[-self.cfg.min_gap]
-            q = desc if self.cfg.place == "bow" else kf.descriptor
             for cand, _score in self.places.query(q, before=before, top=self.cfg.candidates, reference=prev):
                 self.stats.candidates += 1
                 edge = self._verify(self.db[cand], e)
@@ -339,7 +350,7 @@ class LoopCloser:
                     continue
                 self.stats.verified += 1
                 if self._close(edge):
-                    self._last_closure_at = n
+                    self._last_closure_at = self.stats.processed
                     break
         if len(self.order) > self.cfg.max_keyframes:
             self._cull()
@@ -362,7 +373,7 @@ class LoopCloser:
         have a finite ``lm_X``). a's triangulated corners are matched to all of b's (ratio test,
         mutual); PnP RANSAC (``pnp_px``) gives the rotation and translation in a's units; the
         relative scale is the median ratio of distances from b's camera of the inliers b has
-        triangulated too (a's moved into b vs b's own; 1 when fewer than 8). The network's depth
+        triangulated too (a's moved into b vs b's own; fewer than 8: refused). The network's depth
         takes no part: a loop is as right as the tracker's geometry, whatever the weights.
         """
         import cv2
@@ -388,8 +399,10 @@ class LoopCloser:
         Xa_b = Xa[inl] @ R.T + t
         Xb = b.lm_X[ib[inl]].astype(np.float64)
         good = np.isfinite(Xb).all(1) & (Xb[:, 2] > 0) & (Xa_b[:, 2] > 0)
-        s = float(np.median(np.linalg.norm(Xa_b[good], axis=1) / np.linalg.norm(Xb[good], axis=1))) \
-            if good.sum() >= 8 else 1.0
+        if good.sum() < 8:  # no shared landmarks: the relative scale is unknown, and a monocular graph needs it
+            self.stats.rejected += 1
+            return None
+        s = float(np.median(np.linalg.norm(Xa_b[good], axis=1) / np.linalg.norm(Xb[good], axis=1)))
         if not (0.2 < s < 5.0):
             self.stats.rejected += 1
             return None
@@ -421,9 +434,18 @@ class LoopCloser:
             self.stats.errors += 1
             self.stats.last_error = f"pose graph: {type(e).__name__}: {e}"
             return False
-        self.loops.append(edge)
         newest = ids[-1]
-        C = res.poses[newest] @ sim3_inv(old[newest])
+        try:
+            if not all(np.isfinite(P).all() for P in res.poses.values()):
+                raise ValueError("non-finite poses")
+            C = res.poses[newest] @ sim3_inv(old[newest])
+            _, _, s = sim3_parts(C)
+        except (ValueError, np.linalg.LinAlgError) as e:
+            self.stats.errors += 1
+            self.stats.last_error = f"pose graph: {e}"
+            return False
+        self.loops.append(edge)
+        del self.loops[:-200]  # bounded: the newest loop edges
         with self._lock:
             for k in ids:
                 self.db[k].S_wk = res.poses[k]
@@ -434,7 +456,7 @@ class LoopCloser:
         st.graph_ms_total += res.ms
         st.graph_ms_max = max(st.graph_ms_max, res.ms)
         st.edges.append((edge.i, edge.j, edge.inliers))
-        _, _, s = sim3_parts(C)
+        del st.edges[:-50]
         _logger.info("loop closed: keyframe %d <-> %d (%d inliers), correction %.3f m, scale %.3f, graph %.0f ms",
                      edge.j, edge.i, edge.inliers, float(np.linalg.norm(C[:3, 3])), s, res.ms)
         self._out.put(Correction(self.epoch, C, edge, dict(res.poses), res.ms, res.initial_error, res.final_error))
@@ -448,16 +470,19 @@ class LoopCloser:
 
     def rebuild_map(self, gmap, poses: Optional[dict] = None):
         """Integrate every keyframe cloud at its pose (``poses``: id -> ``S_wk``, default the database's)."""
-        for n, e in enumerate(self.entries()):
+        for e in self.entries():
             S = e.S_wk if poses is None else poses.get(e.kid, e.S_wk)
             X = e.cloud.astype(np.float32) @ S[:3, :3].T.astype(np.float32) + S[:3, 3].astype(np.float32)
-            gmap.integrate(X, e.colors, e.conf.astype(np.float32), n)
+            gmap.integrate(X, e.colors, e.conf.astype(np.float32), e.kid)
         return gmap
 
     def _cull(self) -> None:
         used = {k for ed in self.loops for k in (ed.i, ed.j)}
         half = self.order[: len(self.order) // 2]
         drop = {k for n, k in enumerate(half) if n % 2 == 1 and k not in used}
+        if len(self.order) - len(drop) > self.cfg.max_keyframes:  # a route revisited again and again
+            drop = {k for n, k in enumerate(half) if n % 2 == 1}
+            self.loops = [e for e in self.loops if e.i not in drop and e.j not in drop]
         if not drop:
             return
         with self._lock:

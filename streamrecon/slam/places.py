@@ -94,7 +94,8 @@ class PlaceDatabase:
         if self.vocab is None:
             self._pending.append((kid, desc))
             if len(self._pending) >= self.vocab_keyframes:
-                allx = np.concatenate([d for _, d in self._pending if d is not None and len(d)])
+                parts = [d for _, d in self._pending if d is not None and len(d)]
+                allx = np.concatenate(parts) if parts else np.zeros((0, 32), np.uint8)
                 if len(allx) >= 8:
                     self.vocab = BowVocabulary(allx, self.n_words)
                     self._df = np.zeros(len(self.vocab))

@@ -214,21 +214,32 @@ def refine_keyframes(entries: Sequence[KeyframeEntry], loops: Sequence[LoopEdge]
                         (float(np.nanmedian(before)), err_after), ms)
 
 
-def refined_trajectory(poses: np.ndarray, kf_ids: np.ndarray, kf_online: np.ndarray, kf_refined: np.ndarray) -> np.ndarray:
-    """Every frame's ``T_wc`` moved with its reference keyframe.
+def refined_trajectory(poses: np.ndarray, kf_rows: np.ndarray, kf_online: np.ndarray, kf_new: np.ndarray,
+                       frame_epochs: Optional[np.ndarray] = None, corrections: Optional[dict] = None) -> np.ndarray:
+    """Every frame's ``T_wc`` moved with its reference keyframe (the newest at or before it).
 
     Args:
-        poses: ``(F, 4, 4)`` the online trajectory (row ``n`` = processed frame ``n``).
-        kf_ids: ``(K,)`` keyframe frame indices, increasing; kf_online: ``(K, 4, 4)`` their ``S_wk`` as
-            the correction applies to (the online poses' world); kf_refined: ``(K, 4, 4)`` refined ``S_wk``.
+        poses: ``(F, 4, 4)`` the online trajectory, one row per frame.
+        kf_rows: ``(K,)`` the keyframes' rows in ``poses``, increasing.
+        kf_online: ``(K, 4, 4)`` their poses as emitted (``poses[kf_rows]``); kf_new: ``(K, 4, 4)``
+            their revised ``S_wk``.
+        frame_epochs: ``(F,)`` the loop-closure epoch each frame was emitted in; with
+            ``corrections`` (epoch ``e`` -> the Sim(3) ``C`` that started it) a keyframe's online
+            pose is first brought into its frame's epoch, so a frame already corrected online is
+            not corrected twice.
     """
     out = poses.copy()
-    if len(kf_ids) == 0:
+    if len(kf_rows) == 0:
         return out
-    ref = np.searchsorted(kf_ids, np.arange(len(poses)), side="right") - 1
+    ref = np.maximum(np.searchsorted(kf_rows, np.arange(len(poses)), side="right") - 1, 0)
     for n in range(len(poses)):
-        k = max(0, ref[n])
-        C = kf_refined[k] @ sim3_inv(kf_online[k])
+        k = ref[n]
+        T_k = kf_online[k]
+        if frame_epochs is not None and corrections:
+            for e in range(int(frame_epochs[kf_rows[k]]) + 1, int(frame_epochs[n]) + 1):
+                if e in corrections:
+                    T_k = corrections[e] @ T_k
+        C = kf_new[k] @ sim3_inv(T_k)
         R, t, s = sim3_parts(C)
         out[n, :3, :3] = R @ poses[n, :3, :3]
         out[n, :3, 3] = s * (R @ poses[n, :3, 3]) + t

@@ -74,6 +74,7 @@ class GeometryStage:
             self.loop = LoopCloser(cfg, map_factory=map_factory, sync=loop_sync)
         self.epoch = 0  # loop-closure corrections applied
         self.corrections: list[Correction] = []
+        self.correction_of: dict[int, np.ndarray] = {}  # epoch -> the Sim(3) that started it
         self._map: Optional[MapRebuild] = None
         self._new_loop: Optional[Correction] = None
         self._focals: deque = deque(maxlen=101)
@@ -137,21 +138,31 @@ class GeometryStage:
 
     def _poll_loop(self) -> None:
         for item in self.loop.poll():
-            if isinstance(item, Correction):
-                self.tracker.apply_correction(item.C)
-                if self._T_prev is not None:
-                    from .sim3 import sim3_parts
+            try:
+                self._take(item)
+            except Exception as e:  # a bad correction must not stop the stream
+                _logger.warning("loop closure result skipped: %s: %s", type(e).__name__, e)
 
-                    Rc, tc, sc = sim3_parts(item.C)
-                    T = np.eye(4)
-                    T[:3, :3], T[:3, 3] = Rc @ self._T_prev[:3, :3], sc * (Rc @ self._T_prev[:3, 3]) + tc
-                    self._T_prev = T
-                self.epoch = item.epoch
-                self.corrections.append(item)
-                self._new_loop = item
-                del self.corrections[:-100]
-            elif isinstance(item, MapRebuild):
-                self._map = item
+    def _take(self, item) -> None:
+        """Apply one loop-closer result: a correction (the tracker moves onto the corrected world) or a map."""
+        if isinstance(item, MapRebuild):
+            self._map = item
+            return
+        if not isinstance(item, Correction):
+            return
+        from .sim3 import sim3_parts
+
+        Rc, tc, sc = sim3_parts(item.C)  # raises on a degenerate correction: nothing applied
+        self.tracker.apply_correction(item.C)
+        if self._T_prev is not None:
+            T = np.eye(4)
+            T[:3, :3], T[:3, 3] = Rc @ self._T_prev[:3, :3], sc * (Rc @ self._T_prev[:3, 3]) + tc
+            self._T_prev = T
+        self.epoch = item.epoch
+        self.correction_of[item.epoch] = item.C
+        self.corrections.append(item)
+        self._new_loop = item
+        del self.corrections[:-100]
 
     def poll(self) -> None:
         """Take what the loop closer has finished (also done at every :meth:`process`)."""
@@ -244,10 +255,10 @@ class GeometryStage:
         kf = (grey, Kt, depth_at, scale) if res.keyframe and res.state != "lost" else None
         return res.T_wc, scale, info, kf
 
-    def finish(self) -> None:
-        """End of stream: let the loop closer process the keyframes it was handed."""
+    def finish(self, timeout: float = 60.0) -> None:
+        """End of stream: let the loop closer process the keyframes it was handed (at most ``timeout`` s)."""
         if self.loop is not None:
-            self.loop.flush()
+            self.loop.flush(timeout)
 
     def close(self) -> None:
         """Stop the tracker's and the loop closer's background threads (if any)."""
