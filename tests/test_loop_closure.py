@@ -341,3 +341,20 @@ def test_refined_trajectory_does_not_correct_a_frame_twice():
     np.testing.assert_allclose(out[2], poses[2], atol=1e-9)  # not corrected twice
     Rc, tc, sc = sim3_parts(C)
     np.testing.assert_allclose(out[1, :3, 3], sc * Rc @ poses[1, :3, 3] + tc, atol=1e-9)  # corrected once
+
+
+def test_keyframe_cloud_budget_goes_to_points_the_map_keeps():
+    """The bundled model keeps ~5 % of its points above the confidence threshold: the stored cloud
+    (at most ``cloud_points``) must be drawn from those, or a map rebuilt from keyframes comes out
+    nearly empty."""
+    wall = _texture(7)
+    kf = _keyframe(0, np.eye(4), np.eye(4), wall)
+    rng = np.random.default_rng(0)
+    n = 20_000
+    cloud = np.c_[rng.uniform(-2, 2, (n, 2)), rng.uniform(3, 5, n)].astype(np.float32)
+    conf = np.where(rng.random(n) < 0.05, 1.06, 1.0).astype(np.float32)
+    cfg = MapConfig(voxel_size=0.001, conf_thresh=1.05)
+    closer = LoopCloser(LoopConfig(cloud_points=2048), map_factory=lambda: GlobalMap(cfg), sync=True)
+    closer.submit(KeyframeInput(**{**kf.__dict__, "cloud": cloud, "colors": np.zeros((n, 3), np.uint8), "conf": conf}))
+    gmap = closer.rebuild_map(GlobalMap(cfg))
+    assert len(gmap) == int((conf > 1.05).sum())  # every confident point, none of the others

@@ -54,7 +54,7 @@ class LoopConfig:
     pnp_px: float = 3.0  # two-way reprojection threshold of the Sim(3) verification
     min_interval: int = 3  # keyframes after a closure before the next one
     max_keyframes: int = 1000
-    cloud_points: int = 2048
+    cloud_points: int = 4096  # per keyframe: 53 KB, 53 MB for a full database
     rebuild_map: bool = True
     queue: int = 64
     gate_sigmas: float = 5.0  # a loop whose rotation disagrees with the odometry by more is refused (see _gate)
@@ -105,7 +105,7 @@ class KeyframeEntry:
     pts: np.ndarray  # (N, 3) float32 keyframe-camera points (NaN: no depth)
     cloud: np.ndarray  # (M, 3) float16 keyframe-camera points
     colors: np.ndarray  # (M, 3) uint8
-    conf: np.ndarray  # (M,) float16
+    conf: np.ndarray  # (M,) float32 (float16 would move confidences across a threshold close to 1)
     K: np.ndarray
     lm_px: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))  # (L, 2) tracker corners
     lm_X: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.float32))  # (L, 3) keyframe camera, NaN: none
@@ -178,6 +178,8 @@ class LoopCloser:
 
         self.cfg = config
         self.map_factory = map_factory if config.rebuild_map else None
+        # the map's confidence threshold: the cloud budget goes to points the map keeps
+        self._conf_min = float(map_factory().cfg.conf_thresh) if map_factory is not None else -np.inf
         self.sync = sync
         self.db: dict[int, KeyframeEntry] = {}
         self.order: list[int] = []
@@ -310,12 +312,14 @@ class LoopCloser:
                 ids[keep])
 
     def _cloud(self, kf: KeyframeInput) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        ok = np.isfinite(kf.cloud).all(1)
+        """The keyframe's cloud as stored: finite points the map would keep (confidence above its
+        threshold), at most ``cloud_points`` of them."""
+        ok = np.isfinite(kf.cloud).all(1) & (kf.conf > self._conf_min)
         idx = np.flatnonzero(ok)
         if len(idx) > self.cfg.cloud_points:
             idx = np.random.default_rng(kf.kid).choice(idx, self.cfg.cloud_points, replace=False)
             idx.sort()
-        return kf.cloud[idx].astype(np.float16), kf.colors[idx], kf.conf[idx].astype(np.float16)
+        return kf.cloud[idx].astype(np.float16), kf.colors[idx], kf.conf[idx].astype(np.float32)
 
     def _process(self, kf: KeyframeInput) -> None:
         t0 = time.perf_counter()

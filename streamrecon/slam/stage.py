@@ -72,6 +72,8 @@ class GeometryStage:
             if backend != "slam":
                 cfg = replace(cfg, min_gap=10 ** 9, rebuild_map=False)
             self.loop = LoopCloser(cfg, map_factory=map_factory, sync=loop_sync)
+        # keyframe clouds at the map's own pixel stride (a rebuilt map is as dense as the online one's keyframes)
+        self._cloud_stride = map_factory().cfg.pixel_stride if map_factory is not None else 4
         self.epoch = 0  # loop-closure corrections applied
         self.corrections: list[Correction] = []
         self.correction_of: dict[int, np.ndarray] = {}  # epoch -> the Sim(3) that started it
@@ -193,7 +195,7 @@ class GeometryStage:
         Tk = out.T_wc
         lm_X = (tr.X - Tk[:3, 3]) @ Tk[:3, :3]  # world -> this keyframe's camera
         lm_X[~tr.geo] = np.nan  # only triangulated points are landmarks (the network's depth may be poor)
-        st = 4
+        st = self._cloud_stride
         cloud = out.points_cam[::st, ::st].reshape(-1, 3)
         self.loop.submit(KeyframeInput(
             kid=out.index, epoch=self.epoch, T_wc=out.T_wc.copy(), grey=grey, K=Kt,
