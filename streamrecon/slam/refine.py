@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .loop import KeyframeEntry
-from .sim3 import LoopEdge, sim3, sim3_inv, sim3_parts
+from .sim3 import LoopEdge, correct_pose, sim3, sim3_inv, sim3_parts
 
 __all__ = ["RefineResult", "refine_keyframes", "refined_trajectory"]
 
@@ -239,8 +239,5 @@ def refined_trajectory(poses: np.ndarray, kf_rows: np.ndarray, kf_online: np.nda
             for e in range(int(frame_epochs[kf_rows[k]]) + 1, int(frame_epochs[n]) + 1):
                 if e in corrections:
                     T_k = corrections[e] @ T_k
-        C = kf_new[k] @ sim3_inv(T_k)
-        R, t, s = sim3_parts(C)
-        out[n, :3, :3] = R @ poses[n, :3, :3]
-        out[n, :3, 3] = s * (R @ poses[n, :3, 3]) + t
+        out[n] = correct_pose(kf_new[k] @ sim3_inv(T_k), poses[n])
     return out

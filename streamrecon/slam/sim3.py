@@ -17,8 +17,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["ODOM_ROT", "LOOP_ROT", "sim3", "sim3_parts", "sim3_inv", "sim3_apply", "umeyama", "LoopEdge", "PoseGraphResult",
-           "optimize_pose_graph"]
+__all__ = ["ODOM_ROT", "LOOP_ROT", "correct_pose", "sim3", "sim3_parts", "sim3_inv", "sim3_apply", "umeyama",
+           "LoopEdge", "PoseGraphResult", "optimize_pose_graph"]
 
 
 def sim3(R: np.ndarray, t: np.ndarray, s: float = 1.0) -> np.ndarray:
@@ -52,6 +52,16 @@ def sim3_inv(M: np.ndarray) -> np.ndarray:
 def sim3_apply(M: np.ndarray, X: np.ndarray) -> np.ndarray:
     """``(N, 3)`` points through ``M``."""
     return X @ M[:3, :3].T + M[:3, 3]
+
+
+def correct_pose(C: np.ndarray, T_wc: np.ndarray) -> np.ndarray:
+    """An SE(3) camera pose moved into the world ``x' = C x`` (``C`` Sim(3)): the camera stays rigid,
+    ``R' = R_C R``, ``t' = s_C R_C t + t_C``."""
+    R, t, s = sim3_parts(C)
+    out = np.eye(4)
+    out[:3, :3] = R @ T_wc[:3, :3]
+    out[:3, 3] = s * (R @ T_wc[:3, 3]) + t
+    return out
 
 
 def umeyama(src: np.ndarray, dst: np.ndarray, with_scale: bool = True) -> np.ndarray:

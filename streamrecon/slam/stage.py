@@ -152,14 +152,12 @@ class GeometryStage:
             return
         if not isinstance(item, Correction):
             return
-        from .sim3 import sim3_parts
+        from .sim3 import correct_pose, sim3_parts
 
-        Rc, tc, sc = sim3_parts(item.C)  # raises on a degenerate correction: nothing applied
+        sim3_parts(item.C)  # raises on a degenerate correction: nothing applied
         self.tracker.apply_correction(item.C)
         if self._T_prev is not None:
-            T = np.eye(4)
-            T[:3, :3], T[:3, 3] = Rc @ self._T_prev[:3, :3], sc * (Rc @ self._T_prev[:3, 3]) + tc
-            self._T_prev = T
+            self._T_prev = correct_pose(item.C, self._T_prev)
         self.epoch = item.epoch
         self.correction_of[item.epoch] = item.C
         self.corrections.append(item)

@@ -390,15 +390,12 @@ class Tracker:
         """Move the whole tracking state onto a corrected world ``x' = C x`` (``C`` a ``(4, 4)`` Sim(3),
         from loop closure): poses, points, keyframe records, the bundle-adjustment window, and the
         depth scale (times ``C``'s scale). A bundle adjustment in flight is discarded (stale)."""
-        from .sim3 import sim3_parts
+        from .sim3 import correct_pose, sim3_parts
 
         R, t, s = sim3_parts(C)
 
         def pose(T: np.ndarray) -> np.ndarray:
-            out = np.eye(4)
-            out[:3, :3] = R @ T[:3, :3]
-            out[:3, 3] = s * (R @ T[:3, 3]) + t
-            return out
+            return correct_pose(C, T)
 
         def points(X: np.ndarray) -> np.ndarray:
             return s * (X @ R.T) + t  # NaN rows stay NaN
