@@ -192,9 +192,8 @@ def _keyframe(kid: int, T_true: np.ndarray, T_est: np.ndarray, wall: np.ndarray,
     zz = z[cloud[:, 1].astype(int), cloud[:, 0].astype(int)]
     cloud3 = ((np.c_[cloud, np.ones(len(cloud))] @ np.linalg.inv(K_TRACK).T) * zz[:, None]).astype(np.float32)
     return KeyframeInput(
-        kid=kid, epoch=epoch, T_wc=T_est, grey=img, K=K_TRACK,
-        depth_at=lambda px: z[np.clip(px[:, 1].astype(int), 0, 479), np.clip(px[:, 0].astype(int), 0, 639)],
-        cloud=cloud3, colors=np.full((len(cloud3), 3), 128, np.uint8), conf=np.full(len(cloud3), 5.0, np.float32),
+        kid=kid, epoch=epoch, T_wc=T_est, grey=img, K=K_TRACK, cloud=cloud3,
+        colors=np.full((len(cloud3), 3), 128, np.uint8), conf=np.full(len(cloud3), 5.0, np.float32),
         lm_px=corners, lm_X=X.astype(np.float32))
 
 

@@ -5,10 +5,10 @@ The geometry stage hands every new keyframe to :meth:`LoopCloser.submit` (never 
 queue drops the keyframe and counts it). The thread, per keyframe:
 
 1. brings its pose into the current world (corrections made since it was submitted are applied);
-2. ORB features (``orb_features``) with their 3D points in the keyframe camera (the network depth
-   at the keypoint, times the tracker's depth scale), and a subsampled coloured cloud of the
-   keyframe's pointmap in its own camera frame (``cloud_points``, float16): **map points are stored
-   relative to their keyframe**;
+2. ORB descriptors at the tracker's corners (with their triangulated points: the landmarks), ORB
+   features for the bag of words (``place="bow"``, ``orb_features``), and a subsampled coloured
+   cloud of the keyframe's pointmap in its own camera frame (``cloud_points``, float16): **map
+   points are stored relative to their keyframe**;
 3. place recognition (:class:`~streamrecon.slam.places.PlaceDatabase`) against keyframes at least
    ``min_gap`` keyframes older; the best ``candidates`` are **verified** against the candidate's
    triangulated landmarks (ORB descriptors at the tracker's landmarks matched to the query's ORB
@@ -69,7 +69,6 @@ class KeyframeInput:
         epoch: the stage's correction epoch when it was made (its pose is in that epoch's world).
         T_wc: ``(4, 4)`` its pose.
         grey: ``(h, w)`` uint8 at tracking resolution; ``K`` ``(3, 3)`` in those pixels.
-        depth_at: tracking pixels ``(N, 2)`` -> the map's depth there (scaled, NaN where unknown).
         cloud: ``(M, 3)`` float32 camera-frame points, ``colors`` ``(M, 3)`` uint8, ``conf`` ``(M,)``.
         descriptor: the network's token descriptor (``place="tokens"``).
         lm_px: ``(L, 2)`` the tracker's corners in this keyframe (tracking pixels);
@@ -84,7 +83,6 @@ class KeyframeInput:
     T_wc: np.ndarray
     grey: np.ndarray
     K: np.ndarray
-    depth_at: Callable[[np.ndarray], np.ndarray]
     cloud: np.ndarray
     colors: np.ndarray
     conf: np.ndarray
@@ -100,9 +98,6 @@ class KeyframeEntry:
 
     kid: int
     S_wk: np.ndarray
-    kps: np.ndarray  # (N, 2) float32 tracking pixels
-    desc: np.ndarray  # (N, 32) uint8
-    pts: np.ndarray  # (N, 3) float32 keyframe-camera points (NaN: no depth)
     cloud: np.ndarray  # (M, 3) float16 keyframe-camera points
     colors: np.ndarray  # (M, 3) uint8
     conf: np.ndarray  # (M,) float32 (float16 would move confidences across a threshold close to 1)
@@ -284,15 +279,12 @@ class LoopCloser:
             T = C @ T
         return T
 
-    def _features(self, kf: KeyframeInput) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        kps, desc = self._orb.detectAndCompute(kf.grey, None)
-        if desc is None or not kps:
-            return np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8), np.zeros((0, 3), np.float32)
-        px = np.array([k.pt for k in kps], np.float32)
-        z = kf.depth_at(px)
-        rays = np.c_[px, np.ones(len(px))] @ np.linalg.inv(kf.K).T
-        pts = (rays * z[:, None]).astype(np.float32)
-        return px, desc, pts
+    def _place_descriptor(self, kf: KeyframeInput) -> Optional[np.ndarray]:
+        """What place recognition compares: ORB descriptors of the whole image (``bow``) or the tokens."""
+        if self.cfg.place != "bow":
+            return kf.descriptor
+        _, desc = self._orb.detectAndCompute(kf.grey, None)
+        return np.zeros((0, 32), np.uint8) if desc is None else desc
 
     def _landmarks(self, kf: KeyframeInput) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """ORB descriptors at the tracker's corners: ``(px, camera-frame points, descriptors, track ids)``."""
@@ -328,15 +320,14 @@ class LoopCloser:
             self.stats.errors += 1
             self.stats.last_error = f"keyframe {kf.kid}: non-finite pose (skipped)"
             return
-        px, desc, pts = self._features(kf)
+        q = self._place_descriptor(kf)
         cloud, colors, conf = self._cloud(kf)
         lm_px, lm_X, lm_desc, lm_ids = self._landmarks(kf)
-        e = KeyframeEntry(kf.kid, T, px, desc, pts, cloud, colors, conf, kf.K.copy(), lm_px, lm_X, lm_desc, lm_ids)
+        e = KeyframeEntry(kf.kid, T, cloud, colors, conf, kf.K.copy(), lm_px, lm_X, lm_desc, lm_ids)
         prev = self.order[-1] if self.order else None
         with self._lock:
             self.db[kf.kid] = e
             self.order.append(kf.kid)
-        q = desc if self.cfg.place == "bow" else kf.descriptor
         if q is not None:
             self.places.add(kf.kid, q)
         self.stats.processed += 1

@@ -137,10 +137,11 @@ def refine_keyframes(entries: Sequence[KeyframeEntry], loops: Sequence[LoopEdge]
     cnt: dict[int, int] = {}
     first: dict[int, tuple] = {}
     last: dict[int, tuple] = {}
-    obs = []
+    obs, sels = [], []  # per keyframe: (track ids, pixels) of its multi-view corners, and which corners
     for n, e in enumerate(E):
         r = roots[offs[n]:offs[n + 1]]
-        sel = np.array([x in multi for x in r], bool) if len(r) else np.zeros(0, bool)
+        sel = np.isin(r, list(multi)) if len(r) else np.zeros(0, bool)
+        sels.append(sel)
         obs.append((r[sel].astype(np.int64), e.lm_px[sel].astype(np.float64)))
         Xw = e.lm_X[sel].astype(np.float64) @ e.S_wk[:3, :3].T + e.S_wk[:3, 3]  # NaN: not triangulated
         for rid, X, px in zip(r[sel], Xw, e.lm_px[sel]):
@@ -194,7 +195,7 @@ def refine_keyframes(entries: Sequence[KeyframeEntry], loops: Sequence[LoopEdge]
         hit = (bp[j] == r) if len(bp) else np.zeros(len(r), bool)
         s = scales[n]
         if hit.sum() >= 10:
-            own = e.lm_X[np.array([x in multi for x in roots[offs[n]:offs[n + 1]]], bool)][hit, 2].astype(np.float64)
+            own = e.lm_X[sels[n]][hit, 2].astype(np.float64)
             z = ((bX[j[hit]] - T[:3, 3]) @ T[:3, :3])[:, 2]
             good = np.isfinite(own) & (own > 0) & (z > 0)
             if good.sum() >= 10:

@@ -188,7 +188,7 @@ class GeometryStage:
         return m
 
     def _submit_keyframe(self, out: FrameResult, kf: tuple) -> None:
-        grey, Kt, depth_at, scale = kf
+        grey, Kt = kf
         tr = self.tracker
         Tk = out.T_wc
         lm_X = (tr.X - Tk[:3, 3]) @ Tk[:3, :3]  # world -> this keyframe's camera
@@ -196,8 +196,7 @@ class GeometryStage:
         st = self._cloud_stride
         cloud = out.points_cam[::st, ::st].reshape(-1, 3)
         self.loop.submit(KeyframeInput(
-            kid=out.index, epoch=self.epoch, T_wc=out.T_wc.copy(), grey=grey, K=Kt,
-            depth_at=lambda px, f=depth_at, s=scale: f(px) * s, cloud=cloud,
+            kid=out.index, epoch=self.epoch, T_wc=out.T_wc.copy(), grey=grey, K=Kt, cloud=cloud,
             colors=out.colors[::st, ::st].reshape(-1, 3), conf=out.conf_cam[::st, ::st].reshape(-1),
             descriptor=out.descriptor, lm_px=tr.cur.copy(), lm_X=lm_X, lm_ids=tr.tid.copy()))
 
@@ -252,7 +251,7 @@ class GeometryStage:
         self.track_ms.append(ms)
         info = TrackingInfo(**{f.name: getattr(res, f.name) for f in fields(TrackingInfo)} | {"ms": ms})
         scale = float(res.depth_scale or 1.0)
-        kf = (grey, Kt, depth_at, scale) if res.keyframe and res.state != "lost" else None
+        kf = (grey, Kt) if res.keyframe and res.state != "lost" else None
         return res.T_wc, scale, info, kf
 
     def finish(self, timeout: float = 60.0) -> None:

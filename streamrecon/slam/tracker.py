@@ -390,26 +390,24 @@ class Tracker:
         """Move the whole tracking state onto a corrected world ``x' = C x`` (``C`` a ``(4, 4)`` Sim(3),
         from loop closure): poses, points, keyframe records, the bundle-adjustment window, and the
         depth scale (times ``C``'s scale). A bundle adjustment in flight is discarded (stale)."""
-        from .sim3 import correct_pose, sim3_parts
+        from .sim3 import correct_pose as pose
+        from .sim3 import sim3_parts
 
         R, t, s = sim3_parts(C)
-
-        def pose(T: np.ndarray) -> np.ndarray:
-            return correct_pose(C, T)
 
         def points(X: np.ndarray) -> np.ndarray:
             return s * (X @ R.T) + t  # NaN rows stay NaN
 
         if self.T_prev is not None:
-            self.T_prev = pose(self.T_prev)
+            self.T_prev = pose(C, self.T_prev)
         if self.kf_T is not None:
-            self.kf_T = pose(self.kf_T)
+            self.kf_T = pose(C, self.kf_T)
         self.X = points(self.X)
         self._pt_X = points(self._pt_X)
         for kf in self._win:
-            kf["T_wc"] = pose(kf["T_wc"])
+            kf["T_wc"] = pose(C, kf["T_wc"])
         for n, rec in enumerate(self.keyframes):
-            self.keyframes[n] = replace(rec, T_wc=pose(rec.T_wc), depth_scale=rec.depth_scale * s)
+            self.keyframes[n] = replace(rec, T_wc=pose(C, rec.T_wc), depth_scale=rec.depth_scale * s)
         if self.scale is not None:
             self.scale *= s
         self._epoch += 1
