@@ -47,6 +47,8 @@ class TrackingInfo:
         keyframe: whether the frame became a keyframe.
         depth_scale: factor applied to the network depth to match the tracked map (None: not yet known).
         ms: tracking time.
+        localised: ``--relocalise``: whether the frame's pose is in the saved map's world yet (``False``:
+            a provisional world until the first frame is matched to a saved keyframe); ``None`` otherwise.
     """
 
     state: str
@@ -56,6 +58,7 @@ class TrackingInfo:
     keyframe: bool
     depth_scale: Optional[float]
     ms: float
+    localised: Optional[bool] = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)

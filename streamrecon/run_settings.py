@@ -28,6 +28,13 @@ class RunConfig:
     prefetch: Optional[bool] = setting(None, help="read and preprocess the next frames of a file source while the model "
                                                   "runs (default: on with a GPU; on a CPU the threads compete)")
     progress: Optional[bool] = setting(None, help="progress line (default: on a TTY)")
+    snapshot: Optional[str] = setting(None, help="snapshot directory: the stream's whole state is saved there at the "
+                                                 "end (and every --snapshot-every), for --resume / --relocalise")
+    resume: Optional[str] = setting(None, help="continue a stream from a snapshot (a snapshot, or a --snapshot "
+                                               "directory: its latest): same state, map and trajectory; a file source "
+                                               "skips the frames the snapshot already took")
+    relocalise: Optional[str] = setting(None, help="start inside a saved snapshot's map: localise against its keyframes, "
+                                                   "then extend the same map in its world frame (needs --backend slam)")
 
     @classmethod
     def of(cls, **values: Any) -> "RunConfig":
@@ -48,6 +55,11 @@ class RunConfig:
                 raise SettingsError(f"--{name} must be >= 1")
         if self.max_frames < 0:
             raise SettingsError("--max-frames must be >= 0")
+        if self.resume and self.relocalise:
+            raise SettingsError("give --resume (continue the same stream) or --relocalise (a new run in a saved map), not both")
+        if self.relocalise and self.pipeline.slam.resolved_backend() != "slam":
+            raise SettingsError("--relocalise needs --backend slam (or known intrinsics with --backend auto): it matches "
+                                "frames against the snapshot's keyframes")
         self.pipeline.validate()
         for p in self.probe:
             try:

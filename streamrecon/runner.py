@@ -100,21 +100,66 @@ def run(cfg: RunConfig, model=None, progress_stream: TextIO = sys.stderr,
         (reported before any frame is processed).
     """
     cfg.validate()
+    from pathlib import Path
+
+    snap = None
+    if cfg.resume or cfg.relocalise:  # read and verified before anything is opened
+        from .snapshot import read_snapshot
+
+        snap = read_snapshot(cfg.resume or cfg.relocalise)
     source: FrameSource = open_source(cfg.source, stride=cfg.stride, repeat=cfg.repeat, fps=cfg.fps)
+    holder: dict[str, Any] = {}
+    snapshot_dir = cfg.snapshot or (str(Path(cfg.pipeline.outputs.output_dir) / "snapshots")
+                                    if cfg.pipeline.outputs.snapshot_every else None)
     try:
         loaded = LoadedModel.wrap(model) if model is not None else load_resolved(cfg.pipeline.engine)
         pipeline = build_pipeline(cfg.pipeline, loaded, stream_id=cfg.source, on_result=on_result,
                                   describe={"source": cfg.source, "output_dir": cfg.pipeline.outputs.output_dir,
-                                            "config": cfg.flat(), "checkpoint": loaded.info.describe()})
+                                            "config": cfg.flat(), "checkpoint": loaded.info.describe()},
+                                  snapshot_dir=snapshot_dir, snapshot_context=lambda: holder["loop"].position())
+        skip = 0
+        if cfg.resume:
+            pipeline.restore(snap)
+            skip = _frames_to_skip(cfg, source, snap.manifest)
+        elif cfg.relocalise:
+            pipeline.relocalise_in(snap)
     except BaseException:
         source.close()
         raise
-    return _Loop(cfg, source, pipeline, progress_stream).run()
+    loop = _Loop(cfg, source, pipeline, progress_stream, skip=skip)
+    holder["loop"] = loop
+    return loop.run()
+
+
+def _source_path(spec: str) -> Optional[str]:
+    """A file source's absolute path (how a resume recognises it, however it was spelled)."""
+    from pathlib import Path
+
+    p = Path(spec)
+    return str(p.resolve()) if p.exists() else None
+
+
+def _frames_to_skip(cfg: RunConfig, source: FrameSource, manifest: dict) -> int:
+    """A resumed file source skips the frames the snapshot already took (same source, same stride)."""
+    pos = manifest.get("source") or {}
+    taken = int(pos.get("taken") or 0)
+    if source.live or not taken:
+        return 0
+    same = pos.get("path") == _source_path(cfg.source) if pos.get("path") else pos.get("spec") == cfg.source
+    if not same or pos.get("stride") != cfg.stride:
+        _logger.warning("--resume: the snapshot was taken on %r (stride %s), this run reads %r (stride %d): "
+                        "no frames are skipped", pos.get("spec"), pos.get("stride"), cfg.source, cfg.stride)
+        return 0
+    _logger.info("--resume: skipping the %d frames of %s the snapshot already took", taken, cfg.source)
+    return taken
 
 
 class _Loop:
-    def __init__(self, cfg: RunConfig, source: FrameSource, pipeline: StreamPipeline, progress_stream: TextIO) -> None:
+    def __init__(self, cfg: RunConfig, source: FrameSource, pipeline: StreamPipeline, progress_stream: TextIO,
+                 skip: int = 0) -> None:
         self.cfg, self.source, self.pipeline = cfg, source, pipeline
+        self.skip = skip  # frames of the source a resumed run leaves out
+        self.taken = skip  # frames taken from the source (with the skipped ones): the snapshot's position
         self.engine = pipeline.engine
         self.probes: list[ProbeSpec] = [parse_probe(p) for p in cfg.probe]
         self.prefetching = False
@@ -129,6 +174,11 @@ class _Loop:
         e = self.engine
         return {"prefetch": self.prefetching,
                 "model": {"head": e.model.cfg.head_type, "size": e.cfg.size, "policy": e.cfg.policy, "device": str(e.device)}}
+
+    def position(self) -> dict[str, Any]:
+        """Where the stream is in its source (recorded in each snapshot)."""
+        return {"source": {"spec": self.cfg.source, "path": _source_path(self.cfg.source), "stride": self.cfg.stride,
+                           "taken": self.taken, "live": bool(self.source.live)}}
 
     def _source_counts(self) -> SourceCounts:
         st = self.source.stats
@@ -151,10 +201,16 @@ class _Loop:
             items = ((f, None) for f in self.source)
         try:
             t_wait = time.perf_counter()
+            skipping = self.skip
             for frame, prepared in items:
+                if skipping:
+                    skipping -= 1
+                    t_wait = time.perf_counter()
+                    continue
                 source_ms = 1e3 * (time.perf_counter() - t_wait)
                 if self.stop.set:
                     break
+                self.taken += 1
                 try:
                     if isinstance(prepared, Exception):
                         pipe.record_error(f"frame {frame.seq}: {prepared}")

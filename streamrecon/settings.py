@@ -126,6 +126,10 @@ class OutputSettings:
     consolidate_every: int = setting(200, help="Rerun: re-log the whole map every N frames")
     flush_every: int = setting(100, help="flush trajectory.txt and summary.json every N frames")
     sink_queue: int = setting(64, help="frames a background sink may have waiting (files wait, the viewer drops)")
+    snapshot_every: Optional[str] = setting(None, help="snapshot the stream's whole state every N frames or Ns seconds "
+                                                       "(run: into --snapshot, default OUTPUT_DIR/snapshots; serve: "
+                                                       "OUTPUT_DIR/snapshots/<stream>); one is also written at the end")
+    snapshot_keep: int = setting(2, help="automatic snapshots kept per stream (the newest; named ones are never pruned)")
 
     def validate(self) -> None:
         for name in ("consolidate_every", "flush_every"):
@@ -133,6 +137,14 @@ class OutputSettings:
                 raise SettingsError(f"{flag_name(name)} must be >= 0")
         if self.sink_queue < 1:
             raise SettingsError("--sink-queue must be >= 1")
+        if self.snapshot_keep < 1:
+            raise SettingsError("--snapshot-keep must be >= 1")
+        from .snapshot.writer import parse_every
+
+        try:
+            parse_every(self.snapshot_every)
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -156,6 +168,9 @@ class SlamSettings:
     refine: bool = setting(False, help="after the stream ends: a global bundle adjustment of every keyframe with the "
                                        "loop edges, writing trajectory_refined.txt and map_refined.ply (files only; "
                                        "needs --backend track or slam)")
+    deterministic: bool = setting(False, help="run the local bundle adjustment and loop closure in the frame loop "
+                                              "instead of background threads: the same frames always give the same "
+                                              "poses (exact --resume), at the cost of latency spikes")
 
     def resolved_backend(self) -> str:
         """``auto`` -> ``slam`` with known intrinsics, else ``none`` (measured: docs/ACCURACY.md)."""

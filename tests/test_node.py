@@ -402,3 +402,52 @@ def test_serve_cli_flushes_every_stream_on_sigterm(tmp_path, shared):
         assert json.loads((out / "streams" / sid / "status.json").read_text())["processed"] == 3
     for pub in pubs:
         pub.close()
+
+
+def test_snapshots_save_list_load_and_restore_after_a_restart(tmp_path):
+    """``save_snapshot`` / ``list_snapshots`` / ``load_snapshot`` (names only, never paths), automatic
+    snapshots every 3 frames, and ``--restore``: after a node restart the stream continues from its last
+    snapshot (frame count and trajectory go on)."""
+    with running_node(tmp_path, snapshot_every="3") as node:
+        c = Client(node)
+        pub = Publisher(node.endpoints["ingest"], "cam1", lossless=True)
+        for img in frames(5):
+            pub.send(img)
+        assert pub.flush(30)
+        reply, _ = c.request("save_snapshot", stream_id="cam1", name="five")
+        assert reply["ok"] and reply["name"] == "five" and reply["frames"] == 5 and reply["bytes"] > 0
+        for bad in ("../five", "/tmp/x", ".hidden", "a/b", 7):
+            reply, _ = c.request("save_snapshot", stream_id="cam1", name=bad)
+            assert not reply["ok"] and "name" in reply["error"], bad
+        assert not list((tmp_path / "serve").glob("**/.tmp-*"))
+        reply, _ = c.request("list_snapshots", stream_id="cam1")
+        names = [r["name"] for r in reply["snapshots"]]
+        assert reply["ok"] and "five" in names and any(n.startswith("snap-") and n.endswith("f00000003") for n in names)
+        reply, _ = c.request("list_snapshots")
+        assert reply["ok"] and list(reply["streams"]) == ["cam1"]
+        # another stream starts from cam1's snapshot (map reuse); a bad name or stream is refused
+        reply, _ = c.request("load_snapshot", stream_id="cam2", from_stream="cam1", name="five")
+        assert reply["ok"] and reply["frames"] == 5 and _stats(c)["streams"]["cam2"]["processed"] == 5
+        for bad in ({"stream_id": "cam2", "name": "missing"}, {"stream_id": "cam2", "from_stream": "../x"},
+                    {"stream_id": "cam2", "name": "../../etc"}, {"name": "five"}):
+            reply, _ = c.request("load_snapshot", **bad)
+            assert not reply["ok"] and reply["error"], bad
+        assert _stats(c)["streams"]["cam2"]["processed"] == 5  # a refused load leaves the stream as it was
+        pub.close()
+        c.close()
+    # the node stopped: each stream wrote a last snapshot; a new node with --restore continues cam1
+    _, T_before = read_tum(tmp_path / "serve" / "streams" / "cam1" / "trajectory.txt")
+    with running_node(tmp_path, restore=True) as node:
+        c = Client(node)
+        pub = Publisher(node.endpoints["ingest"], "cam1", lossless=True)
+        for img in frames(2, seed=1):
+            pub.send(img)
+        assert pub.flush(30)
+        st = _stats(c)["streams"]["cam1"]
+        assert st["processed"] == 7 and st["restored_from"].startswith("snap-"), st
+        reply, _ = c.request("close_stream", stream_id="cam1")
+        assert reply["ok"]
+        _, T_after = read_tum(tmp_path / "serve" / "streams" / "cam1" / "trajectory.txt")
+        assert len(T_after) == 7 and np.array_equal(T_after[:5], T_before)
+        pub.close()
+        c.close()

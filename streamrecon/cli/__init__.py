@@ -48,8 +48,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     try:
         from ..checkpoint import CheckpointError, UnsafeCheckpointError
         from ..config import ConfigError
+        from ..snapshot.store import SnapshotError
 
-        kinds += [CheckpointError, UnsafeCheckpointError, ConfigError]
+        kinds += [CheckpointError, UnsafeCheckpointError, ConfigError, SnapshotError]
     except ImportError:  # a light install (no torch): no checkpoint can have been read
         pass
     return tuple(kinds)

@@ -97,6 +97,14 @@ def _group(keys: np.ndarray, values: dict[str, np.ndarray]) -> tuple[np.ndarray,
 class _Table:
     """Append-only voxel rows plus a sorted key index."""
 
+    _snapshot_fields = ("n", "xyz", "rgb", "count", "conf", "seen", "key", "keys", "rows")
+
+    def _snapshot_get(self) -> dict:
+        """The used rows only (snapshots; a restored table grows again from there)."""
+        n = self.n
+        return {"n": n, **{a: getattr(self, a)[:n] for a in ("xyz", "rgb", "count", "conf", "seen", "key")},
+                "keys": self.keys, "rows": self.rows}
+
     def __init__(self, capacity: int = 1024) -> None:
         self.n = 0
         self.xyz = np.zeros((capacity, 3), np.float64)  # sum of points
@@ -175,6 +183,9 @@ class GlobalMap:
     """Args:
         config: map settings.
     """
+
+    _snapshot_fields = ("cfg", "voxel_size", "_t", "points_integrated", "coarsenings", "evicted", "out_of_range",
+                        "non_finite")
 
     def __init__(self, config: MapConfig = MapConfig()) -> None:
         self.cfg = config

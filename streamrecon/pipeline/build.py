@@ -42,7 +42,9 @@ def rerun_config(cfg: PipelineConfig, application_id: str = "streamrecon"):
 def build_pipeline(cfg: PipelineConfig, loaded: LoadedModel, stream_id: str = "", output_dir: Optional[str | Path] = None,
                    extra_sinks: Sequence[Sink] = (), recording: Optional["RerunRecording"] = None, prefix: str = "",
                    describe: Optional[dict] = None, on_result: Optional[Callable] = None,
-                   engine: Optional[StreamEngine] = None, files: bool = True) -> StreamPipeline:
+                   engine: Optional[StreamEngine] = None, files: bool = True,
+                   snapshot_dir: Optional[str | Path] = None,
+                   snapshot_context: Optional[Callable[[], dict]] = None) -> StreamPipeline:
     """Engine + map + sinks for one stream.
 
     Args:
@@ -51,6 +53,8 @@ def build_pipeline(cfg: PipelineConfig, loaded: LoadedModel, stream_id: str = ""
         recording: a shared Rerun recording (``serve``); else one is made when a view is asked for.
         prefix: entity subtree of this stream in the recording.
         files: write the output files (``False``: no file sink, e.g. evaluation in memory).
+        snapshot_dir: this stream's snapshot root (``--snapshot-every`` / at close); ``None``: no snapshots.
+        snapshot_context: ``() -> dict`` added to each snapshot's manifest (``run``: the source position).
     """
     o = cfg.outputs
     engine = engine or StreamEngine(loaded.model, engine_config(cfg.engine, loaded.model))
@@ -76,4 +80,12 @@ def build_pipeline(cfg: PipelineConfig, loaded: LoadedModel, stream_id: str = ""
         map_cfg = gmap.cfg
         stage = GeometryStage(replace(cfg.slam, backend=cfg.slam.resolved_backend()),
                               map_factory=lambda: GlobalMap(map_cfg))
-    return StreamPipeline(engine, gmap, sinks, options, on_result=on_result, stage=stage)
+    pipe = StreamPipeline(engine, gmap, sinks, options, on_result=on_result, stage=stage)
+    if snapshot_dir is not None:
+        from ..snapshot.state import prefetch_fingerprint
+        from ..snapshot.writer import SnapshotPolicy, Snapshotter
+
+        prefetch_fingerprint(loaded.model)
+        pipe.snapshots = Snapshotter(SnapshotPolicy.of(snapshot_dir, o.snapshot_every, o.snapshot_keep),
+                                     context=snapshot_context)
+    return pipe

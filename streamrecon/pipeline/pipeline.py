@@ -96,6 +96,9 @@ class StreamPipeline:
         self._map_epoch = 0  # the loop-closure epoch the map is in
         self._rows = array("q")  # result.index of every trajectory row
         self._row_epochs = array("i")  # the loop-closure epoch each row was emitted in
+        self.snapshots = None  # a streamrecon.snapshot.Snapshotter: periodic and final snapshots
+        self._unlocalised: deque = deque(maxlen=256)  # --relocalise: map chunks of frames not localised yet
+        self.restored_frames = 0  # frames a resumed stream brought from its snapshot
 
     # ------------------------------------------------------------------------------------------
 
@@ -140,7 +143,13 @@ class StreamPipeline:
         stage_ms = 1e3 * (time.perf_counter() - t_stage)
         t0 = time.perf_counter()
         pts, conf = result.world_points(self.opt.map_points)
-        integ = self.gmap.integrate(pts, result.colors, conf, result.index)
+        if self.stage is not None and self.stage.localised is False:  # a provisional world: kept aside
+            self._unlocalised.append(self._map_chunk(result))
+            integ = self.gmap.integrate(pts[:0], result.colors[:0], conf[:0], result.index)
+        else:
+            if self._unlocalised:
+                self._integrate_unlocalised()
+            integ = self.gmap.integrate(pts, result.colors, conf, result.index)
         if self._since_kf.maxlen:
             self._since_kf.append(self._map_chunk(result))
         self.trajectory.append(result.stamp, result.T_wc)
@@ -184,9 +193,41 @@ class StreamPipeline:
         if result.index % 50 == 0:
             self.rss_samples.append((result.index, rss_mb()))
             del self.rss_samples[:-200]
+        if self.snapshots is not None and self.snapshots.due(self.processed):
+            try:
+                self.snapshots.submit(self)
+            except Exception as e:  # the stream goes on; the previous snapshot is kept
+                self.record_error(f"snapshot: {type(e).__name__}: {e}")
         if self.on_result is not None:
             self.on_result(result)
         return result
+
+    # ------------------------------------------------------------------------------------------ snapshots
+
+    def restore(self, data) -> None:
+        """Continue from a verified snapshot (:func:`streamrecon.snapshot.read_snapshot`); call before the
+        first frame. Everything is replaced, or nothing (:class:`~streamrecon.snapshot.SnapshotError`). The
+        sinks that keep files get the restored trajectory (``trajectory.txt`` holds every frame)."""
+        from ..snapshot.state import restore
+
+        if self.processed:
+            raise RuntimeError("restore() must come before the first frame")
+        restore(self, data)
+        self.restored_frames = self.processed
+        stamps, poses = self.trajectory.arrays()
+        for sink in self.sinks:
+            fn = getattr(sink, "on_resume", None)
+            if fn is not None:
+                try:
+                    fn(stamps, poses)
+                except Exception as e:
+                    self._sink_error(sink, e)
+
+    def save_snapshot(self, name: Optional[str] = None):
+        """Write a snapshot now (``name``: a named one, never pruned); returns its directory."""
+        if self.snapshots is None:
+            raise RuntimeError("this stream has no snapshot directory")
+        return self.snapshots.write_now(self, name=name)
 
     def _map_chunk(self, r: FrameResult) -> tuple:
         """``(epoch, index, points, colours, conf)`` of a frame as the map takes it (strided, confident)."""
@@ -195,6 +236,27 @@ class StreamPipeline:
         pts, col, conf = pts[::st, ::st].reshape(-1, 3), r.colors[::st, ::st].reshape(-1, 3), conf[::st, ::st].reshape(-1)
         keep = conf > self.gmap.cfg.conf_thresh
         return self.stage.epoch, r.index, pts[keep].copy(), col[keep].copy(), conf[keep].copy()
+
+    def _integrate_unlocalised(self) -> None:
+        """The frames seen before the relocalisation, brought into the saved world and into the map."""
+        corr = self.stage.correction_of
+        for ep, index, pts, col, conf in self._unlocalised:
+            X = pts.astype(np.float64)
+            for e in range(ep + 1, self.stage.epoch + 1):
+                if e in corr:
+                    X = X @ corr[e][:3, :3].T + corr[e][:3, 3]
+            self.gmap.integrate(X.astype(np.float32), col, conf, index)
+        self._unlocalised.clear()
+
+    def relocalise_in(self, data) -> None:
+        """Start inside a verified snapshot's map (``--relocalise``; before the first frame): its map and
+        keyframes are taken, the frames are localised against them (see
+        :mod:`streamrecon.slam.relocalise`), then the run extends that map in its world frame."""
+        from ..snapshot.state import relocalise_from
+
+        if self.processed:
+            raise RuntimeError("relocalise_in() must come before the first frame")
+        relocalise_from(self, data)
 
     def _readd_recent(self, gmap, upto: int, epoch: int) -> None:
         """Integrate the buffered frames newer than keyframe ``upto`` into ``gmap`` (world of ``epoch``),
@@ -282,8 +344,20 @@ class StreamPipeline:
         ids, S, rows = ids[found], S[found], pos[found]
         keyframes = (stamps[rows], S) if len(rows) else None
         corr = self.stage.correction_of
-        if len(rows) and self.stage.epoch:  # loops were closed: every frame moves with its keyframe
+        loc_epoch = self.stage.reloc_info.get("epoch")
+        if loc_epoch is not None:  # --relocalise: frames before it are brought into the saved world first
+            from ..slam.sim3 import correct_pose
+
+            poses, epochs = poses.copy(), epochs.copy()
+            for n in np.flatnonzero(epochs < loc_epoch):
+                for e in range(int(epochs[n]) + 1, loc_epoch + 1):
+                    if e in corr:
+                        poses[n] = correct_pose(corr[e], poses[n])
+                epochs[n] = loc_epoch
+        if len(rows) and (self.stage.epoch or loc_epoch is not None):  # every frame moves with its keyframe
             self.final_poses["optimized"] = refined_trajectory(poses, rows, poses[rows], S, epochs, corr)
+        elif loc_epoch is not None:
+            self.final_poses["optimized"] = poses
         if not (self.stage.s.refine and len(rows) >= 3):
             return keyframes, None
         keep = set(ids.tolist())
@@ -312,7 +386,8 @@ class StreamPipeline:
             stream_id=self.opt.stream_id, frames_in=src.read, processed=self.processed, dropped=src.dropped,
             errors=self.n_errors + src.errors,
             error_messages=self.errors + ([src.last_error] if src.last_error else []),
-            fps=round(self.processed / wall_s, 3) if wall_s > 0 else 0.0, wall_s=round(wall_s, 3), latency_ms=lat,
+            fps=round((self.processed - self.restored_frames) / wall_s, 3) if wall_s > 0 else 0.0,
+            wall_s=round(wall_s, 3), latency_ms=lat,
             latency_ms_per_frame_mean=lat.get("frame", {}).get("mean", 0.0),
             memory_mb={"peak_rss": round(peak_rss_mb(), 1), "rss_at_frame_10": self.rss_start,
                        "rss_now": round(rss_mb(), 1), "rss_samples": list(self.rss_samples),
@@ -323,7 +398,9 @@ class StreamPipeline:
             slam=({**self.stage.stats(), **({"refine": self.refine_stats} if self.refine_stats else {})}
                   if self.stage is not None else {"backend": "none"}),
             interrupted=interrupted, stop_reason=stop_reason, fatal_error=fatal,
-            extra={**self.opt.describe, **(extra or {})})
+            extra={**self.opt.describe, **(extra or {}),
+                   **({"snapshots": dict(self.snapshots.stats, root=str(self.snapshots.policy.root))}
+                      if self.snapshots is not None else {})})
 
     def close(self, stop_reason: str = "end of stream", interrupted: bool = False, fatal: Optional[str] = None,
               source: Optional[SourceCounts] = None, extra: Optional[dict[str, Any]] = None) -> RunSummary:
@@ -346,6 +423,13 @@ class StreamPipeline:
                 self.record_error(f"loop closure / refine at close: {type(e).__name__}: {e}")
             finally:
                 self.stage.close()
+        if self.snapshots is not None:
+            try:
+                self.snapshots.close()
+                if self.snapshots.policy.at_close:
+                    self.snapshots.write_now(self)
+            except Exception as e:  # the outputs are written whatever happens here
+                self.record_error(f"final snapshot: {type(e).__name__}: {e}")
         summary = self.summary(stop_reason, interrupted, fatal, source, extra)
         xyz, rgb, conf = self.gmap.points()
         final = StreamClosed(stream_id=self.opt.stream_id, summary=summary.to_dict(), map_xyz=xyz, map_rgb=rgb,

@@ -14,6 +14,18 @@ class Trajectory:
     the result until the next append.
     """
 
+    _snapshot_fields = ("_chunk", "_full_T", "_full_t", "_T", "_t", "_n")
+
+    def _snapshot_get(self) -> dict:
+        """The open chunk's used rows only (its other rows are uninitialised memory)."""
+        return {"_chunk": self._chunk, "_full_T": self._full_T, "_full_t": self._full_t, "_T": self._T[: self._n],
+                "_t": self._t[: self._n], "_n": self._n}
+
+    def _after_restore(self) -> None:
+        T, t = np.empty((self._chunk, 4, 4)), np.empty(self._chunk)
+        T[: self._n], t[: self._n] = self._T[: self._n], self._t[: self._n]
+        self._T, self._t, self._cache = T, t, None
+
     def __init__(self, chunk: int = 1024) -> None:
         self._chunk = chunk
         self._full_T: list[np.ndarray] = []

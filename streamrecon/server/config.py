@@ -48,6 +48,8 @@ class ServeConfig:
     geometry_stride: int = setting(4, help="pixel stride of published world pointmaps (0 = publish none)")
     status_interval_s: float = setting(1.0, help="heartbeat period of <stream>/status")
     max_message_bytes: int = setting(64 * 2**20, help="largest accepted message part")
+    restore: bool = setting(False, help="a stream that opens with the id of a stream snapshotted before (a node "
+                                        "restart) continues from its latest snapshot in OUTPUT_DIR/snapshots/<id>")
     pipeline: PipelineConfig = field(default_factory=lambda: PipelineConfig(outputs=OutputSettings(output_dir="outputs/serve")))
 
     @classmethod

@@ -2,7 +2,9 @@
 
 ``ping``, ``stats``, ``reset`` (one stream), ``query_raymap`` (a virtual camera -> pointmap, confidence,
 colours; the stream's state is untouched), ``save_map`` (only inside the node's output directory),
-``close_stream``, ``shutdown``. A malformed or unknown request gets ``{"ok": false, "error": ...}``.
+``save_snapshot`` / ``load_snapshot`` / ``list_snapshots`` (snapshots are named, never given as paths:
+they live in ``<output-dir>/snapshots/<stream>/``), ``close_stream``, ``shutdown``. A malformed or
+unknown request gets ``{"ok": false, "error": ...}``.
 """
 
 from __future__ import annotations
@@ -108,6 +110,84 @@ def _save_map(node: "Node", req: dict) -> list:
     return encode_reply(True, cmd="save_map", stream_id=s.stream_id, files=s.export(target))
 
 
+def _snapshot_name(req: dict, key: str = "name"):
+    from ..snapshot import valid_name
+
+    name = req.get(key)
+    if name is not None and not valid_name(name):
+        raise ControlError(f"{key!r} must be a snapshot name: 1-64 letters, digits, '_', '.', '-' (not a path)")
+    return name
+
+
+def _stream_id_field(req: dict, key: str, required: bool = True):
+    from ..wire import valid_stream_id
+
+    sid = req.get(key)
+    if sid is None and not required:
+        return None
+    if not valid_stream_id(sid):
+        raise ControlError(f"{key!r} must be a stream id (letters, digits and . _ : @ -, at most 128)")
+    return sid
+
+
+def _save_snapshot(node: "Node", req: dict) -> list:
+    """``{"stream_id", "name"?}``: the stream's whole state now (``name``: kept until overwritten; without
+    one, an automatic snapshot, pruned to ``--snapshot-keep``)."""
+    from ..snapshot import SnapshotError
+
+    s = _stream(node, req)
+    name = _snapshot_name(req)
+    try:
+        path = s.pipeline.save_snapshot(name)
+    except (SnapshotError, OSError) as e:
+        raise ControlError(f"snapshot not written: {e}") from None
+    return encode_reply(True, cmd="save_snapshot", stream_id=s.stream_id, name=path.name, frames=s.processed,
+                        bytes=sum(f.stat().st_size for f in path.iterdir()))
+
+
+def _list_snapshots(node: "Node", req: dict) -> list:
+    """``{"stream_id"?}``: snapshot names (and frames, size, creation time) of one stream, or of every stream."""
+    sid = _stream_id_field(req, "stream_id", required=False)
+    if sid is not None:
+        return encode_reply(True, cmd="list_snapshots", stream_id=sid, snapshots=node.snapshots(sid).list())
+    root = node.output_dir / "snapshots"
+    streams = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    return encode_reply(True, cmd="list_snapshots", streams={k: node.snapshots(k).list() for k in streams[:200]})
+
+
+def _load_snapshot(node: "Node", req: dict) -> list:
+    """``{"stream_id", "name"?, "from_stream"?}``: the stream continues from a snapshot (its own, or another
+    stream's: ``from_stream``; ``name`` omitted: the latest). An open stream is closed first (its files
+    written, no snapshot taken); a snapshot that does not load leaves the open stream as it was."""
+    from ..snapshot import SnapshotError, read_snapshot
+
+    sid = _stream_id_field(req, "stream_id")
+    src = _stream_id_field(req, "from_stream", required=False) or sid
+    name = _snapshot_name(req)
+    try:
+        data = read_snapshot(node.snapshots(src).path_of(name))
+    except SnapshotError as e:
+        raise ControlError(str(e)) from None
+    old = node.sessions.get(sid)
+    lossless = old.lossless if old is not None else node.cfg.lossless
+    if old is None and len(node.sessions) >= node.cfg.max_streams:
+        raise ControlError("too many streams")
+    if old is not None:
+        from ..snapshot.state import decode
+
+        try:  # checked against the open stream's pipeline before it is closed
+            decode(old.pipeline, data)
+        except SnapshotError as e:
+            raise ControlError(str(e)) from None
+        node.close_stream(sid, final_snapshot=False)
+    try:
+        s = node.open_session(sid, lossless, data)
+    except SnapshotError as e:
+        raise ControlError(str(e)) from None
+    return encode_reply(True, cmd="load_snapshot", stream_id=sid, name=data.path.name, from_stream=src,
+                        frames=s.processed, map_points=len(s.gmap))
+
+
 def _close_stream(node: "Node", req: dict) -> list:
     s = _stream(node, req)
     return encode_reply(True, cmd="close_stream", stream_id=s.stream_id, files=node.close_stream(s.stream_id))
@@ -120,6 +200,7 @@ def _shutdown(node: "Node", req: dict) -> list:
 
 COMMANDS: dict[str, Callable[["Node", dict], list]] = {
     "ping": _ping, "stats": _stats, "reset": _reset, "query_raymap": _query_raymap, "save_map": _save_map,
+    "save_snapshot": _save_snapshot, "load_snapshot": _load_snapshot, "list_snapshots": _list_snapshots,
     "close_stream": _close_stream, "shutdown": _shutdown,
 }
 

@@ -239,16 +239,60 @@ class Node:
         if len(self.sessions) >= self.cfg.max_streams:
             return None
         lossless = self.cfg.lossless if msg.lossless is None else msg.lossless
-        sid = msg.stream_id
+        snap = None
+        if self.cfg.restore and self.snapshots(msg.stream_id).names():
+            from ..snapshot import SnapshotError, read_snapshot
+
+            try:
+                snap = read_snapshot(self.snapshot_root(msg.stream_id))
+            except SnapshotError as e:  # the stream starts afresh; the damaged snapshot is left where it is
+                self.node_errors["restore_failed"] += 1
+                _logger.error("stream %s: cannot restore (%s); starting a new stream", msg.stream_id, e)
+        try:
+            return self.open_session(msg.stream_id, lossless, snap)
+        except Exception as e:  # e.g. the snapshot does not fit these settings
+            self.node_errors["restore_failed"] += 1
+            _logger.error("stream %s: cannot restore (%s); starting a new stream", msg.stream_id, e)
+            return self.open_session(msg.stream_id, lossless, None)
+
+    def snapshot_root(self, stream_id: str) -> Path:
+        return self.output_dir / "snapshots" / stream_id
+
+    def snapshots(self, stream_id: str):
+        from ..snapshot import SnapshotStore
+
+        return SnapshotStore(self.snapshot_root(stream_id), keep=self.cfg.pipeline.outputs.snapshot_keep)
+
+    def open_session(self, sid: str, lossless: bool, snapshot=None) -> StreamSession:
+        """A new stream (its pipeline, publisher and snapshotter), continued from ``snapshot`` when given
+        (everything restored, or -- :class:`~streamrecon.snapshot.SnapshotError` -- no session made)."""
+        from ..snapshot.state import prefetch_fingerprint
+        from ..snapshot.writer import SnapshotPolicy, Snapshotter, parse_every
+
+        o = self.cfg.pipeline.outputs
         publisher = ResultPublisher(lambda parts: self._send(self.results, parts), sid,
                                     geometry_stride=self.cfg.geometry_stride, map_points=self.cfg.pipeline.map.map_points)
         pipeline = build_pipeline(self.cfg.pipeline, self.loaded, stream_id=sid, output_dir=self.stream_dir(sid),
                                   extra_sinks=[publisher], recording=self.recording, prefix=f"streams/{sid}/",
                                   describe={"source": f"serve:{sid}", "output_dir": str(self.stream_dir(sid)),
                                             "config": self.cfg.flat(), "checkpoint": self.loaded.info.describe()})
-        s = StreamSession(stream_id=sid, pipeline=pipeline, publisher=publisher, lossless=lossless)
+        prefetch_fingerprint(self.model)
+        frames, seconds = parse_every(o.snapshot_every)
+        # save_snapshot works on every stream; automatic ones (periodic, at close) with --snapshot-every
+        pipeline.snapshots = Snapshotter(SnapshotPolicy(self.snapshot_root(sid), frames, seconds, o.snapshot_keep,
+                                                        at_close=bool(o.snapshot_every)))
+        if snapshot is not None:
+            try:
+                pipeline.restore(snapshot)
+            except BaseException:
+                pipeline.snapshots.policy = SnapshotPolicy(self.snapshot_root(sid), at_close=False)
+                pipeline.close(stop_reason="restore failed")
+                raise
+        s = StreamSession(stream_id=sid, pipeline=pipeline, publisher=publisher, lossless=lossless,
+                          restored_from=None if snapshot is None else snapshot.path.name)
         self.sessions[sid] = s
-        _logger.info("stream %s opened (%s)", sid, "lossless" if lossless else "live")
+        _logger.info("stream %s opened (%s)%s", sid, "lossless" if lossless else "live",
+                     f", continued from snapshot {snapshot.path.name} ({pipeline.processed} frames)" if snapshot else "")
         return s
 
     def _accept(self, msg: FrameMessage, recv_ns: int, envelope: Optional[list], req_peer: bool) -> None:
@@ -396,9 +440,14 @@ class Node:
     def stream_dir(self, stream_id: str) -> Path:
         return self.output_dir / "streams" / stream_id
 
-    def close_stream(self, stream_id: str) -> list[str]:
-        """Close a stream's pipeline (its sinks write trajectory, map, summary) and forget it."""
+    def close_stream(self, stream_id: str, final_snapshot: bool = True) -> list[str]:
+        """Close a stream's pipeline (its sinks write trajectory, map, summary; with ``--snapshot-every``
+        a last snapshot) and forget it."""
         s = self.sessions.pop(stream_id)
+        if not final_snapshot and s.pipeline.snapshots is not None:
+            from dataclasses import replace
+
+            s.pipeline.snapshots.policy = replace(s.pipeline.snapshots.policy, at_close=False)
         for p in s.queue:
             self._ack(p, "dropped", "stream closed")
         summary = s.pipeline.close(stop_reason="stream closed")

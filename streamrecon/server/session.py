@@ -54,6 +54,7 @@ class StreamSession:
     last_seq: Optional[int] = None
     publisher_session: Optional[str] = None
     next_seq: int = 0
+    restored_from: Optional[str] = None  # the snapshot the stream continued from
 
     @property
     def engine(self):
@@ -77,6 +78,8 @@ class StreamSession:
             "map_points": len(self.gmap), "segment": self.engine.segment, "frames_with_K_given": self.pipeline.k_given,
             "latency_ms_p50": round(p50, 3), "latency_ms_p99": round(p99, 3), "sinks": self.pipeline.sink_stats(),
             "slam": self.pipeline.stage.stats() if self.pipeline.stage is not None else {"backend": "none"},
+            "snapshots": dict(self.pipeline.snapshots.stats) if self.pipeline.snapshots is not None else None,
+            "restored_from": self.restored_from,
         }
 
     def export(self, directory: Path) -> list[str]:

@@ -178,6 +178,10 @@ class BackgroundSink:
                 self._call(self.inner.on_probe, item)
             elif kind == "close":
                 self._call(self.inner.close, item)
+            elif kind == "resume":
+                on_resume = getattr(self.inner, "on_resume", None)
+                if on_resume is not None:
+                    self._call(lambda args, f=on_resume: f(*args), item)
 
     def _put(self, kind: str, item: Any, droppable: bool) -> None:
         if self._closed:
@@ -197,6 +201,10 @@ class BackgroundSink:
 
     def on_probe(self, probe: ProbeResult) -> None:
         self._put("probe", probe, droppable=False)
+
+    def on_resume(self, stamps: np.ndarray, poses: np.ndarray) -> None:
+        """The stream continues from a snapshot: its trajectory so far (for sinks that keep one)."""
+        self._put("resume", (stamps, poses), droppable=False)
 
     def close(self, final: StreamClosed) -> None:
         """Hand over the final event, wait until everything queued is done."""

@@ -108,6 +108,16 @@ class FileSink:
         os.fsync(f.fileno())
         self._since_flush = 0
 
+    def on_resume(self, stamps: np.ndarray, poses: np.ndarray) -> None:
+        """A resumed stream: ``trajectory.txt`` starts again with every frame of the snapshot."""
+        if self._traj is not None:
+            self._traj.close()
+        self._traj = None
+        f = self._trajectory_file()
+        if len(stamps):
+            f.write(tum_lines(stamps, poses))
+        self._sync_trajectory()
+
     def on_frame(self, event: FrameEvent) -> None:
         r = event.result
         self._trajectory_file().write(tum_lines([r.stamp], r.T_wc[None]))

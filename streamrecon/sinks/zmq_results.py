@@ -51,7 +51,10 @@ class ResultPublisher:
                   "T_wc": r.T_wc.reshape(-1).tolist(), "K": r.K.reshape(-1).tolist(),
                   "K_original": r.K_original.reshape(-1).tolist(),
                   "K_given": r.K_given.reshape(-1).tolist() if r.K_given is not None else None,
-                  "stages_ms": {k: round(v, 3) for k, v in r.timings_ms.items()}}
+                  "stages_ms": {k: round(v, 3) for k, v in r.timings_ms.items()},
+                  "tracking": None if r.tracking is None else
+                  {"state": r.tracking.state, "method": r.tracking.method, "inliers": r.tracking.inliers,
+                   "keyframe": r.tracking.keyframe, "localised": r.tracking.localised}}
         self.send(encode_result(self.stream_id, "pose", header))
         self.published += 1
         g = self.geometry_stride

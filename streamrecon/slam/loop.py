@@ -237,6 +237,13 @@ class LoopCloser:
             self._thread.join(timeout=30)
             self._thread = None
 
+    def add_correction(self, C: np.ndarray) -> None:
+        """A correction made outside the loop closer (relocalisation): keyframes submitted in the old
+        epoch are brought through it; a new epoch starts."""
+        with self._lock:
+            self._corrections.append(np.asarray(C, np.float64))
+            self.epoch += 1
+
     def keyframe_poses(self) -> tuple[np.ndarray, np.ndarray]:
         """``(ids (K,), S_wk (K, 4, 4))`` of the database, in time order."""
         with self._lock:

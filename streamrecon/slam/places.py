@@ -30,6 +30,13 @@ PLACE_DESCRIPTORS = ("bow", "tokens")
 class BowVocabulary:
     """``words`` binary visual words learnt from ORB descriptors ``(N, 32)`` uint8."""
 
+    _snapshot_fields = ("words",)
+
+    def _after_restore(self) -> None:
+        import cv2
+
+        self._matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
+
     def __init__(self, descriptors: np.ndarray, words: int = 256, seed: int = 0) -> None:
         import cv2
 
@@ -60,6 +67,8 @@ class PlaceDatabase:
         vocab_keyframes: ``bow``: keyframes whose descriptors train the vocabulary.
         words: ``bow``: vocabulary size.
     """
+
+    _snapshot_fields = ("kind", "vocab_keyframes", "n_words", "vocab", "_pending", "ids", "_vecs", "_df", "_sum")
 
     def __init__(self, kind: str = "bow", vocab_keyframes: int = 10, words: int = 256) -> None:
         if kind not in PLACE_DESCRIPTORS:

@@ -43,6 +43,12 @@ __all__ = ["GeometryStage", "calibration_from_settings"]
 _logger = logging.getLogger(__name__)
 
 
+def _edge(found):
+    from .sim3 import LoopEdge
+
+    return LoopEdge(found.keyframe, -1, found.C, found.inliers)
+
+
 def calibration_from_settings(s: SlamSettings) -> Optional[Calibration]:
     if s.intrinsics:
         return parse_intrinsics(s.intrinsics)
@@ -64,7 +70,10 @@ class GeometryStage:
         self.cal = calibration if calibration is not None else calibration_from_settings(settings)
         self.undistort = Undistorter(self.cal) if self.cal is not None and self.cal.distorted else None
         backend = settings.resolved_backend()
-        self.tracker = Tracker(tracker or TrackerConfig()) if backend in ("track", "slam") else None
+        tcfg = tracker or TrackerConfig()
+        if settings.deterministic:
+            tcfg, loop_sync = replace(tcfg, ba_sync=True), True
+        self.tracker = Tracker(tcfg) if backend in ("track", "slam") else None
         self.loop: Optional[LoopCloser] = None
         if backend == "slam" or (settings.refine and self.tracker is not None):
             # refine reads the keyframe database; without slam it is kept but never closes loops
@@ -87,6 +96,11 @@ class GeometryStage:
         self._T_prev: Optional[np.ndarray] = None
         self._rays_key: Optional[tuple] = None
         self._rays_cache: Optional[np.ndarray] = None
+        # --relocalise: None (not relocalising), False (provisional world), True (in the saved world)
+        self.localised: Optional[bool] = None
+        self.reloc = None  # a Relocaliser while not localised
+        self.reloc_info: dict[str, Any] = {}
+        self._last_Kt: Optional[np.ndarray] = None
 
     @property
     def active(self) -> bool:
@@ -129,14 +143,56 @@ class GeometryStage:
             if frame is None:
                 raise ValueError("the tracking backend needs the frame's image")
             T_wc, scale, info, kf = self._track(r, frame, K0)
+            if self.localised is False:
+                T_wc, scale = self._relocalise(r, info, T_wc, scale)
+                info = replace(info, localised=bool(self.localised))
         depth = r.depth * np.float32(scale)
         pts_cam = (self._rays(r.depth.shape, K_model) * depth[..., None]).astype(np.float32)
         R, t = T_wc[:3, :3].astype(np.float32), T_wc[:3, 3].astype(np.float32)
         out = replace(r, T_wc=T_wc, points_cam=pts_cam, points_world_pose=pts_cam @ R.T + t, depth=depth,
                       K_used=K0, tracking=info)
-        if kf is not None and self.loop is not None:
-            self._submit_keyframe(out, kf)
+        if kf is not None and self.loop is not None and self.localised is not False:
+            self._submit_keyframe(out, kf)  # (not in a provisional world: the database is the saved map's)
         return out
+
+    # ------------------------------------------------------------------------------------------ relocalisation
+
+    def start_relocalisation(self) -> None:
+        """From the next frame on, localise against the loop closer's (restored) keyframe database."""
+        from .relocalise import Relocaliser
+
+        if self.tracker is None or self.loop is None:
+            raise ValueError("relocalisation needs the slam backend")
+        self.reloc = Relocaliser(self.loop)
+        self.localised = False
+        self.epoch = self.loop.epoch
+        self.reloc_info = {"localised": False, "keyframes": len(self.loop.db), "attempts": 0}
+
+    def _relocalise(self, r: FrameResult, info: TrackingInfo, T_wc: np.ndarray, scale: float) -> tuple[np.ndarray, float]:
+        """Try to localise this frame in the saved map; on success move the stream into its world."""
+        from .sim3 import correct_pose
+
+        tr = self.tracker
+        self.reloc_info["attempts"] = self.reloc.attempts + 1
+        if info.state == "lost" or tr._prev is None or len(tr.cur) == 0:
+            self.reloc.attempts += 1
+            return T_wc, scale
+        Kt = self._last_Kt
+        found = self.reloc.try_frame(tr._prev, Kt, T_wc, tr.cur, tr.X, tr.tid, r.descriptor)
+        if found is None:
+            return T_wc, scale
+        if tr.scale is None:
+            tr.scale = 1.0  # the tracker's points are the network depth as it is: that is the unit C scales
+        self.loop.add_correction(found.C)
+        self._take(Correction(self.loop.epoch, found.C, _edge(found), {}, 0.0, 0.0, 0.0))
+        self._new_loop = None  # not a loop closure (nothing to draw)
+        self.localised = True
+        self.reloc = None
+        self.reloc_info.update(localised=True, frame=r.index, keyframe=found.keyframe, inliers=found.inliers,
+                               scale=round(found.scale, 5), score=round(found.score, 4), epoch=self.epoch)
+        _logger.info("relocalised at frame %d against saved keyframe %d (%d inliers, scale %.3f)", r.index,
+                     found.keyframe, found.inliers, found.scale)
+        return correct_pose(found.C, T_wc), scale * found.scale
 
     def _poll_loop(self) -> None:
         for item in self.loop.poll():
@@ -244,6 +300,7 @@ class GeometryStage:
             rel = _inv(self._net_prev) @ net
             rel[:3, 3] *= self.tracker.scale or 1.0
             fallback = self._T_prev @ rel
+        self._last_Kt = Kt
         res = self.tracker.track(grey, Kt, depth_at, fallback)
         self._net_prev, self._T_prev = net, res.T_wc
         self.states[res.state] += 1
@@ -281,4 +338,6 @@ class GeometryStage:
                        local_ba=dict(getattr(self.tracker, "ba_stats", {}) or {}))
         if self.loop is not None:
             out["loop_closure"] = self.loop.to_dict() | {"corrections_applied": self.epoch}
+        if self.reloc_info:
+            out["relocalise"] = dict(self.reloc_info, ms_total=round(self.reloc.ms_total, 1) if self.reloc else None)
         return out
