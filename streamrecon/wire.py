@@ -51,7 +51,7 @@ class WireError(ValueError):
 
 def valid_stream_id(sid: Any) -> bool:
     """Letters, digits and ``. _ : @ -``, 1..128 characters, starting with a letter or digit."""
-    return isinstance(sid, str) and bool(_STREAM_ID.match(sid))
+    return isinstance(sid, str) and bool(_STREAM_ID.fullmatch(sid))
 
 
 def stream_id_from_imagezmq(msg: Any) -> str:

@@ -76,7 +76,7 @@ def test_codec_round_trip_is_exact():
             "b": np.array([True, False]), "nan": float("nan"), "inf": np.float64(np.inf), "i": np.int64(7),
             "t": torch.tensor([[1.5, -2.0]], dtype=torch.bfloat16), "q": deque([1, (2, 3)], maxlen=5),
             "c": Counter({"ok": 3}), 4: {"x": [None, "s", 1e-300]}, "set": {(1, 2), (3, 4)},
-            "edge": LoopEdge(1, 2, np.eye(4), 30, depth=1.25)}
+            "edge": LoopEdge(1, 2, np.eye(4), 30, depth=1.25), "zero_d": np.array(2.5)}
     js, tensors = pack(tree, {"LoopEdge": LoopEdge})
     back = unpack(json.loads(json.dumps(js)), tensors, {"LoopEdge": LoopEdge})
     assert back["f16"].dtype == np.float16 and np.array_equal(back["f16"], tree["f16"])
@@ -86,6 +86,7 @@ def test_codec_round_trip_is_exact():
     assert back["q"].maxlen == 5 and list(back["q"]) == [1, (2, 3)] and back["c"] == Counter({"ok": 3})
     assert back[4] == {"x": [None, "s", 1e-300]} and back["set"] == {(1, 2), (3, 4)}
     assert back["edge"].inliers == 30 and np.array_equal(back["edge"].S_ij, np.eye(4))
+    assert back["zero_d"].shape == () and back["zero_d"] == 2.5
     with pytest.raises(TypeError, match="cannot be stored"):
         pack({"x": object()}, {})
     with pytest.raises(CodecError, match="not one a snapshot may hold"):
@@ -107,11 +108,30 @@ def test_store_keeps_the_newest_and_names_and_refuses_bad_names(tmp_path):
     assert store.latest_name() == paths[-1].name  # a named snapshot does not move LATEST
     assert read_snapshot(tmp_path / "s").state == {"i": 3} and read_snapshot(named).state == {"i": 99}
     assert [r["frames"] for r in store.list() if r["name"] == "before_lunch"] == [99]
-    for bad in ("../x", "/etc", ".hidden", "a/b", "", "x" * 65):
+    for bad in ("../x", "/etc", ".hidden", "a/b", "", "x" * 65, "LATEST", "snap-0-keep-me", "abc\n"):
         with pytest.raises(SnapshotError):
             _write(store, 1, name=bad)
     with pytest.raises(SnapshotError, match="no snapshot"):
         store.path_of("missing")
+    # overwriting a named snapshot: a crash between the two renames leaves the old copy aside; it is put back
+    os.replace(named, tmp_path / "s" / ".old-before_lunch")
+    _write(store, 5)
+    assert read_snapshot(named).state == {"i": 99}
+
+
+def test_restore_falls_back_past_a_damaged_latest_snapshot(tmp_path):
+    from streamrecon.snapshot import read_latest_good
+
+    store = SnapshotStore(tmp_path / "s", keep=3)
+    for i in range(3):
+        _write(store, i)
+        time.sleep(0.01)  # distinct modification times
+    latest = store.path_of()
+    (latest / "state.json").write_text('{"i": 666}')
+    with pytest.raises(SnapshotError, match="other snapshots there"):
+        read_snapshot(tmp_path / "s")  # a human asking for the latest is told, with what else there is
+    data, damaged = read_latest_good(tmp_path / "s")
+    assert data.state == {"i": 1} and len(damaged) == 1 and "state.json" in damaged[0]
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -311,6 +331,14 @@ def test_relocalise_in_a_saved_map_and_extend_it(tmp_path, shared):
                           relocalise=str(tmp_path / "snap")), model=m, on_result=lambda r: flags.append(r.tracking.localised))
     assert not s4.slam["relocalise"]["localised"] and s4.slam["relocalise"]["attempts"] == 10
     assert flags == [False] * 10 and s4.map["points"] == s1.map["points"]
+    # a relocalising run snapshotted before it localised resumes still relocalising (nothing enters the map)
+    run(RunConfig.of(**base, source=other, output_dir=str(tmp_path / "o2"), relocalise=str(tmp_path / "snap"),
+                     snapshot=str(tmp_path / "snap_reloc"), max_frames=5), model=m)
+    flags = []
+    s5 = run(RunConfig.of(**base, source=other, output_dir=str(tmp_path / "o3"), resume=str(tmp_path / "snap_reloc"),
+                          snapshot=str(tmp_path / "snap_reloc")), model=m, on_result=lambda r: flags.append(r.tracking.localised))
+    assert flags == [False] * 5 and s5.processed == 10 and s5.map["points"] == s1.map["points"]
+    assert s5.slam["relocalise"]["attempts"] == 10 and not s5.slam["relocalise"]["localised"]
     # a snapshot without a keyframe database cannot be relocalised in
     run(RunConfig.of(source=first, size="64", backend="none", progress=False, output_dir=str(tmp_path / "n"),
                      snapshot=str(tmp_path / "snap_none"), max_frames=2), model=m)

@@ -98,6 +98,7 @@ class StreamPipeline:
         self._row_epochs = array("i")  # the loop-closure epoch each row was emitted in
         self.snapshots = None  # a streamrecon.snapshot.Snapshotter: periodic and final snapshots
         self._unlocalised: deque = deque(maxlen=256)  # --relocalise: map chunks of frames not localised yet
+        self.unlocalised_dropped = 0  # frames seen before the relocalisation that never reach the map (the buffer is full)
         self.restored_frames = 0  # frames a resumed stream brought from its snapshot
 
     # ------------------------------------------------------------------------------------------
@@ -139,11 +140,16 @@ class StreamPipeline:
         if self.stage is not None:
             result = self.stage.process(result, frame)
             swapped = self._swap_map()
+            if self.stage.just_localised:  # the map is the saved one: in the world the stream just moved to
+                self.stage.just_localised = False
+                self._map_epoch = self.stage.epoch
             loop = self.stage.take_loop() if getattr(self.stage, "loop", None) is not None else None
         stage_ms = 1e3 * (time.perf_counter() - t_stage)
         t0 = time.perf_counter()
         pts, conf = result.world_points(self.opt.map_points)
         if self.stage is not None and self.stage.localised is False:  # a provisional world: kept aside
+            if len(self._unlocalised) == self._unlocalised.maxlen:
+                self.unlocalised_dropped += 1
             self._unlocalised.append(self._map_chunk(result))
             integ = self.gmap.integrate(pts[:0], result.colors[:0], conf[:0], result.index)
         else:
@@ -222,6 +228,16 @@ class StreamPipeline:
                     fn(stamps, poses)
                 except Exception as e:
                     self._sink_error(sink, e)
+
+    def discard(self) -> None:
+        """Stop this pipeline's threads without writing any output (a stream whose restore failed)."""
+        for sink in self.sinks:
+            stop = getattr(sink, "abandon", None)
+            if stop is not None:
+                stop()
+        if self.stage is not None:
+            self.stage.close()
+        self.closed = self.summary(stop_reason="discarded")
 
     def save_snapshot(self, name: Optional[str] = None):
         """Write a snapshot now (``name``: a named one, never pruned); returns its directory."""
@@ -376,6 +392,14 @@ class StreamPipeline:
         return keyframes, {"stamps": stamps, "poses": T, "map_xyz": xyz, "map_rgb": rgb, "map_conf": conf,
                            "stats": self.refine_stats}
 
+    def _slam_summary(self) -> dict[str, Any]:
+        if self.stage is None:
+            return {"backend": "none"}
+        out = {**self.stage.stats(), **({"refine": self.refine_stats} if self.refine_stats else {})}
+        if "relocalise" in out:
+            out["relocalise"]["frames_not_in_map"] = self.unlocalised_dropped
+        return out
+
     def summary(self, stop_reason: str = "running", interrupted: bool = False, fatal: Optional[str] = None,
                 source: Optional[SourceCounts] = None, extra: Optional[dict[str, Any]] = None) -> RunSummary:
         """The summary as of now (``stop_reason="running"`` while the stream goes on)."""
@@ -395,8 +419,7 @@ class StreamPipeline:
             map={**self.gmap.stats(), "confidence_max": round(self.conf_max, 4), "rebuilds": self.map_rebuilds},
             segments=self.segments_seen,
             frames_with_K_given=self.k_given, sinks=self.sink_stats(), in_progress=stop_reason == "running",
-            slam=({**self.stage.stats(), **({"refine": self.refine_stats} if self.refine_stats else {})}
-                  if self.stage is not None else {"backend": "none"}),
+            slam=self._slam_summary(),
             interrupted=interrupted, stop_reason=stop_reason, fatal_error=fatal,
             extra={**self.opt.describe, **(extra or {}),
                    **({"snapshots": dict(self.snapshots.stats, root=str(self.snapshots.policy.root))}

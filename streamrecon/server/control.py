@@ -110,12 +110,14 @@ def _save_map(node: "Node", req: dict) -> list:
     return encode_reply(True, cmd="save_map", stream_id=s.stream_id, files=s.export(target))
 
 
-def _snapshot_name(req: dict, key: str = "name"):
-    from ..snapshot import valid_name
+def _snapshot_name(req: dict, new: bool):
+    """The request's snapshot ``name`` (``new``: one a client may give; else any existing one's)."""
+    from ..snapshot import valid_name, valid_user_name
 
-    name = req.get(key)
-    if name is not None and not valid_name(name):
-        raise ControlError(f"{key!r} must be a snapshot name: 1-64 letters, digits, '_', '.', '-' (not a path)")
+    name = req.get("name")
+    if name is not None and not (valid_user_name if new else valid_name)(name):
+        raise ControlError("'name' must be a snapshot name: 1-64 letters, digits, '_', '.', '-' (not a path"
+                           + (", not LATEST, not starting with 'snap-')" if new else ")"))
     return name
 
 
@@ -136,7 +138,7 @@ def _save_snapshot(node: "Node", req: dict) -> list:
     from ..snapshot import SnapshotError
 
     s = _stream(node, req)
-    name = _snapshot_name(req)
+    name = _snapshot_name(req, new=True)
     try:
         path = s.pipeline.save_snapshot(name)
     except (SnapshotError, OSError) as e:
@@ -163,7 +165,7 @@ def _load_snapshot(node: "Node", req: dict) -> list:
 
     sid = _stream_id_field(req, "stream_id")
     src = _stream_id_field(req, "from_stream", required=False) or sid
-    name = _snapshot_name(req)
+    name = _snapshot_name(req, new=False)
     try:
         data = read_snapshot(node.snapshots(src).path_of(name))
     except SnapshotError as e:

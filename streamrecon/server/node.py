@@ -241,11 +241,14 @@ class Node:
         lossless = self.cfg.lossless if msg.lossless is None else msg.lossless
         snap = None
         if self.cfg.restore and self.snapshots(msg.stream_id).names():
-            from ..snapshot import SnapshotError, read_snapshot
+            from ..snapshot import SnapshotError, read_latest_good
 
-            try:
-                snap = read_snapshot(self.snapshot_root(msg.stream_id))
-            except SnapshotError as e:  # the stream starts afresh; the damaged snapshot is left where it is
+            try:  # the newest snapshot that loads (a damaged newest one is passed over, logged)
+                snap, damaged = read_latest_good(self.snapshot_root(msg.stream_id))
+                for err in damaged:
+                    self.node_errors["restore_damaged"] += 1
+                    _logger.error("stream %s: snapshot passed over: %s", msg.stream_id, err)
+            except SnapshotError as e:  # none loads: the stream starts afresh; the snapshots are left where they are
                 self.node_errors["restore_failed"] += 1
                 _logger.error("stream %s: cannot restore (%s); starting a new stream", msg.stream_id, e)
         try:
@@ -285,8 +288,7 @@ class Node:
             try:
                 pipeline.restore(snapshot)
             except BaseException:
-                pipeline.snapshots.policy = SnapshotPolicy(self.snapshot_root(sid), at_close=False)
-                pipeline.close(stop_reason="restore failed")
+                pipeline.discard()  # nothing written: the stream's earlier outputs stay as they are
                 raise
         s = StreamSession(stream_id=sid, pipeline=pipeline, publisher=publisher, lossless=lossless,
                           restored_from=None if snapshot is None else snapshot.path.name)

@@ -206,6 +206,13 @@ class BackgroundSink:
         """The stream continues from a snapshot: its trajectory so far (for sinks that keep one)."""
         self._put("resume", (stamps, poses), droppable=False)
 
+    def abandon(self) -> None:
+        """Stop the worker after what is queued, without the final event (nothing more is written)."""
+        if not self._closed:
+            self._closed = True
+            self._q.put((_STOP, None))
+            self._thread.join()
+
     def close(self, final: StreamClosed) -> None:
         """Hand over the final event, wait until everything queued is done."""
         self._put("close", final, droppable=False)

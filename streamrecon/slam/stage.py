@@ -101,6 +101,7 @@ class GeometryStage:
         self.reloc = None  # a Relocaliser while not localised
         self.reloc_info: dict[str, Any] = {}
         self._last_Kt: Optional[np.ndarray] = None
+        self.just_localised = False  # set by the frame that localised, cleared by the pipeline
 
     @property
     def active(self) -> bool:
@@ -187,6 +188,8 @@ class GeometryStage:
         self._take(Correction(self.loop.epoch, found.C, _edge(found), {}, 0.0, 0.0, 0.0))
         self._new_loop = None  # not a loop closure (nothing to draw)
         self.localised = True
+        self.just_localised = True
+        self.reloc_info["ms_total"] = round(self.reloc.ms_total, 1)
         self.reloc = None
         self.reloc_info.update(localised=True, frame=r.index, keyframe=found.keyframe, inliers=found.inliers,
                                scale=round(found.scale, 5), score=round(found.score, 4), epoch=self.epoch)
@@ -339,5 +342,5 @@ class GeometryStage:
         if self.loop is not None:
             out["loop_closure"] = self.loop.to_dict() | {"corrections_applied": self.epoch}
         if self.reloc_info:
-            out["relocalise"] = dict(self.reloc_info, ms_total=round(self.reloc.ms_total, 1) if self.reloc else None)
+            out["relocalise"] = dict(self.reloc_info, **({"ms_total": round(self.reloc.ms_total, 1)} if self.reloc else {}))
         return out

@@ -6,6 +6,16 @@
 * :mod:`.writer` -- periodic snapshots with a background writer.
 """
 
-from .store import SnapshotData, SnapshotError, SnapshotStore, read_snapshot, resolve_snapshot, valid_name
+from .store import (
+                    SnapshotData,
+                    SnapshotError,
+                    SnapshotStore,
+                    read_latest_good,
+                    read_snapshot,
+                    resolve_snapshot,
+                    valid_name,
+                    valid_user_name,
+)
 
-__all__ = ["SnapshotError", "SnapshotStore", "SnapshotData", "read_snapshot", "resolve_snapshot", "valid_name"]
+__all__ = ["SnapshotError", "SnapshotStore", "SnapshotData", "read_snapshot", "read_latest_good", "resolve_snapshot",
+           "valid_name", "valid_user_name"]

@@ -40,12 +40,12 @@ def _tensor(a):
 
     if isinstance(a, torch.Tensor):
         return a.detach().to("cpu").contiguous().clone()
-    a = np.ascontiguousarray(a)
+    a = np.array(a, order="C", copy=True)  # (keeps 0-d arrays 0-d, unlike ascontiguousarray)
     if a.dtype == np.uint16 or a.dtype == np.uint32 or a.dtype == np.uint64:  # torch lacks them: keep the bits
-        return torch.from_numpy(a.view({2: np.int16, 4: np.int32, 8: np.int64}[a.itemsize]).copy())
+        return torch.from_numpy(a.view({2: np.int16, 4: np.int32, 8: np.int64}[a.itemsize]))
     if a.dtype.kind not in "biuf" and a.dtype != np.bool_:
         raise TypeError(f"array of dtype {a.dtype} cannot be stored")
-    return torch.from_numpy(a.copy())
+    return torch.from_numpy(a)
 
 
 class _Packer:

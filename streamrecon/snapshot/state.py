@@ -23,6 +23,7 @@ import hashlib
 import logging
 import threading
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -37,8 +38,9 @@ _logger = logging.getLogger(__name__)
 
 _ENGINE = ("base", "segment", "processed", "last_K", "last_hw", "last_T_wc")
 _PIPELINE = ("processed", "n_errors", "errors", "k_given", "segments_seen", "conf_max", "empty_map_warned",
-             "map_rebuilds", "_since_kf", "_map_epoch", "_rows", "_row_epochs")
-_STAGE = ("epoch", "corrections", "correction_of", "_focals", "states", "track_ms", "_net_prev", "_T_prev", "_map")
+             "map_rebuilds", "_since_kf", "_map_epoch", "_rows", "_row_epochs", "_unlocalised", "unlocalised_dropped")
+_STAGE = ("epoch", "correction_of", "_focals", "states", "track_ms", "_net_prev", "_T_prev", "_map", "localised",
+          "reloc_info")
 _TRACKER = ("keyframes", "n_keyframes", "_prev", "cur", "kf_px", "X", "geo", "tid", "refined", "n_kf_tracks",
             "T_prev", "kf_T", "kf_index", "scale", "index", "prior_first", "_next_tid", "_win", "_pt_ids", "_pt_X",
             "_epoch", "_ba_ready", "_ba_sum_ms", "_ba_sum_it", "_ba_sum_lat", "ba_stats")
@@ -98,6 +100,14 @@ def _fingerprint(model) -> str:
     return fp
 
 
+_MAP_FLAGS = {"voxel_size": "--voxel-size", "max_points": "--max-points", "conf_thresh": "--conf-thresh",
+              "budget_policy": "--budget-policy", "pixel_stride": "--pixel-stride"}
+
+
+def _map_settings(cfg) -> dict:
+    return {k: getattr(cfg, k) for k in _MAP_FLAGS}
+
+
 def snapshot_meta(pipeline, extra: Optional[dict] = None) -> dict:
     """What the manifest records of the stream: frames, weights, the settings a resume must match."""
     e = pipeline.engine
@@ -108,8 +118,8 @@ def snapshot_meta(pipeline, extra: Optional[dict] = None) -> dict:
                        "reset_every": e.cfg.reset_every, "head": e.model.cfg.head_type},
             "backend": st.s.resolved_backend() if st is not None else "none",
             "intrinsics": None if st is None or st.cal is None else np.asarray(st.cal.K).reshape(-1).tolist(),
-            "map": {"voxel_size": pipeline.gmap.cfg.voxel_size, "max_points": pipeline.gmap.cfg.max_points,
-                    "conf_thresh": pipeline.gmap.cfg.conf_thresh},
+            "map": _map_settings(pipeline.gmap.cfg),
+            "place": st.loop.cfg.place if st is not None and st.loop is not None else None,
             "settings": pipeline.opt.describe.get("config"),  # the run's whole resolved configuration
             **(extra or {})}
 
@@ -128,7 +138,10 @@ def capture(pipeline, extra_meta: Optional[dict] = None) -> tuple[Any, dict, dic
         s: dict[str, Any] = dump_fields(st, _STAGE)
         s["tracker"] = dump_fields(st.tracker, _TRACKER) if st.tracker is not None else None
         if st.loop is not None:
-            st.loop.flush(timeout=30.0)  # the keyframes handed over are in the database
+            if not st.loop.flush(timeout=30.0):  # the keyframes handed over must be in the database
+                from .writer import SnapshotBusy
+
+                raise SnapshotBusy("the loop closer is still working through its queue")
             with st.loop._lock:
                 lp = dump_fields(st.loop, _LOOP)
                 lp["db"] = dict(lp["db"])
@@ -160,113 +173,164 @@ def check_compatible(pipeline, manifest: dict) -> None:
     if (k_snap is None) != (k_here is None) or (k_snap is not None and not np.allclose(k_snap, k_here, rtol=1e-9)):
         raise SnapshotError(f"{manifest.get('name')}: the snapshot was made with intrinsics {k_snap}, this run has "
                             f"{k_here} (give the same --intrinsics / --calib)")
+    snap_map = manifest.get("map") or {}
+    for k, flag in _MAP_FLAGS.items():
+        if snap_map.get(k) != here["map"][k]:
+            raise SnapshotError(f"{manifest.get('name')}: the snapshot's map has {k} {snap_map.get(k)!r}, this run's "
+                                f"{here['map'][k]!r} (set {flag} to match)")
+    if manifest.get("place") != here["place"]:
+        raise SnapshotError(f"{manifest.get('name')}: the snapshot's place recognition is {manifest.get('place')!r}, "
+                            f"this run's {here['place']!r} (set --place to match)")
     if manifest.get("backend") != here["backend"]:
         raise SnapshotError(f"{manifest.get('name')}: the snapshot's backend is {manifest.get('backend')!r}, this "
                             f"run's is {here['backend']!r} (set --backend, and the intrinsics, to match)")
 
 
+def _parts(tree: Any, where: Path) -> dict:
+    """The decoded tree's parts, every field set and type checked (:class:`SnapshotError` otherwise)."""
+    from ..mapping.voxel_map import GlobalMap
+    from ..pipeline.trajectory import Trajectory
+
+    def need(cond: bool, what: str) -> None:
+        if not cond:
+            raise SnapshotError(f"{where}: {what}")
+
+    need(isinstance(tree, dict) and set(tree) == {"engine", "pipeline", "stage"}, "the state's parts are not "
+         "engine / pipeline / stage")
+    eng, p, s = dict(tree["engine"] or {}), dict(tree["pipeline"] or {}), tree["stage"]
+    out: dict[str, Any] = {}
+    for k in ("tokens", "mem", "fresh", "last_input"):
+        need(k in eng, f"engine: no {k}")
+        out[k] = eng.pop(k)
+    out["gmap"], out["trajectory"] = p.pop("gmap", None), p.pop("trajectory", None)
+    need(isinstance(out["gmap"], GlobalMap) and isinstance(out["trajectory"], Trajectory),
+         "the map or the trajectory is missing or of the wrong type")
+    fields = [("engine", eng, _ENGINE), ("pipeline", p, _PIPELINE)]
+    out.update(engine=eng, pipeline=p, stage=None, tracker=None, loop=None, pending=[])
+    if s is not None:
+        need(isinstance(s, dict), "stage: not a mapping")
+        s = dict(s)
+        out["tracker"], out["loop"] = s.pop("tracker", None), s.pop("loop", None)
+        out["stage"] = s
+        fields.append(("stage", s, _STAGE))
+        if out["tracker"] is not None:
+            fields.append(("tracker", out["tracker"], _TRACKER))
+        if out["loop"] is not None:
+            need(isinstance(out["loop"], dict), "loop: not a mapping")
+            out["loop"] = lp = dict(out["loop"])
+            out["pending"] = lp.pop("pending", None)
+            need(isinstance(out["pending"], list), "loop: no pending results")
+            fields.append(("loop", lp, _LOOP))
+    for name, vals, names in fields:
+        need(isinstance(vals, dict) and set(vals) == set(names),
+             f"{name}: fields {sorted(vals) if isinstance(vals, dict) else vals} != {sorted(names)}")
+    for k in ("tokens", "mem", "fresh"):
+        need(hasattr(out[k], "shape") and hasattr(out[k], "dtype"), f"engine: {k} is not a tensor")
+    return out
+
+
 def decode(pipeline, data: SnapshotData) -> dict:
-    """The snapshot's state tree as objects, checked against the pipeline (nothing applied yet)."""
+    """The snapshot's state as checked objects, matched against the pipeline (nothing applied yet):
+    every check a restore needs is here, so a snapshot that decodes restores."""
     check_compatible(pipeline, data.manifest)
     try:
         tree = unpack(data.state, data.tensors, _classes())
-    except CodecError as e:
+    except (CodecError, RecursionError) as e:
         raise SnapshotError(f"{data.path}: {e}") from None
-    if not isinstance(tree, dict) or set(tree) != {"engine", "pipeline", "stage"}:
-        raise SnapshotError(f"{data.path}: the state has parts {sorted(tree) if isinstance(tree, dict) else tree}")
+    parts = _parts(tree, data.path)
     st = pipeline.stage
-    has = tree["stage"] is not None
-    if has != (st is not None) or (has and ((tree["stage"]["tracker"] is None) != (st.tracker is None)
-                                             or (tree["stage"]["loop"] is None) != (st.loop is None))):
+    if (parts["stage"] is not None) != (st is not None) or (st is not None and (
+            (parts["tracker"] is None) != (st.tracker is None) or (parts["loop"] is None) != (st.loop is None))):
         raise SnapshotError(f"{data.path}: the snapshot's geometry stage does not match this run's settings "
                             "(backend, intrinsics, --refine)")
-    e = pipeline.engine
-    want = e.state
+    want = pipeline.engine.state
     for k in ("tokens", "mem", "fresh"):
-        t = tree["engine"][k]
-        ref = getattr(want, k)
+        t, ref = parts[k], getattr(want, k)
         if tuple(t.shape) != tuple(ref.shape) or t.dtype != ref.dtype:
             raise SnapshotError(f"{data.path}: state {k} is {tuple(t.shape)} {t.dtype}, the model needs "
                                 f"{tuple(ref.shape)} {ref.dtype}")
-    return tree
+    return parts
 
 
 def restore(pipeline, data: SnapshotData) -> None:
     """Put a verified snapshot into a freshly built pipeline (all of it, or -- on an error -- nothing)."""
-    from ..mapping.voxel_map import GlobalMap
-    from ..pipeline.trajectory import Trajectory
-
-    tree = decode(pipeline, data)
+    parts = decode(pipeline, data)
     e = pipeline.engine
-    eng = tree["engine"]
-    try:
-        new_state = replace(e.state, tokens=eng.pop("tokens").to(e.device), mem=eng.pop("mem").to(e.device),
-                            fresh=eng.pop("fresh").to(e.device))
-        last_input = eng.pop("last_input")
-        p = tree["pipeline"]
-        gmap, traj = p.pop("gmap"), p.pop("trajectory")
-        s = tree["stage"]
-        parts = [("engine", eng, _ENGINE), ("pipeline", p, _PIPELINE)]
-        if s is not None:
-            tr, lp = s.pop("tracker"), s.pop("loop")
-            pending = lp.pop("pending") if lp is not None else []
-            parts += [("stage", s, _STAGE)] + ([("tracker", tr, _TRACKER)] if tr is not None else []) + \
-                     ([("loop", lp, _LOOP)] if lp is not None else [])
-        for name, vals, names in parts:
-            if not isinstance(vals, dict) or set(vals) != set(names):
-                raise CodecError(f"{name}: fields {sorted(vals) if isinstance(vals, dict) else vals} != {sorted(names)}")
-        if not isinstance(gmap, GlobalMap) or not isinstance(traj, Trajectory):
-            raise CodecError("the map or the trajectory has the wrong type")
-    except (CodecError, KeyError, AttributeError, TypeError) as ex:
-        raise SnapshotError(f"{data.path}: {ex}") from None
-    # from here on nothing can fail on the data: it was all decoded and checked above
-    e.state = new_state
-    e._last_input = None if last_input is None else last_input.to(e.device)
-    load_fields(e, eng, _ENGINE, "engine")
-    load_fields(pipeline, p, _PIPELINE, "pipeline")
-    pipeline.gmap, pipeline.trajectory = gmap, traj
+    try:  # the device copies first: an out-of-memory here changes nothing
+        new_state = replace(e.state, tokens=parts["tokens"].to(e.device), mem=parts["mem"].to(e.device),
+                            fresh=parts["fresh"].to(e.device))
+        li = parts["last_input"]
+        last_input = None if li is None else li.to(e.device)
+    except (AttributeError, TypeError) as ex:
+        raise SnapshotError(f"{data.path}: engine: {ex}") from None
+    # from here on nothing can fail on the data: it was all decoded and checked
+    e.state, e._last_input = new_state, last_input
+    load_fields(e, parts["engine"], _ENGINE, "engine")
+    load_fields(pipeline, parts["pipeline"], _PIPELINE, "pipeline")
+    pipeline.gmap, pipeline.trajectory = parts["gmap"], parts["trajectory"]
     st = pipeline.stage
     if st is not None:
-        load_fields(st, s, _STAGE, "stage")
-        if tr is not None:
-            load_fields(st.tracker, tr, _TRACKER, "tracker")
-        if lp is not None:
+        load_fields(st, parts["stage"], _STAGE, "stage")
+        if parts["tracker"] is not None:
+            load_fields(st.tracker, parts["tracker"], _TRACKER, "tracker")
+        if parts["loop"] is not None:
             with st.loop._lock:
-                load_fields(st.loop, lp, _LOOP, "loop")
-            for item in pending:
+                load_fields(st.loop, parts["loop"], _LOOP, "loop")
+            for item in parts["pending"]:
                 st.loop._out.put(item)
+        if st.localised is False:  # a relocalising stream that had not localised yet goes on trying
+            from ..slam.relocalise import Relocaliser
+
+            st.reloc = Relocaliser(st.loop)
+            st.reloc.attempts = int(st.reloc_info.get("attempts", 0))
     _logger.info("resumed from %s: %d frames, %d map points", data.path, pipeline.processed, len(pipeline.gmap))
 
 
 def relocalise_from(pipeline, data: SnapshotData) -> None:
     """Start a new run inside a snapshot's map: its global map and keyframe database are taken, the
     network state, tracker and trajectory start fresh, and the stage localises against the keyframes
-    (:meth:`~streamrecon.slam.stage.GeometryStage.start_relocalisation`)."""
-    from ..mapping.voxel_map import GlobalMap
+    (:meth:`~streamrecon.slam.stage.GeometryStage.start_relocalisation`). Everything is checked before
+    anything is changed."""
+    from ..slam.loop import MapRebuild
 
     st = pipeline.stage
     if st is None or st.loop is None or st.tracker is None:
         raise SnapshotError("--relocalise needs --backend slam")
     try:
-        tree = unpack(data.state, data.tensors, _classes())
-        lp = dict(tree["stage"]["loop"])
-        gmap = tree["pipeline"]["gmap"]
-        lp.pop("pending", None)
-        if set(lp) != set(_LOOP) or not isinstance(gmap, GlobalMap):
-            raise CodecError("the keyframe database or the map is incomplete")
-    except (CodecError, KeyError, TypeError) as e:
-        raise SnapshotError(f"{data.path}: no keyframe database to relocalise in ({e}); it needs a snapshot of a "
-                            "--backend slam run") from None
+        parts = _parts(unpack(data.state, data.tensors, _classes()), data.path)
+    except (CodecError, RecursionError, SnapshotError) as e:
+        raise SnapshotError(f"{data.path}: cannot be relocalised in ({e})") from None
+    lp = parts["loop"]
+    if lp is None:
+        raise SnapshotError(f"{data.path}: no keyframe database to relocalise in; it needs a snapshot of a "
+                            "--backend slam run")
     if not lp["db"]:
         raise SnapshotError(f"{data.path}: the snapshot's keyframe database is empty")
-    if lp["places"].kind != st.loop.cfg.place:
-        raise SnapshotError(f"{data.path}: the snapshot's place recognition is {lp['places'].kind!r}, this run's is "
+    kind = getattr(lp["places"], "kind", None)
+    if kind != st.loop.cfg.place:
+        raise SnapshotError(f"{data.path}: the snapshot's place recognition is {kind!r}, this run's is "
                             f"{st.loop.cfg.place!r} (set --place to match)")
+    if kind == "tokens":  # the network's descriptors are compared: the same network
+        w_snap = (data.manifest.get("weights") or {}).get("sha256")
+        if w_snap != model_fingerprint(pipeline.engine.model):
+            raise SnapshotError(f"{data.path}: --place tokens compares the network's descriptors, and the snapshot "
+                                "was made with other weights (use --place bow, or the same --weights)")
+    try:
+        first_index = max(int(data.manifest.get("frames") or 0), max((int(k) for k in lp["order"]), default=-1) + 1)
+    except (TypeError, ValueError) as e:
+        raise SnapshotError(f"{data.path}: bad frame counts ({e})") from None
+    gmap = parts["gmap"]
+    if parts["pipeline"]["_map_epoch"] != lp["epoch"]:  # a loop closed just before the snapshot: its map
+        rebuilt = [m for m in parts["pending"] if isinstance(m, MapRebuild) and m.epoch == lp["epoch"]]
+        gmap = rebuilt[-1].gmap if rebuilt else None
+    # checked: apply
     with st.loop._lock:
         load_fields(st.loop, lp, _LOOP, "loop")
+    if gmap is None:
+        gmap = st.loop.rebuild_map(st.loop.map_factory() if st.loop.map_factory else type(parts["gmap"])(parts["gmap"].cfg))
     pipeline.gmap = gmap
     # frame indices go on from the saved run's: keyframe ids (= frame indices) stay unique in the database
-    pipeline.engine.processed = max(int(data.manifest.get("frames") or 0), max(lp["order"], default=-1) + 1)
+    pipeline.engine.processed = first_index
     st.start_relocalisation()
     pipeline._map_epoch = st.epoch
     _logger.info("relocalising in %s: %d keyframes, %d map points", data.path, len(lp["db"]), len(gmap))

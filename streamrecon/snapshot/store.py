@@ -31,14 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["SnapshotError", "SnapshotStore", "SnapshotData", "FORMAT", "VERSION", "valid_name", "read_snapshot",
-           "resolve_snapshot"]
+__all__ = ["SnapshotError", "SnapshotStore", "SnapshotData", "FORMAT", "VERSION", "valid_name", "valid_user_name",
+           "read_snapshot", "read_latest_good", "resolve_snapshot"]
 
 _logger = logging.getLogger(__name__)
 FORMAT = "streamrecon-snapshot"
 VERSION = 1
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _FILES = ("state.json", "tensors.safetensors")
+_AUTO = re.compile(r"snap-\d{8}T\d{12}-f\d{8,}")  # the automatic snapshots' names (the only ones pruned)
 
 
 class SnapshotError(ValueError):
@@ -47,7 +48,13 @@ class SnapshotError(ValueError):
 
 def valid_name(name: Any) -> bool:
     """A snapshot name: letters, digits, ``_ . -``, 1..64 characters, not starting with a dot."""
-    return isinstance(name, str) and bool(_NAME.match(name)) and ".." not in name
+    return isinstance(name, str) and bool(_NAME.fullmatch(name)) and ".." not in name and name != "LATEST"
+
+
+def valid_user_name(name: Any) -> bool:
+    """A name a user may give (``save_snapshot``): a :func:`valid_name` that is not an automatic one's
+    (``snap-...``, pruned) and not ``LATEST``."""
+    return valid_name(name) and not name.startswith("snap-")
 
 
 @dataclass(frozen=True)
@@ -117,8 +124,9 @@ class SnapshotStore:
         """
         from safetensors.torch import save
 
-        if name is not None and not valid_name(name):
-            raise SnapshotError(f"snapshot name {str(name)[:80]!r}: use 1-64 letters, digits, '_', '.', '-'")
+        if name is not None and not valid_user_name(name):
+            raise SnapshotError(f"snapshot name {str(name)[:80]!r}: use 1-64 letters, digits, '_', '.', '-' "
+                                "(not LATEST, not starting with 'snap-': those are the automatic ones)")
         self.root.mkdir(parents=True, exist_ok=True)
         self._clean_tmp()
         auto = name is None
@@ -136,10 +144,13 @@ class SnapshotStore:
             _write_file(tmp / "manifest.json", json.dumps(manifest, indent=1, default=str).encode())
             _fsync_dir(tmp)
             final = self.root / name
-            if final.exists():  # the same name again (a named snapshot overwritten, or the same frame count)
-                old = self.root / f".tmp-old-{name}-{os.getpid()}-{time.monotonic_ns()}"
+            if final.exists():  # a named snapshot overwritten: the old copy is kept aside until the new one is in
+                old = self.root / f".old-{name}"
+                shutil.rmtree(old, ignore_errors=True)
                 os.replace(final, old)
+                _fsync_dir(self.root)
                 os.replace(tmp, final)
+                _fsync_dir(self.root)
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, final)
@@ -164,15 +175,22 @@ class SnapshotStore:
         _fsync_dir(self.root)
 
     def _clean_tmp(self) -> None:
-        """Remove what interrupted writes left behind."""
+        """Remove what interrupted writes left behind; an overwritten snapshot whose replacement never
+        landed (a crash between the two renames) is put back."""
         for p in self.root.glob(".tmp-*"):
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)
+        for p in self.root.glob(".old-*"):
+            back = self.root / p.name[len(".old-"):]
+            if back.exists():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.replace(p, back)
 
     def _prune(self) -> None:
-        autos = sorted(p for p in self.root.glob("snap-*") if p.is_dir())
+        autos = sorted(p for p in self.root.glob("snap-*") if p.is_dir() and _AUTO.fullmatch(p.name))
         latest = self.latest_name()
         for p in autos[:-self.keep]:
             if p.name != latest:
@@ -193,9 +211,12 @@ class SnapshotStore:
             return []
         out = []
         for p in self.root.iterdir():
-            if p.is_dir() and valid_name(p.name) and (p / "manifest.json").is_file():
-                out.append(p)
-        return [p.name for p in sorted(out, key=lambda p: (p.stat().st_mtime, p.name))]
+            try:
+                if p.is_dir() and valid_name(p.name) and (p / "manifest.json").is_file():
+                    out.append((p.stat().st_mtime, p.name))
+            except OSError:  # pruned meanwhile
+                continue
+        return [n for _, n in sorted(out)]
 
     def list(self) -> list[dict]:
         """Name, frames and creation time of each complete snapshot (the manifests are read, not verified)."""
@@ -204,9 +225,9 @@ class SnapshotStore:
             try:
                 m = json.loads((self.root / n / "manifest.json").read_text())
                 rows.append({"name": n, "frames": m.get("frames"), "created": m.get("created"),
-                             "bytes": sum(int(f.get("bytes", 0)) for f in m.get("files", {}).values()),
+                             "bytes": sum(int(f.get("bytes") or 0) for f in m.get("files", {}).values()),
                              "latest": n == self.latest_name()})
-            except (OSError, ValueError, AttributeError):
+            except (OSError, ValueError, AttributeError, TypeError, RecursionError):
                 rows.append({"name": n, "damaged": True})
         return rows
 
@@ -228,6 +249,12 @@ class SnapshotStore:
         return self.root / latest
 
 
+def _older_hint(p: Path) -> str:
+    root = p.parent
+    others = [n for n in SnapshotStore(root).names() if n != p.name] if (root / "LATEST").exists() else []
+    return f" (other snapshots there: {', '.join(others[-3:])})" if others else ""
+
+
 def resolve_snapshot(path: str | Path) -> Path:
     """``path`` itself when it is a snapshot (has ``manifest.json``), else the latest one inside it."""
     p = Path(path)
@@ -245,7 +272,7 @@ def read_snapshot(path: str | Path) -> SnapshotData:
     p = resolve_snapshot(path)
     try:
         manifest = json.loads((p / "manifest.json").read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise SnapshotError(f"{p}/manifest.json is unreadable: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         fmt = manifest.get("format") if isinstance(manifest, dict) else None
@@ -254,7 +281,9 @@ def read_snapshot(path: str | Path) -> SnapshotData:
         raise SnapshotError(f"{p}: snapshot format version {manifest.get('version')!r}; this streamrecon reads "
                             f"version {VERSION} only")
     files = manifest.get("files")
-    if not isinstance(files, dict) or set(files) != set(_FILES):
+    if not isinstance(files, dict) or set(files) != set(_FILES) or not all(
+            isinstance(f, dict) and isinstance(f.get("bytes"), int) and isinstance(f.get("sha256"), str)
+            for f in files.values()):
         raise SnapshotError(f"{p}: the manifest lists files {sorted(files) if isinstance(files, dict) else files}, "
                             f"expected {list(_FILES)}")
     blobs = {}
@@ -266,9 +295,10 @@ def read_snapshot(path: str | Path) -> SnapshotData:
         except OSError as e:
             raise SnapshotError(f"{fp} is missing or unreadable: {e}") from None
         if len(data) != want.get("bytes"):
-            raise SnapshotError(f"{fp} is truncated or padded: {len(data)} bytes, the manifest says {want.get('bytes')}")
+            raise SnapshotError(f"{fp} is truncated or padded: {len(data)} bytes, the manifest says "
+                                f"{want.get('bytes')}{_older_hint(p)}")
         if hashlib.sha256(data).hexdigest() != want.get("sha256"):
-            raise SnapshotError(f"{fp} is corrupted: its sha256 does not match the manifest")
+            raise SnapshotError(f"{fp} is corrupted: its sha256 does not match the manifest{_older_hint(p)}")
         blobs[fname] = data
     try:
         state = json.loads(blobs["state.json"])
@@ -276,3 +306,18 @@ def read_snapshot(path: str | Path) -> SnapshotData:
     except Exception as e:  # checksums matched, so this is a writer bug or a forged file
         raise SnapshotError(f"{p}: state does not parse: {type(e).__name__}: {e}") from None
     return SnapshotData(p, manifest, state, tensors)
+
+
+def read_latest_good(root: str | Path) -> tuple[SnapshotData, list[str]]:
+    """The newest snapshot of ``root`` that loads (``LATEST`` first, then the others, newest first), and
+    the errors of the damaged ones passed over (``serve --restore``: a robot's stream continues from
+    the last good state). Raises :class:`SnapshotError` when none loads."""
+    store = SnapshotStore(root)
+    order = [n for n in [store.latest_name()] if n] + [n for n in reversed(store.names()) if n != store.latest_name()]
+    errors: list[str] = []
+    for n in order:
+        try:
+            return read_snapshot(store.root / n), errors
+        except SnapshotError as e:
+            errors.append(str(e))
+    raise SnapshotError(f"{root}: no loadable snapshot ({'; '.join(errors) or 'none here'})")

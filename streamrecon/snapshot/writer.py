@@ -14,7 +14,11 @@ from typing import Any, Callable, Optional
 
 from .store import SnapshotStore
 
-__all__ = ["SnapshotPolicy", "Snapshotter", "parse_every"]
+
+class SnapshotBusy(RuntimeError):
+    """The stream cannot be captured consistently right now (its loop closer is still busy)."""
+
+__all__ = ["SnapshotPolicy", "Snapshotter", "SnapshotBusy", "parse_every"]
 
 _logger = logging.getLogger(__name__)
 
@@ -109,7 +113,7 @@ class Snapshotter:
         self._last_frames, self._last_time = pipeline.processed, time.monotonic()
         return tree, tensors, meta
 
-    def _write(self, tree, tensors, meta, name: Optional[str] = None) -> Optional[Path]:
+    def _write(self, tree, tensors, meta, name: Optional[str] = None, raise_errors: bool = False) -> Optional[Path]:
         t0 = time.perf_counter()
         try:
             path = self.store.write(tree, tensors, meta, name=name)
@@ -117,7 +121,7 @@ class Snapshotter:
             self.stats["failed"] += 1
             self.stats["last_error"] = f"{type(e).__name__}: {e}"
             _logger.error("snapshot failed (the previous one is kept): %s", self.stats["last_error"])
-            if name is not None:
+            if raise_errors:
                 raise
             return None
         finally:
@@ -135,6 +139,10 @@ class Snapshotter:
             return False
         try:
             tree, tensors, meta = self._capture(pipeline)
+        except SnapshotBusy:  # the loop closer is still working through its queue: next time
+            self._busy.release()
+            self.stats["skipped_busy"] += 1
+            return False
         except BaseException:
             self._busy.release()
             raise
@@ -150,11 +158,12 @@ class Snapshotter:
         self._thread.start()
         return True
 
-    def write_now(self, pipeline, name: Optional[str] = None) -> Optional[Path]:
-        """Capture and write in the calling thread (after any write in progress); named snapshots raise on failure."""
+    def write_now(self, pipeline, name: Optional[str] = None) -> Path:
+        """Capture and write in the calling thread (after any write in progress); raises on failure
+        (the previous snapshots stay)."""
         with self._busy:
             tree, tensors, meta = self._capture(pipeline)
-            return self._write(tree, tensors, meta, name=name)
+            return self._write(tree, tensors, meta, name=name, raise_errors=True)
 
     def close(self) -> None:
         """Wait for a write in progress."""
