@@ -368,3 +368,45 @@ def test_snapshot_every_frames_or_seconds():
     assert s.due(1)
     f = Snapshotter(SnapshotPolicy(Path("unused"), every_frames=3))
     assert [f.due(n) for n in (1, 2, 3)] == [False, False, True]
+
+
+def test_a_resumed_stream_shows_its_restored_map_at_once(tmp_path, shared):
+    """The viewer of a resumed stream gets the whole restored map with the first new frame (not only at
+    the next consolidation), and the restored trajectory reaches the file sink first."""
+    from streamrecon.engine import Frame
+    from streamrecon.pipeline import LoadedModel, build_pipeline
+    from streamrecon.settings import OutputSettings, PipelineConfig
+    from streamrecon.sources.files import _read_rgb
+
+    class Viewer:
+        name = "viewer"
+
+        def __init__(self):
+            self.events = []
+
+        def on_frame(self, e):
+            self.events.append(e)
+
+        def on_probe(self, p):
+            pass
+
+        def close(self, final):
+            pass
+
+    loaded = LoadedModel.wrap(tiny_model())
+    cfg = PipelineConfig(outputs=OutputSettings(output_dir=str(tmp_path / "out"), consolidate_every=1000))
+    imgs = [_read_rgb(p) for p in sorted((shared / SUN3D / "fragment-1-rgbd-frames").glob("*.color.png"))[:4]]
+    pipe = build_pipeline(cfg, loaded, snapshot_dir=tmp_path / "s")
+    for i in range(2):
+        pipe.push(Frame(image=imgs[i], seq=i, stamp=float(i), source="x"))
+    pipe.close()
+    v = Viewer()
+    again = build_pipeline(cfg, loaded, extra_sinks=[v])
+    again.restore(read_snapshot(tmp_path / "s"))
+    for i in range(2, 4):
+        again.push(Frame(image=imgs[i], seq=i, stamp=float(i), source="x"))
+    again.close()
+    first = v.events[0].map_snapshot
+    assert first is not None and len(first[0]) >= pipe.closed.map["points"] > 0 and v.events[1].map_snapshot is None
+    _, T = read_tum(tmp_path / "out" / "trajectory.txt")
+    assert len(T) == 4

@@ -100,6 +100,7 @@ class StreamPipeline:
         self._unlocalised: deque = deque(maxlen=256)  # --relocalise: map chunks of frames not localised yet
         self.unlocalised_dropped = 0  # frames seen before the relocalisation that never reach the map (the buffer is full)
         self.restored_frames = 0  # frames a resumed stream brought from its snapshot
+        self._resend_map = False  # hand the whole map to the viewer with the next frame
 
     # ------------------------------------------------------------------------------------------
 
@@ -169,7 +170,9 @@ class StreamPipeline:
         t1 = time.perf_counter()
         n = self.processed
         snapshot = None
-        if (swapped or (self.opt.consolidate_every and n % self.opt.consolidate_every == 0)) and self._wants_snapshot():
+        resend, self._resend_map = self._resend_map, False  # a resumed / relocalised map: shown at once
+        if (swapped or resend or (self.opt.consolidate_every and n % self.opt.consolidate_every == 0)) \
+                and self._wants_snapshot():
             snapshot = self.gmap.points()[:2]
         summary = None
         if self.opt.flush_every and n % self.opt.flush_every == 0:
@@ -220,6 +223,7 @@ class StreamPipeline:
             raise RuntimeError("restore() must come before the first frame")
         restore(self, data)
         self.restored_frames = self.processed
+        self._resend_map = True
         stamps, poses = self.trajectory.arrays()
         for sink in self.sinks:
             fn = getattr(sink, "on_resume", None)
@@ -273,6 +277,7 @@ class StreamPipeline:
         if self.processed:
             raise RuntimeError("relocalise_in() must come before the first frame")
         relocalise_from(self, data)
+        self._resend_map = True
 
     def _readd_recent(self, gmap, upto: int, epoch: int) -> None:
         """Integrate the buffered frames newer than keyframe ``upto`` into ``gmap`` (world of ``epoch``),
