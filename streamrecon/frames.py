@@ -129,7 +129,8 @@ class ProbeResult:
 
     Attributes:
         name: probe name.
-        frame_index: processed-frame count when the probe ran.
+        frame_index: the index of the last frame the state had seen when the probe ran (the number of
+            its ``frames/NNNNNN.npz``; -1 before the first frame).
         T_wc: ``(4, 4)`` the virtual camera, global world frame.
         K: ``(3, 3)`` its intrinsics (model resolution).
         points_cam: ``(H, W, 3)`` predicted geometry seen from the virtual camera (its frame).

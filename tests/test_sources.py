@@ -25,6 +25,19 @@ def test_folder_is_sorted_naturally_and_strided(tmp_path):
     assert len(rep) == 8 and all(b.stamp > a.stamp for a, b in zip(rep, rep[1:]))
 
 
+def test_rgbd_folders_read_the_colour_images_only(shared, tmp_path):
+    """A raw SUN3D / 7-Scenes folder (``frame-N.color.png`` beside ``frame-N.depth.png``): the depth maps
+    are not frames; a folder of depth maps only says so."""
+    d = shared / "data" / "sun3d_studyroom" / "fragment-1-rgbd-frames"
+    src = ImageFolderSource(d)
+    assert len(src.paths) == 50 and all(p.name.endswith(".color.png") for p in src.paths)
+    assert src.expected_frames() == 50
+    for p in sorted(d.glob("*.depth.png"))[:2]:
+        (tmp_path / p.name).symlink_to(p)
+    with pytest.raises(SourceError, match="only 2 depth maps"):
+        ImageFolderSource(tmp_path)
+
+
 def test_corrupt_image_is_counted_and_skipped(tmp_path):
     from PIL import Image
 

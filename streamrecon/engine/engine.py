@@ -223,7 +223,7 @@ class StreamEngine:
         R, t = np.asarray(T_wc)[:3, :3].astype(np.float32), np.asarray(T_wc)[:3, 3].astype(np.float32)
         rgb = out.rgb[0].float().cpu().numpy() if out.rgb is not None else np.zeros((h, w, 3), np.float32)
         return ProbeResult(
-            name=name, frame_index=self.processed, T_wc=np.asarray(T_wc, dtype=np.float64), K=np.asarray(K),
+            name=name, frame_index=self.processed - 1, T_wc=np.asarray(T_wc, dtype=np.float64), K=np.asarray(K),
             points_cam=pts, points_world=pts @ R.T + t, conf=out.conf_cam[0].float().cpu().numpy(),
             rgb=np.clip((rgb + 1) * 127.5, 0, 255).round().astype(np.uint8),
             pose_estimate=self.base @ pose_encoding_to_matrix(out.pose.double())[0].cpu().numpy(),

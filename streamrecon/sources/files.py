@@ -23,6 +23,11 @@ def _natural_key(path: Path) -> list:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", path.name)]
 
 
+def _is_depth_map(path: Path) -> bool:
+    """``frame-000000.depth.png`` (7-Scenes, SUN3D / 3DMatch fragments): a depth map, not a frame."""
+    return path.stem.lower().endswith(".depth") or ".depth." in path.name.lower()
+
+
 def _read_rgb(path: Path) -> np.ndarray:
     """Decode as the reference loader does: Pillow, EXIF orientation applied, RGB."""
     from PIL import Image, ImageOps
@@ -51,10 +56,18 @@ class ImageFolderSource(FrameSource):
         folder = Path(folder)
         if not folder.is_dir():
             raise SourceError(f"not a folder: {folder}")
-        self.paths = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
-                            key=_natural_key)
+        images = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+                        key=_natural_key)
+        # RGB-D layouts (7-Scenes, SUN3D/3DMatch: frame-000000.color.png beside frame-000000.depth.png):
+        # the depth maps are not frames
+        self.paths = [p for p in images if not _is_depth_map(p)]
+        skipped = len(images) - len(self.paths)
         if not self.paths:
-            raise SourceError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {folder}")
+            raise SourceError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {folder}"
+                              + (f" (only {skipped} depth maps, *.depth.*)" if skipped else ""))
+        if skipped:
+            _logger.info("%s: %d images read as frames, %d depth maps (*.depth.*) left out", folder, len(self.paths),
+                         skipped)
         self.paths = self.paths[:: max(1, stride)]
         self.name, self.fps, self.repeat = folder.name, fps, max(1, repeat)
         self._closed = False
