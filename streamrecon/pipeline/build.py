@@ -3,6 +3,7 @@ where settings become objects, for ``run`` and for every stream of ``serve``."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
@@ -44,7 +45,8 @@ def build_pipeline(cfg: PipelineConfig, loaded: LoadedModel, stream_id: str = ""
                    describe: Optional[dict] = None, on_result: Optional[Callable] = None,
                    engine: Optional[StreamEngine] = None, files: bool = True,
                    snapshot_dir: Optional[str | Path] = None,
-                   snapshot_context: Optional[Callable[[], dict]] = None) -> StreamPipeline:
+                   snapshot_context: Optional[Callable[[], dict]] = None,
+                   snapshot_at_close: bool = True) -> StreamPipeline:
     """Engine + map + sinks for one stream.
 
     Args:
@@ -55,6 +57,7 @@ def build_pipeline(cfg: PipelineConfig, loaded: LoadedModel, stream_id: str = ""
         files: write the output files (``False``: no file sink, e.g. evaluation in memory).
         snapshot_dir: this stream's snapshot root (``--snapshot-every`` / at close); ``None``: no snapshots.
         snapshot_context: ``() -> dict`` added to each snapshot's manifest (``run``: the source position).
+        snapshot_at_close: write a last snapshot when the stream closes.
     """
     o = cfg.outputs
     engine = engine or StreamEngine(loaded.model, engine_config(cfg.engine, loaded.model))
@@ -73,8 +76,6 @@ def build_pipeline(cfg: PipelineConfig, loaded: LoadedModel, stream_id: str = ""
                               flush_every=o.flush_every, describe=describe or {})
     stage = None
     if cfg.slam.resolved_backend() != "none" or cfg.slam.intrinsics or cfg.slam.calib:
-        from dataclasses import replace
-
         from ..slam import GeometryStage
 
         map_cfg = gmap.cfg
@@ -86,6 +87,6 @@ def build_pipeline(cfg: PipelineConfig, loaded: LoadedModel, stream_id: str = ""
         from ..snapshot.writer import SnapshotPolicy, Snapshotter
 
         prefetch_fingerprint(loaded.model)
-        pipe.snapshots = Snapshotter(SnapshotPolicy.of(snapshot_dir, o.snapshot_every, o.snapshot_keep),
-                                     context=snapshot_context)
+        pipe.snapshots = Snapshotter(replace(SnapshotPolicy.of(snapshot_dir, o.snapshot_every, o.snapshot_keep),
+                                             at_close=snapshot_at_close), context=snapshot_context)
     return pipe

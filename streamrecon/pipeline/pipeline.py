@@ -257,15 +257,20 @@ class StreamPipeline:
         keep = conf > self.gmap.cfg.conf_thresh
         return self.stage.epoch, r.index, pts[keep].copy(), col[keep].copy(), conf[keep].copy()
 
-    def _integrate_unlocalised(self) -> None:
-        """The frames seen before the relocalisation, brought into the saved world and into the map."""
+    def _integrate_chunks(self, gmap, chunks, epoch: int) -> None:
+        """Integrate buffered map chunks (:meth:`_map_chunk`) into ``gmap`` (world of ``epoch``), each
+        brought through the corrections made after it was emitted."""
         corr = self.stage.correction_of
-        for ep, index, pts, col, conf in self._unlocalised:
+        for ep, index, pts, col, conf in chunks:
             X = pts.astype(np.float64)
-            for e in range(ep + 1, self.stage.epoch + 1):
+            for e in range(ep + 1, epoch + 1):
                 if e in corr:
                     X = X @ corr[e][:3, :3].T + corr[e][:3, 3]
-            self.gmap.integrate(X.astype(np.float32), col, conf, index)
+            gmap.integrate(X.astype(np.float32), col, conf, index)
+
+    def _integrate_unlocalised(self) -> None:
+        """The frames seen before the relocalisation, brought into the saved world and into the map."""
+        self._integrate_chunks(self.gmap, self._unlocalised, self.stage.epoch)
         self._unlocalised.clear()
 
     def relocalise_in(self, data) -> None:
@@ -282,15 +287,7 @@ class StreamPipeline:
     def _readd_recent(self, gmap, upto: int, epoch: int) -> None:
         """Integrate the buffered frames newer than keyframe ``upto`` into ``gmap`` (world of ``epoch``),
         each brought through the corrections it was emitted before."""
-        corr = self.stage.correction_of
-        for ep, index, pts, col, conf in self._since_kf:
-            if index <= upto:
-                continue
-            X = pts.astype(np.float64)
-            for e in range(ep + 1, epoch + 1):
-                if e in corr:
-                    X = X @ corr[e][:3, :3].T + corr[e][:3, 3]
-            gmap.integrate(X.astype(np.float32), col, conf, index)
+        self._integrate_chunks(gmap, [c for c in self._since_kf if c[1] > upto], epoch)
 
     def _swap_map(self) -> bool:
         """Adopt the map the loop closer rebuilt from the corrected keyframes (plus the frames since its

@@ -269,21 +269,16 @@ class Node:
     def open_session(self, sid: str, lossless: bool, snapshot=None) -> StreamSession:
         """A new stream (its pipeline, publisher and snapshotter), continued from ``snapshot`` when given
         (everything restored, or -- :class:`~streamrecon.snapshot.SnapshotError` -- no session made)."""
-        from ..snapshot.state import prefetch_fingerprint
-        from ..snapshot.writer import SnapshotPolicy, Snapshotter, parse_every
-
         o = self.cfg.pipeline.outputs
         publisher = ResultPublisher(lambda parts: self._send(self.results, parts), sid,
                                     geometry_stride=self.cfg.geometry_stride, map_points=self.cfg.pipeline.map.map_points)
         pipeline = build_pipeline(self.cfg.pipeline, self.loaded, stream_id=sid, output_dir=self.stream_dir(sid),
                                   extra_sinks=[publisher], recording=self.recording, prefix=f"streams/{sid}/",
                                   describe={"source": f"serve:{sid}", "output_dir": str(self.stream_dir(sid)),
-                                            "config": self.cfg.flat(), "checkpoint": self.loaded.info.describe()})
-        prefetch_fingerprint(self.model)
-        frames, seconds = parse_every(o.snapshot_every)
-        # save_snapshot works on every stream; automatic ones (periodic, at close) with --snapshot-every
-        pipeline.snapshots = Snapshotter(SnapshotPolicy(self.snapshot_root(sid), frames, seconds, o.snapshot_keep,
-                                                        at_close=bool(o.snapshot_every)))
+                                            "config": self.cfg.flat(), "checkpoint": self.loaded.info.describe()},
+                                  # save_snapshot works on every stream; automatic ones (periodic, at close)
+                                  # with --snapshot-every
+                                  snapshot_dir=self.snapshot_root(sid), snapshot_at_close=bool(o.snapshot_every))
         if snapshot is not None:
             try:
                 pipeline.restore(snapshot)

@@ -48,8 +48,6 @@ class Relocaliser:
 
     def __init__(self, loop: LoopCloser, candidates: int = 5) -> None:
         self.loop, self.candidates = loop, candidates
-        self.attempts = 0
-        self.verified_fail = 0
         self.ms_total = 0.0
 
     def try_frame(self, grey: np.ndarray, K: np.ndarray, T_wc: np.ndarray, px: np.ndarray, X_world: np.ndarray,
@@ -64,7 +62,6 @@ class Relocaliser:
             descriptor: the network's token descriptor (``place="tokens"``).
         """
         t0 = time.perf_counter()
-        self.attempts += 1
         try:
             loop = self.loop
             Xc = (X_world - T_wc[:3, 3]) @ T_wc[:3, :3]  # provisional world -> this camera
@@ -85,7 +82,6 @@ class Relocaliser:
                     continue
                 edge = loop._verify(entry, query)  # S_ab: this camera -> the keyframe's camera
                 if edge is None:
-                    self.verified_fail += 1
                     continue
                 T_saved = entry.S_wk @ edge.S_ij  # this camera -> the saved world (Sim(3))
                 C = T_saved @ sim3_inv(T_wc)

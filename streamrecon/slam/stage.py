@@ -174,9 +174,8 @@ class GeometryStage:
         from .sim3 import correct_pose
 
         tr = self.tracker
-        self.reloc_info["attempts"] = self.reloc.attempts + 1
+        self.reloc_info["attempts"] += 1
         if info.state == "lost" or tr._prev is None or len(tr.cur) == 0:
-            self.reloc.attempts += 1
             return T_wc, scale
         Kt = self._last_Kt
         found = self.reloc.try_frame(tr._prev, Kt, T_wc, tr.cur, tr.X, tr.tid, r.descriptor)

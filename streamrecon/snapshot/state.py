@@ -282,7 +282,6 @@ def restore(pipeline, data: SnapshotData) -> None:
             from ..slam.relocalise import Relocaliser
 
             st.reloc = Relocaliser(st.loop)
-            st.reloc.attempts = int(st.reloc_info.get("attempts", 0))
     _logger.info("resumed from %s: %d frames, %d map points", data.path, pipeline.processed, len(pipeline.gmap))
 
 
