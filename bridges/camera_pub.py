@@ -162,10 +162,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--window", type=int, default=4, help="unacknowledged frames allowed (lossless)")
     ap.add_argument("--ack-timeout", type=float, default=5.0)
     ap.add_argument("--max-frames", type=int, default=0)
+    ap.add_argument("--flush-timeout", type=float, default=30.0,
+                    help="lossless: seconds to wait at the end for the last acknowledgements (exit 1 if some never come)")
     ap.add_argument("--curve-server-key", help="the node's public key file (enables CURVE)")
     ap.add_argument("--curve-client-key", help="this client's secret key file")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not wire.valid_stream_id(args.stream_id):
+        print(f"camera_pub: invalid --stream-id {args.stream_id!r}: use 1-128 letters, digits and . _ : @ -, "
+              "starting with a letter or digit", file=sys.stderr)
+        return 2
     from streamrecon.sources import SourceError, open_source
 
     try:
@@ -177,6 +183,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     pub = Publisher(args.connect, args.stream_id, args.encoding, args.lossless, args.window, args.ack_timeout, curve,
                     args.quality)
     period, next_t, n = (1.0 / args.fps if args.fps > 0 else 0.0), time.monotonic(), 0
+    interrupted = False
+    delivered = True
     try:
         for frame in source:
             if period:
@@ -186,13 +194,19 @@ def main(argv: Optional[list[str]] = None) -> int:
             n += 1
             if args.max_frames and n >= args.max_frames:
                 break
-        pub.flush()
+        delivered = pub.flush(timeout=args.flush_timeout)
     except KeyboardInterrupt:
-        pass
+        interrupted = True
     finally:
         source.close()
         pub.close()
     print(f"camera_pub {args.stream_id}: {pub.stats()} (source dropped {source.stats.dropped})", file=sys.stderr)
+    if interrupted:
+        return 130
+    if args.lossless and not delivered:
+        print(f"camera_pub: error: {pub.stats()['unacked']} of {pub.sent} frames were never acknowledged by the node "
+              f"(is `streamrecon serve` running at {args.connect}?)", file=sys.stderr)
+        return 1
     return 0
 
 

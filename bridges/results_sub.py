@@ -14,7 +14,9 @@ Example (``streamrecon-results-sub`` is installed by ``pip install streamrecon``
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterator, Optional
@@ -65,6 +67,9 @@ class ResultsSubscriber:
                 self.errors += 1
                 continue
             sid, _, kind = topic.rpartition("/")
+            if not wire.valid_stream_id(sid):  # it names a file: nothing from the wire leaves --out-dir
+                self.errors += 1
+                continue
             if kind not in self.kinds:
                 continue
             if kind == "pose":
@@ -145,6 +150,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     view = _RerunView(args.rerun if args.rerun != "none" else None, args.rerun_save) \
         if (args.rerun != "none" or args.rerun_save) else None
     n = 0
+    stopped = _stop_on_sigterm()
     try:
         for sid, kind, header, arrays in sub.results(args.timeout):
             if view is not None:
@@ -160,14 +166,29 @@ def main(argv: Optional[list[str]] = None) -> int:
             elif kind == "status" and not args.quiet and header.get("closed"):
                 print(f"{sid} closed: {header.get('processed')} frames", flush=True)
     except KeyboardInterrupt:
-        pass
+        stopped.append(signal.SIGINT)
     finally:
         files = sub.write_tum(Path(args.out_dir))
         if view is not None:
             view.close()
         sub.close()
-        print(f"results_sub: {n} poses, wrote {', '.join(map(str, files)) or 'nothing'}", file=sys.stderr)
-    return 0
+        bad = f", {sub.errors} malformed messages skipped" if sub.errors else ""
+        print(f"results_sub: {n} poses{bad}, wrote {', '.join(map(str, files)) or 'nothing'}", file=sys.stderr)
+    return 128 + int(stopped[0]) if stopped else 0
+
+
+def _stop_on_sigterm() -> list:
+    """SIGTERM (systemd, docker stop, kill) ends the loop like Ctrl-C, so the trajectories are still
+    written; the returned list receives the signal that stopped us."""
+    stopped: list = []
+
+    def handler(signum, _frame):
+        stopped.append(signal.Signals(signum))
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+    return stopped
 
 
 if __name__ == "__main__":

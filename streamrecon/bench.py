@@ -27,6 +27,7 @@ from .engine import EngineConfig, Frame, StreamEngine, process_batch
 from .engine.stats import peak_rss_mb, rss_mb
 from .flops import step_flops
 from .mapping import GlobalMap, MapConfig
+from .threads import report as thread_report
 
 __all__ = ["BenchConfig", "run_benchmark", "format_bench", "precision_drift"]
 
@@ -83,8 +84,9 @@ class _StageTimer:
 def _frames(cfg: BenchConfig, hw: tuple[int, int], n: int) -> list[np.ndarray]:
     if cfg.images == "random":
         rng = np.random.default_rng(cfg.seed)
-        base = rng.integers(0, 255, (hw[0] + n, hw[1] + n, 3), dtype=np.uint8)
-        return [np.ascontiguousarray(base[i:i + hw[0], i:i + hw[1]]) for i in range(min(n, 16))]
+        k = min(n, 16)  # frames are cycled: 16 shifted crops of one random image
+        base = rng.integers(0, 255, (hw[0] + k, hw[1] + k, 3), dtype=np.uint8)
+        return [np.ascontiguousarray(base[i:i + hw[0], i:i + hw[1]]) for i in range(k)]
     from .sources import open_source
 
     src = open_source(cfg.images)
@@ -175,6 +177,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         "gflop_per_step": round(flops["total"] / 1e9, 2),
         "gflop_by_stage": {k: round(v / 1e9, 2) for k, v in flops.items() if k != "total"},
         "achieved_tflops": round(flops["total"] / (model_ms / 1e3) / 1e12, 4) if model_ms else None,
+        "threads": thread_report(),
     }
     return report
 
@@ -185,6 +188,10 @@ def format_bench(rep: dict) -> str:
              f"{'stage':<12}{'p50 ms':>10}{'p99 ms':>10}"]
     for k, v in rep["stages_ms"].items():
         lines.append(f"{k:<12}{v['p50']:>10.2f}{v['p99']:>10.2f}")
+    t = rep.get("threads") or {}
+    if "torch_intra_op" in t:
+        lines.append(f"threads: {t['torch_intra_op']} intra-op, {t['torch_inter_op']} inter-op, "
+                     f"OMP_WAIT_POLICY={t['omp_wait_policy'] or 'unset'}")
     lines.append(f"fps: {rep['fps_per_stream']:.2f} per stream, {rep['fps_aggregate']:.2f} aggregate")
     lines.append(f"compute: {rep['gflop_per_step']} GFLOP/step, achieved {rep['achieved_tflops']} TFLOP/s")
     m = rep["memory"]

@@ -22,7 +22,21 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-__all__ = ["ParityReport", "normalised_error", "discover_sets", "run_set", "run_model_set", "run_preprocess_set"]
+__all__ = ["ParityReport", "ParityError", "normalised_error", "discover_sets", "run_set", "run_model_set",
+           "run_preprocess_set"]
+
+
+class ParityError(ValueError):
+    """A folder that is not a usable golden set; the message names the folder and what is wrong."""
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    """A golden set's arrays (plain numbers only: never unpickled)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return dict(z)
+    except (OSError, ValueError, EOFError) as e:  # not an .npz, truncated, or holding pickled objects
+        raise ParityError(f"{path}: not a readable golden array file ({type(e).__name__}: {e})") from None
 
 DEFAULT_TOLERANCE = 1e-4
 EXTRA_ENV = "STREAMRECON_GOLDEN_EXTRA"
@@ -161,7 +175,7 @@ def run_model_set(set_dir: Path, tolerance: float = DEFAULT_TOLERANCE) -> Parity
     from .layers.rope import state_positions
     from .types import FrameInput
 
-    arrays = dict(np.load(set_dir / "vectors.npz"))
+    arrays = _arrays(set_dir / "vectors.npz")
     model = load_model(set_dir / "checkpoint.pth")
     produced: dict[str, torch.Tensor] = {}
     post_inputs: dict[int, tuple] = {}
@@ -237,8 +251,11 @@ def run_preprocess_set(set_dir: Path, tolerance: float = 0.0) -> ParityReport:
     """
     from .preprocess import load_image_reference
 
-    manifest = json.loads((set_dir / "manifest.json").read_text())
-    arrays = dict(np.load(set_dir / "preprocess.npz"))
+    try:
+        manifest = json.loads((set_dir / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ParityError(f"{set_dir}: no readable manifest.json ({e})") from None
+    arrays = _arrays(set_dir / "preprocess.npz")
     shared_root = set_dir.parent.parent
     report = ParityReport(name=set_dir.name, tolerance=tolerance)
     for entry, info in manifest.items():
@@ -263,7 +280,14 @@ _RUNNERS: dict[str, Callable[[Path], ParityReport]] = {
 def run_set(set_dir: Path) -> ParityReport:
     """Run a golden set of any known kind (chosen by the data file it holds)."""
     set_dir = Path(set_dir)
+    if not set_dir.is_dir():
+        raise ParityError(f"{set_dir}: no such golden set folder")
+    if (set_dir / "policy.json").exists():
+        raise ParityError(f"{set_dir}: a state-update policy set; it is checked by tests/test_policies.py, not by parity")
     for data_file, runner in _RUNNERS.items():
         if (set_dir / data_file).exists():
-            return runner(set_dir)
-    raise FileNotFoundError(f"{set_dir}: no known golden data file ({', '.join(_RUNNERS)})")
+            try:
+                return runner(set_dir)
+            except KeyError as e:  # an array the set must have is missing
+                raise ParityError(f"{set_dir}: not a complete golden set: {data_file} has no {e}") from None
+    raise ParityError(f"{set_dir}: not a golden set (it holds none of {', '.join(_RUNNERS)})")

@@ -33,6 +33,8 @@ class RunConfig:
     resume: Optional[str] = setting(None, help="continue a stream from a snapshot (a snapshot, or a --snapshot "
                                                "directory: its latest): same state, map and trajectory; a file source "
                                                "skips the frames the snapshot already took")
+    overwrite: bool = setting(False, help="replace an earlier run's outputs in --output-dir (without it, or --resume, a "
+                                          "run refuses a folder that holds them)")
     relocalise: Optional[str] = setting(None, help="start inside a saved snapshot's map: localise against its keyframes, "
                                                    "then extend the same map in its world frame (needs --backend slam)")
 

@@ -19,6 +19,7 @@ import numpy as np
 from .pipeline import LoadedModel, RunSummary, SourceCounts, StreamPipeline, build_pipeline, format_summary, load_resolved
 from .probe import ProbeSpec, parse_probe
 from .run_settings import RunConfig
+from .sinks.output_dir import claim_output_dir
 from .sources import FrameSource, open_source
 
 __all__ = ["RunConfig", "run", "Progress", "format_summary"]
@@ -107,6 +108,7 @@ def run(cfg: RunConfig, model=None, progress_stream: TextIO = sys.stderr,
         from .snapshot import read_snapshot
 
         snap = read_snapshot(cfg.resume or cfg.relocalise)
+    claim_output_dir(cfg.pipeline.outputs.output_dir, overwrite=cfg.overwrite, resume=bool(cfg.resume))
     source: FrameSource = open_source(cfg.source, stride=cfg.stride, repeat=cfg.repeat, fps=cfg.fps)
     holder: dict[str, Any] = {}
     snapshot_dir = cfg.snapshot or (str(Path(cfg.pipeline.outputs.output_dir) / "snapshots")

@@ -16,6 +16,26 @@ SHARED = Path(os.environ.get("STREAMRECON_SHARED", REPO.parent / "shared")).reso
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_WAIT_POLICY")
+
+
+@pytest.fixture(autouse=True)
+def _restore_thread_settings():
+    """A test that calls the CLI in-process applies ``--threads`` to this process (torch, the
+    environment that later subprocesses inherit): put everything back after it."""
+    import streamrecon.threads as threads
+
+    n, env, applied = torch.get_num_threads(), {k: os.environ.get(k) for k in _THREAD_VARS}, threads._current
+    yield
+    torch.set_num_threads(n)
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    threads._current = applied
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # also registered in pyproject.toml; registering twice is harmless
     config.addinivalue_line("markers", "slow: takes over ~20 s on a 2-core CPU machine (deselect with -m 'not slow')")

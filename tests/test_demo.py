@@ -29,8 +29,11 @@ def test_demo_runs_offline_and_reports_accuracy(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "accuracy vs ground truth" in r.stderr and "Traceback" not in r.stderr
     acc = json.loads((out / "accuracy.json").read_text())
-    for key in ("abs_rel", "delta1", "ate_sim3", "accuracy", "completeness"):
+    for key in ("abs_rel", "delta1", "ate_sim3", "accuracy", "completeness", "coverage", "fscore"):
         assert np.isfinite(acc[key]), key
+        assert key not in acc["baseline_constant"] or np.isfinite(acc["baseline_constant"][key]), key
+    assert "baseline (constant depth, identity poses)" in r.stderr  # printed beside the model's figures
+    assert 0 <= acc["coverage"] <= 1 and 0 <= acc["baseline_constant"]["coverage"] <= 1
     for name in ("trajectory.txt", "map.ply", "map.glb", "recording.rrd", "summary.json", "sequence/poses.txt"):
         assert (out / name).exists(), name
 
@@ -66,3 +69,24 @@ def test_run_uses_the_bundled_model_without_weights(tmp_path, shared):
     meta = json.loads(bundled_weights().with_suffix(".json").read_text())
     assert summary["config"]["conf_thresh"] is None  # not given: the bundled model's calibrated threshold
     assert summary["map"]["conf_thresh"] == float(meta["conf_thresh"]) > 1.0
+
+
+def test_the_readme_python_example_fills_the_map_with_the_bundled_model(tmp_path, shared):
+    """The library applies the checkpoint's recommended threshold like the CLI (the map's own default,
+    1.5, is above every confidence the bundled model gives)."""
+    from streamrecon.engine import Frame
+    from streamrecon.pipeline import build_pipeline, load_resolved
+    from streamrecon.settings import EngineSettings, MapSettings, OutputSettings, PipelineConfig
+    from streamrecon.sources import open_source
+
+    cfg = PipelineConfig(engine=EngineSettings(), map=MapSettings(voxel_size=0.02),
+                         outputs=OutputSettings(output_dir=str(tmp_path / "mine")))
+    pipe = build_pipeline(cfg, load_resolved(cfg.engine))  # weights=None: the bundled model
+    src = open_source(str(shared / "data" / "cut3r_examples" / "003"))
+    for i, f in enumerate(src):
+        pipe.push(Frame(image=f.image, seq=i, stamp=i / 30))
+    src.close()
+    summary = pipe.close()
+    meta = json.loads(bundled_weights().with_suffix(".json").read_text())
+    assert summary.map["conf_thresh"] == float(meta["conf_thresh"]) < summary.map["confidence_max"] < 1.5
+    assert summary.map["points"] > 100 and len(pipe.gmap) == summary.map["points"]

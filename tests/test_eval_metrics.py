@@ -75,3 +75,22 @@ def test_map_metrics():
     assert np.isclose(m["accuracy"], 1.0) and np.isclose(m["completeness"], 1.0)
     half = map_metrics(g[g[:, 0] < 10], g)  # predicted only half of the scene: accurate, not complete
     assert half["accuracy"] < 1e-6 and half["completeness"] > 2
+    assert half["precision"] == 1.0 and half["coverage"] == 0.5 and np.isclose(half["fscore"], 2 / 3)
+    assert m["precision"] == m["coverage"] == m["fscore"] == 0.0 and m["map_points"] == len(g)
+
+
+def test_map_metrics_do_not_reward_a_degenerate_map():
+    """A wall (what the demo sequence mostly sees): a map collapsed onto one spot of it is perfectly
+    accurate, and nothing else. Coverage and the F-score tell it from a real reconstruction."""
+    rng = np.random.default_rng(5)
+    u, v = np.meshgrid(np.linspace(-2, 2, 80), np.linspace(-1.5, 1.5, 60))
+    wall = np.stack([u.ravel(), v.ravel(), np.full(u.size, 3.0)], 1)
+    good = map_metrics(wall + rng.normal(scale=0.005, size=wall.shape), wall)
+    spot = map_metrics(np.repeat(wall[wall.shape[0] // 2][None], 50, 0), wall)  # 50 points at one place
+    patch = map_metrics(wall[(np.abs(wall[:, 0]) < 0.3) & (np.abs(wall[:, 1]) < 0.3)], wall)
+    assert spot["accuracy"] < 1e-9 < good["accuracy"]  # accuracy alone ranks the collapsed map first
+    assert spot["coverage"] < 0.01 and spot["fscore"] < 0.02 and spot["completeness"] > 1.0
+    assert good["coverage"] > 0.99 and good["fscore"] > 0.99
+    assert spot["fscore"] < patch["fscore"] < good["fscore"] and patch["precision"] == 1.0
+    empty = map_metrics(np.zeros((0, 3)), wall)
+    assert np.isnan(empty["fscore"]) and empty["map_points"] == 0

@@ -94,14 +94,30 @@ def test_glb_is_valid_gltf_and_reads_back(tmp_path):
     assert magic == 0x46546C67 and version == 2 and length == len(raw) and length % 4 == 0
     n_json = struct.unpack("<I", raw[12:16])[0]
     gltf = json.loads(raw[20:20 + n_json])
+    y_up = xyz * np.array([1, -1, -1], np.float32)  # glTF is y-up: (x, -y, -z) of the OpenCV world
     pos = gltf["accessors"][gltf["meshes"][0]["primitives"][0]["attributes"]["POSITION"]]
-    assert pos["count"] == 50 and np.allclose(pos["min"], xyz.min(0)) and np.allclose(pos["max"], xyz.max(0))
+    assert pos["count"] == 50 and np.allclose(pos["min"], y_up.min(0)) and np.allclose(pos["max"], y_up.max(0))
     scene = trimesh.load(tmp_path / "m.glb")
     geoms = list(scene.geometry.values())
     clouds = [g for g in geoms if isinstance(g, trimesh.PointCloud)]
-    assert len(clouds) == 1 and np.allclose(clouds[0].vertices, xyz, atol=1e-6)
+    assert len(clouds) == 1 and np.allclose(clouds[0].vertices, y_up, atol=1e-6)
     assert np.array_equal(np.asarray(clouds[0].colors)[:, :3], rgb)
-    assert any(isinstance(g, trimesh.path.Path3D) for g in geoms)  # the camera path
+    lines = [g for g in geoms if isinstance(g, trimesh.path.Path3D)]  # the camera path, in the same axes
+    assert len(lines) == 1 and np.allclose(np.unique(lines[0].vertices, axis=0),
+                                           np.unique((path * [1, -1, -1]).astype(np.float32), axis=0), atol=1e-5)
+
+
+def test_glb_shows_a_floor_below_the_camera_upright(tmp_path):
+    """A floor 1.5 m below a level OpenCV camera (y down) is below it in glTF (y up), and in front of it."""
+    import trimesh
+
+    u, v = np.meshgrid(np.linspace(-2, 2, 10), np.linspace(1, 5, 10))
+    floor = np.stack([u.ravel(), np.full(u.size, 1.5), v.ravel()], 1)  # y = +1.5: below, z > 0: ahead
+    write_glb(tmp_path / "floor.glb", floor, np.full((len(floor), 3), 128, np.uint8),
+              path_xyz=np.array([[0, 0, 0], [0, 0, 1.0]]))
+    cloud = next(g for g in trimesh.load(tmp_path / "floor.glb").geometry.values() if isinstance(g, trimesh.PointCloud))
+    assert np.allclose(cloud.vertices[:, 1], -1.5)  # below the camera in a y-up viewer
+    assert (cloud.vertices[:, 2] < 0).all()  # glTF cameras look down -z: the floor is in front
 
 
 def test_tum_round_trip_and_evo_files(tmp_path, shared):

@@ -451,3 +451,80 @@ def test_snapshots_save_list_load_and_restore_after_a_restart(tmp_path):
         assert len(T_after) == 7 and np.array_equal(T_after[:5], T_before)
         pub.close()
         c.close()
+
+
+def test_camera_pub_names_a_bad_stream_id_and_a_missing_node(tmp_path, shared, capsys):
+    from streamrecon_bridges import camera_pub
+
+    clip = str(shared / "data" / "cut3r_examples" / "003")
+    assert camera_pub.main([clip, "--stream-id", "bad id/../x"]) == 2  # one line, no traceback, nothing sent
+    err = capsys.readouterr().err
+    assert "invalid --stream-id 'bad id/../x'" in err and "Traceback" not in err
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = camera_pub.main([clip, "--stream-id", "cam", "--connect", f"tcp://127.0.0.1:{port}", "--lossless",
+                            "--ack-timeout", "0.3", "--flush-timeout", "1"])
+    assert code == 1  # lossless and nothing acknowledged: a failure, not success
+    assert "4 of 4 frames were never acknowledged" in capsys.readouterr().err
+
+
+def test_results_sub_writes_its_trajectories_on_sigterm(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    import zmq
+
+    from streamrecon import wire
+
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.PUB)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    out = tmp_path / "traj"
+    proc = subprocess.Popen([sys.executable, "-m", "streamrecon_bridges.results_sub", "--connect",
+                             f"tcp://127.0.0.1:{port}", "--out-dir", str(out), "--quiet", "--flush-every", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        sent = 0
+        deadline = time.monotonic() + 60
+        while sent < 200 and time.monotonic() < deadline:  # until the subscriber is surely connected
+            T = np.eye(4)
+            T[0, 3] = sent
+            pub.send_multipart(wire.encode_result("cam", "pose", {"seq": sent, "stamp_ns": sent * 10**9,
+                                                                  "T_wc": T.ravel().tolist(), "latency_ms": 1.0}))
+            pub.send_multipart(wire.encode_result("../evil", "pose", {"seq": 0, "stamp_ns": 0, "T_wc": T.ravel().tolist(),
+                                                                      "latency_ms": 1.0}))
+            sent += 1
+            time.sleep(0.02)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        pub.close(linger=0)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    stamps, poses = read_tum(out / "cam.txt")  # written although the process was terminated
+    assert 0 < len(stamps) <= sent and np.allclose(poses[:, 0, 3], stamps)
+    assert sorted(p.name for p in out.iterdir()) == ["cam.txt"] and not (tmp_path / "evil.txt").exists()
+    assert "malformed messages skipped" in err
+
+
+def test_a_new_stream_under_an_old_id_never_mixes_with_the_earlier_outputs(tmp_path):
+    with running_node(tmp_path, lossless=True, save_frames=True) as node:
+        c = Client(node)
+        time.sleep(0.3)
+        for n in (3, 2):  # a stream, closed, then a new one under the same id
+            pub = Publisher(node.endpoints["ingest"], "cam", lossless=True, window=1)
+            for i, img in enumerate(frames(n)):
+                assert pub.send(img, stamp_ns=(i + 1) * 10**8)
+            assert pub.flush(30)
+            pub.close()
+            reply, _ = c.request("close_stream", stream_id="cam")
+            assert reply["ok"]
+        c.close()
+    now, previous = tmp_path / "serve" / "streams" / "cam", list((tmp_path / "serve" / "previous").iterdir())
+    assert len(previous) == 1 and previous[0].name.startswith("cam-")
+    assert len(read_tum(now / "trajectory.txt")[0]) == 2 and len(list((now / "frames").iterdir())) == 2
+    assert len(read_tum(previous[0] / "trajectory.txt")[0]) == 3 and len(list((previous[0] / "frames").iterdir())) == 3

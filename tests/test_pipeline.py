@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import threading
 import time
 
@@ -257,6 +258,21 @@ def test_bad_input_exits_2_and_our_bugs_exit_1(tmp_path, shared, capsys, monkeyp
     code = cli_main(["run", str(shared / CLIP), "--weights", str(tmp_path), "--output-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "is a folder" in err
+    assert cli_main(["info", str(tmp_path)]) == 2 and "is a folder" in capsys.readouterr().err
+
+    # parity on folders that are not golden sets: one line each, never a traceback or an unpickle
+    (tmp_path / "pickled").mkdir()
+    np.savez(tmp_path / "pickled" / "vectors.npz", a=np.array([{"x": 1}], dtype=object))  # needs an unpickle
+    (tmp_path / "partial").mkdir()
+    np.savez(tmp_path / "partial" / "vectors.npz", a=np.zeros(3))
+    shutil.copy(shared / "golden" / "tiny_dpt" / "checkpoint.pth", tmp_path / "partial")
+    for folder, says in ((shared / CLIP, "not a golden set"), (tmp_path / "nope", "no such golden set folder"),
+                         (tmp_path / "pickled", "not a readable golden array file"),
+                         (tmp_path / "partial", "not a complete golden set"),
+                         (shared / "golden" / "policies" / "ttt3r_tiny_dpt", "tests/test_policies.py")):
+        code = cli_main(["parity", str(folder)])
+        err = capsys.readouterr().err
+        assert code == 2 and says in err and "Traceback" not in err and "internal error" not in err, (folder, err)
 
     import streamrecon.runner
 

@@ -140,7 +140,8 @@ def test_bad_frames_are_counted_and_the_run_goes_on(tmp_path, shared, tiny_dpt):
     assert len(read_tum(tmp_path / "o" / "trajectory.txt")[0]) == 4
 
 
-def test_sigterm_stops_cleanly_and_writes_every_output(tmp_path, shared, tiny_dpt):
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "Ctrl-C"])
+def test_a_signal_stops_cleanly_writes_every_output_and_exits_like_the_shell(tmp_path, shared, tiny_dpt, sig, code):
     out = tmp_path / "o"
     cfg = tmp_path / "run.yaml"
     cfg.write_text("outputs:\n  flush_every: 10\n")  # from YAML; flags override the rest
@@ -159,14 +160,14 @@ def test_sigterm_stops_cleanly_and_writes_every_output(tmp_path, shared, tiny_dp
         periodic = json.loads(running.read_text())
         assert periodic["in_progress"] is True and periodic["stop_reason"] == "running"
         assert len(read_tum(traj)[0]) >= 10  # fsynced with the periodic summary
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, err
+    assert proc.returncode == code, err  # 128 + the signal, as a shell reports it; outputs written all the same
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["interrupted"] is True and summary["stop_reason"] == "SIGTERM"
+    assert summary["interrupted"] is True and summary["stop_reason"] == sig.name
     assert 10 <= summary["processed"] < 2000
     assert len(read_tum(traj)[0]) == summary["processed"]
     assert len(read_ply(out / "map.ply")["x"]) == summary["map"]["points"]
@@ -182,3 +183,47 @@ def test_the_map_threshold_follows_the_checkpoint_unless_given():
     assert resolve_conf_thresh(CheckpointInfo(format="pth")) == DEFAULT_CONF_THRESH == 1.5
     assert resolve_conf_thresh(CheckpointInfo(meta={"conf_thresh": "oops"})) == 1.5
     assert resolve_conf_thresh(None) == 1.5
+
+
+def test_a_run_refuses_a_folder_holding_an_earlier_run_unless_overwrite(tmp_path, shared, tiny_dpt, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # not a run output: never touched
+    args = ["run", str(shared / CLIP), "--weights", tiny_dpt, "--size", "64", "--output-dir", str(out), "--no-progress"]
+    assert cli_main(args + ["--save-frames", "--save-rrd", str(out / "recording.rrd")]) == 0
+    err = capsys.readouterr().err
+    assert "frames/ (4 files)" in err and f"recording   {out / 'recording.rrd'}" in err  # every output named
+    before = (out / "trajectory.txt").read_bytes()
+
+    assert cli_main(args) == 2  # an earlier run's outputs: refused, nothing changed
+    err = capsys.readouterr().err
+    assert "holds an earlier run's outputs" in err and "frames/" in err and "--overwrite" in err
+    assert (out / "trajectory.txt").read_bytes() == before and len(list((out / "frames").iterdir())) == 4
+
+    assert cli_main(args + ["--overwrite"]) == 0  # replaced: no frames/ or recording of the earlier run remain
+    summary = json.loads((out / "summary.json").read_text())
+    assert not (out / "frames").exists() and not (out / "recording.rrd").exists()
+    assert sorted(summary["outputs"]) == ["map.glb", "map.ply", "summary.json", "trajectory.txt"]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_claim_output_dir_names_only_run_outputs(tmp_path):
+    from streamrecon.settings import SettingsError
+    from streamrecon.sinks.output_dir import RUN_OUTPUTS, claim_output_dir, earlier_outputs
+
+    d = tmp_path / "o"
+    assert claim_output_dir(d) == [] and d.is_dir()  # created
+    (d / "snapshots").mkdir()
+    (d / "README").write_text("x")
+    assert claim_output_dir(d) == []  # snapshots and the user's files are not an earlier run
+    (d / "probes").mkdir()
+    (d / "map.ply").write_text("x")
+    assert earlier_outputs(d) == ["map.ply", "probes/"] and set(earlier_outputs(d)) <= set(RUN_OUTPUTS)
+    with pytest.raises(SettingsError, match="map.ply, probes/"):
+        claim_output_dir(d)
+    assert claim_output_dir(d, resume=True) == ["map.ply", "probes/"] and (d / "map.ply").exists()  # continued
+    assert claim_output_dir(d, overwrite=True) == ["map.ply", "probes/"]
+    assert earlier_outputs(d) == [] and (d / "snapshots").is_dir() and (d / "README").exists()
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SettingsError, match="is a file"):
+        claim_output_dir(tmp_path / "f")

@@ -128,6 +128,24 @@ def test_camera_keeps_only_the_newest_frame():
     src.close()
 
 
+def test_camera_grabs_nothing_until_the_node_asks_for_frames():
+    """`live:` replays and cameras start when the node is ready, not while the model loads."""
+    cap = FakeCapture(n=5, period=0.001)
+    src = CameraSource(0, max_failures=3, open_capture=lambda dev: cap)
+    time.sleep(0.1)  # the node loading its model
+    assert cap.i == 0 and src.stats.read == 0
+    got = list(src)
+    assert cap.i == 5 and src.stats.read == 5 and got[-1].seq == 4
+    src.close()
+
+
+def test_camera_closed_before_any_frame_ends_at_once():
+    cap = FakeCapture(n=5, period=0.001)
+    src = CameraSource(0, open_capture=lambda dev: cap)
+    src.close()
+    assert list(src) == [] and cap.i == 0
+
+
 def test_video_replayed_as_a_camera(shared, tmp_path):
     path = tmp_path / "clip.mp4"
     shutil.copy(shared / "data" / "cut3r_examples" / "lady-running.mp4", path)

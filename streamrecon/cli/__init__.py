@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name in _COMMAND_MODULES:
         importlib.import_module(f"{__name__}.{name}").register(sub)
+    for name, command in sub.choices.items():  # one name for every command
+        if name in NODE_COMMANDS:
+            command.add_argument("--threads", type=int, default=None, metavar="N",
+                                 help="CPU threads for the model's maths (0 = one per core; default 1, with idle "
+                                      "threads sleeping at once: the fastest beside other processes, see "
+                                      "docs/PERFORMANCE.md; OMP_NUM_THREADS / OMP_WAIT_POLICY are honoured)")
     return parser
 
 
@@ -87,6 +93,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"streamrecon {args.command}: error: this command needs the reconstruction node's dependencies "
               "(torch is not installed): pip install 'streamrecon[node]'", file=sys.stderr)
         return 2
+    if args.command in NODE_COMMANDS:
+        from ..threads import configure
+
+        try:  # before torch starts its thread pools
+            configure(getattr(args, "threads", None))
+        except ValueError as e:
+            print(f"streamrecon {args.command}: error: {e}", file=sys.stderr)
+            return 2
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:

@@ -21,7 +21,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frames", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--images", default="random", help="random, or a video/folder to take frames from")
-    p.add_argument("--threads", type=int, default=0)
     p.add_argument("--memory-every", type=int, default=0, help="sample memory every N frames")
     p.add_argument("--no-map", action="store_true", help="skip map integration")
     p.add_argument("--compile", action="store_true", help="torch.compile the image encoder")
@@ -33,7 +32,7 @@ def _bench(args: argparse.Namespace) -> int:
     from ..bench import BenchConfig, format_bench, run_benchmark, save_report
 
     cfg = BenchConfig(model=args.model, size=args.size, batch=args.batch, dtype=args.dtype, device=args.device,
-                      frames=args.frames, warmup=args.warmup, images=args.images, threads=args.threads,
+                      frames=args.frames, warmup=args.warmup, images=args.images, threads=0,
                       memory_every=args.memory_every, with_map=not args.no_map, compile=args.compile)
     try:
         rep = run_benchmark(cfg)

@@ -18,7 +18,7 @@ from ..settings import _DTYPE_NAMES, DEPRECATED_NAMES, flag_name
 __all__ = ["add_settings_flags", "settings_from_args"]
 
 _logger = logging.getLogger(__name__)
-_INTERNAL = {"config", "handler", "command", "verbose"}
+_INTERNAL = {"config", "handler", "command", "verbose", "threads"}
 
 
 def _parse_type(annotation: str):

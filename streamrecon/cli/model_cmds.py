@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _read(path: Path):
     from ..checkpoint import CheckpointError, UnsafeCheckpointError, read_checkpoint
 
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give the checkpoint file (.pth or .safetensors)")
     try:
         return read_checkpoint(path)
     except FileNotFoundError as e:
@@ -78,18 +80,25 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+_SET_FILES = ("vectors.npz", "preprocess.npz", "policy.json")
+
+
 def _parity(args: argparse.Namespace) -> int:
-    import torch
+    from ..parity import ParityError, discover_sets, run_set
 
-    from ..parity import discover_sets, run_set
-
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
-    sets = list(args.sets) or discover_sets(args.root)
+    sets = []
+    for given in args.sets:  # a set, or a folder of sets
+        inner = discover_sets(given, extra="") if not any((given / f).exists() for f in _SET_FILES) else []
+        sets += inner or [given]
+    sets = sets or discover_sets(args.root)
     if not sets:
         raise UserError(f"no golden sets given and none found under {args.root}")
     failed = 0
     for set_dir in sets:
-        report = run_set(set_dir)
+        try:
+            report = run_set(set_dir)
+        except ParityError as e:
+            raise UserError(str(e)) from None
         print(report.summary())
         if args.verbose_arrays:
             for k, v in sorted(report.errors.items()):

@@ -50,4 +50,10 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config, settings_from_args(args))
     summary = run(cfg)
     print(format_summary(summary.to_dict()), file=sys.stderr)
-    return 1 if summary.fatal_error else 0
+    if summary.fatal_error:
+        return 1
+    return _SIGNAL_EXIT.get(summary.stop_reason, 0) if summary.interrupted else 0
+
+
+#: a run stopped by a signal exits like the shell reports one (its outputs are written all the same)
+_SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}

@@ -20,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init", default=None, help="start from these weights")
     p.add_argument("--device", default=None)
     p.add_argument("--no-resume", action="store_true", help="ignore OUT_DIR/last.pt")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars (default: on a terminal)")
     p.set_defaults(handler=_train)
 
     p = sub.add_parser("eval", help="score a model on sequences with ground truth (depth, trajectory, map)")
@@ -48,15 +50,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-baselines", action="store_true", help="skip the untrained and constant baselines")
     p.add_argument("--json", type=Path, default=None, help="write the full report here")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars (default: on a terminal)")
     p.set_defaults(handler=_eval)
 
     p = sub.add_parser("demo", help="render a synthetic sequence, reconstruct it with the bundled model, score it")
-    p.add_argument("--output-dir", default="outputs/demo")
+    p.add_argument("--output-dir", default="outputs/demo",
+                   help="where the demo goes (an earlier demo's outputs there are replaced)")
     p.add_argument("--weights", default=None, help="checkpoint (default: the bundled model)")
     p.add_argument("--seed", type=int, default=90_000_123, help="which held-out synthetic sequence")
     p.add_argument("--frames", type=int, default=30)
     p.add_argument("--viewer", choices=["spawn", "web", "none"], default="none")
     p.add_argument("--state-policy", choices=["cut3r", "ttt3r"], default="cut3r")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars (default: on a terminal)")
     p.set_defaults(handler=_demo)
 
 
@@ -74,8 +81,14 @@ def _train(args: argparse.Namespace) -> int:
         cfg.model_config()
     except (TypeError, ValueError) as e:
         raise UserError(f"bad training config: {e}") from None
-    val = train(cfg, resume=not args.no_resume)
-    print(json.dumps({"out_dir": cfg.out_dir, "validation": val}))
+    if values.get("threads") and args.threads is None:  # the config's thread count (the wait policy is set)
+        import torch
+
+        torch.set_num_threads(int(values["threads"]))
+    val = train(cfg, resume=not args.no_resume, bars=args.progress)
+    from ..threads import report as thread_report
+
+    print(json.dumps({"out_dir": cfg.out_dir, "validation": val, "threads": thread_report()}))
     return 0
 
 
@@ -121,17 +134,20 @@ def _eval(args: argparse.Namespace) -> int:
                                    known_intrinsics=args.known_intrinsics, size=args.size, max_frames=args.max_frames,
                                    stride=args.stride, baselines=not args.no_baselines,
                                    state_policy=args.state_policy, reset_every=args.reset_every,
-                                   refine=args.refine)
+                                   refine=args.refine, progress=args.progress)
         report["weights"] = str(path)
         print(format_real_report(report))
     else:
         cfg = EvalConfig(size=args.size, policy=args.state_policy, reset_every=args.reset_every,
                          max_frames=args.max_frames, stride=args.stride)
-        report = evaluate(model, sequences, cfg, baselines=not args.no_baselines)
+        report = evaluate(model, sequences, cfg, baselines=not args.no_baselines, progress=args.progress)
         report["weights"] = str(path)
         print(format_report(report))
     if args.json:
         from ..fileio import atomic_write_text
+        from ..threads import report as thread_report
+
+        report["threads"] = thread_report()
 
         atomic_write_text(args.json, json.dumps(report, indent=1, default=str) + "\n")
     return 0
@@ -142,6 +158,6 @@ def _demo(args: argparse.Namespace) -> int:
 
     model, path = _load(args.weights, "auto")
     summary = run_demo(model, Path(args.output_dir), seed=args.seed, frames=args.frames, viewer=args.viewer,
-                       policy=args.state_policy, progress=sys.stderr)
+                       policy=args.state_policy, progress=sys.stderr, bars=args.progress)
     print(summary, file=sys.stderr)
     return 0

@@ -1,8 +1,10 @@
 """``streamrecon eval``: run a model over sequences with ground truth and score it, next to baselines.
 
 Per sequence: depth AbsRel and delta<1.25 (per-frame median scaling, and metric), ATE (Sim(3) and
-SE(3) Umeyama alignment; RMSE and % of the GT path length), RPE (delta 1 frame), and map accuracy /
-completeness (the predicted cloud, aligned with the trajectory's Sim(3), against the GT cloud).
+SE(3) Umeyama alignment; RMSE and % of the GT path length), RPE (delta 1 frame), and the map against
+the GT cloud of the scored frames (accuracy, completeness, precision / coverage / F-score within
+``MAP_TAU``; see :func:`~streamrecon.eval.metrics.map_metrics`), after a Sim(3) fitted on per-pixel
+correspondences (predicted and true world point of the same pixel).
 Baselines: the same architecture untrained (seeded random weights) and constant depth (1 m) with
 identity poses.
 """
@@ -13,14 +15,15 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
 from ..frames import Frame
 from ..pipeline.resolve import LoadedModel, resolve_conf_thresh
+from ..progress import bar
 from .datasets import EvalSequence
-from .metrics import ate, depth_metrics, map_metrics, rpe, umeyama
+from .metrics import MAP_KEYS, MAP_TAU, ate, depth_metrics, map_metrics, rpe, umeyama
 
 __all__ = ["EvalConfig", "evaluate_sequence", "score_results", "constant_baseline", "evaluate", "format_report",
            "gt_depth_at_model"]
@@ -85,7 +88,7 @@ def _summarise(depth_rows: list[dict], pred_T: np.ndarray, gt_T: np.ndarray, pre
         aligned = (s * (R @ pred_cloud.T)).T + t
         out.update(map_metrics(aligned, gt_cloud), map_scale=float(s))
     else:
-        out.update(accuracy=math.nan, completeness=math.nan, map_scale=math.nan)
+        out.update({k: math.nan for k in MAP_KEYS}, map_points=float(len(pred_cloud)), map_scale=math.nan)
     return out
 
 
@@ -117,7 +120,8 @@ def score_results(seq: EvalSequence, idx: list[int], results: list, cfg: EvalCon
     return out
 
 
-def evaluate_sequence(model, seq: EvalSequence, cfg: EvalConfig = EvalConfig()) -> dict:
+def evaluate_sequence(model, seq: EvalSequence, cfg: EvalConfig = EvalConfig(),
+                      on_frame: Optional[Callable[[], None]] = None) -> dict:
     """Stream the sequence through a fresh :class:`StreamEngine` and score it (``model``: a model or a
     :class:`LoadedModel`, whose checkpoint's recommended threshold is used unless ``cfg`` gives one)."""
     from ..engine import EngineConfig, StreamEngine, default_size
@@ -129,15 +133,20 @@ def evaluate_sequence(model, seq: EvalSequence, cfg: EvalConfig = EvalConfig()) 
                                               reset_every=cfg.reset_every))
     idx = _frame_indices(seq, cfg)
     t0 = time.perf_counter()
-    results = [engine.process(Frame(image=seq.rgb(i), seq=i, stamp=float(seq.stamps[i]), source=seq.name)) for i in idx]
+    results = []
+    for i in idx:
+        results.append(engine.process(Frame(image=seq.rgb(i), seq=i, stamp=float(seq.stamps[i]), source=seq.name)))
+        if on_frame is not None:
+            on_frame()
     fps = len(idx) / (time.perf_counter() - t0)
     scored = score_results(seq, idx, results, replace(cfg, conf_thresh=resolve_conf_thresh(loaded.info, cfg.conf_thresh)))
     return scored | {"fps": fps}
 
 
-def constant_baseline(seq: EvalSequence, cfg: EvalConfig = EvalConfig()) -> dict:
-    """Constant 1 m depth everywhere and the identity pose for every frame."""
-    idx = _frame_indices(seq, cfg)
+def constant_baseline(seq: EvalSequence, cfg: EvalConfig = EvalConfig(), idx: Optional[list[int]] = None) -> dict:
+    """Constant 1 m depth everywhere and the identity pose for every frame (``idx``: these frames,
+    else those ``cfg`` picks)."""
+    idx = idx if idx is not None else _frame_indices(seq, cfg)
     rows = [depth_metrics(np.ones_like(d := seq.depth(i)), d, d > 0) for i in idx]
     T = np.tile(np.eye(4), (len(idx), 1, 1))
     h, w = seq.depth(idx[0]).shape
@@ -157,7 +166,7 @@ def constant_baseline(seq: EvalSequence, cfg: EvalConfig = EvalConfig()) -> dict
 
 
 _KEYS = ("abs_rel", "delta1", "abs_rel_metric", "delta1_metric", "ate_sim3", "ate_sim3_pct", "ate_se3", "rpe_trans",
-         "rpe_rot_deg", "accuracy", "completeness")
+         "rpe_rot_deg", "accuracy", "completeness", "coverage", "fscore", "map_points")
 
 
 def _mean(rows: list[dict]) -> dict:
@@ -165,7 +174,7 @@ def _mean(rows: list[dict]) -> dict:
 
 
 def evaluate(model, sequences: list[EvalSequence], cfg: EvalConfig = EvalConfig(), baselines: bool = True,
-             untrained_seed: int = 0) -> dict:
+             untrained_seed: int = 0, progress: Optional[bool] = None) -> dict:
     """Score ``model`` on every sequence; with ``baselines``, also the untrained twin and the constant baseline.
 
     The map-accuracy filter uses ``cfg.conf_thresh`` or else the model's recommended threshold, for the
@@ -174,17 +183,22 @@ def evaluate(model, sequences: list[EvalSequence], cfg: EvalConfig = EvalConfig(
     loaded = LoadedModel.wrap(model)
     model = loaded.model
     cfg = replace(cfg, conf_thresh=resolve_conf_thresh(loaded.info, cfg.conf_thresh))
-    rows = [evaluate_sequence(model, s, cfg) for s in sequences]
-    report = {"model": {"mean": _mean(rows), "sequences": rows}, "config": asdict(cfg),
-              "n_sequences": len(sequences)}
+    total = sum(len(_frame_indices(s, cfg)) for s in sequences) * (2 if baselines else 1)
+    with bar(total, "eval", enabled=progress) as b:
+        b.set_description("eval model")
+        rows = [evaluate_sequence(model, s, cfg, on_frame=lambda: b.update(1)) for s in sequences]
+        report = {"model": {"mean": _mean(rows), "sequences": rows}, "config": asdict(cfg),
+                  "n_sequences": len(sequences)}
+        if baselines:
+            import torch
+
+            from ..models import Cut3r
+
+            torch.manual_seed(untrained_seed)
+            untrained = Cut3r(model.cfg).to(model.device).eval()
+            b.set_description("eval untrained baseline")
+            u_rows = [evaluate_sequence(untrained, s, cfg, on_frame=lambda: b.update(1)) for s in sequences]
     if baselines:
-        import torch
-
-        from ..models import Cut3r
-
-        torch.manual_seed(untrained_seed)
-        untrained = Cut3r(model.cfg).to(model.device).eval()
-        u_rows = [evaluate_sequence(untrained, s, cfg) for s in sequences]
         c_rows = [constant_baseline(s, cfg) for s in sequences]
         report["untrained"] = {"mean": _mean(u_rows), "sequences": u_rows}
         report["constant"] = {"mean": _mean(c_rows), "sequences": c_rows}
@@ -195,11 +209,13 @@ def format_report(report: dict) -> str:
     """A small table: rows = model / baselines, columns = the main metrics."""
     cols = [("abs_rel", "AbsRel"), ("delta1", "d<1.25"), ("abs_rel_metric", "AbsRel(m)"), ("delta1_metric", "d<1.25(m)"),
             ("ate_sim3_pct", "ATE Sim3 %"), ("ate_sim3", "ATE Sim3 m"), ("ate_se3", "ATE SE3 m"),
-            ("rpe_rot_deg", "RPE deg"), ("accuracy", "acc m"), ("completeness", "comp m")]
+            ("rpe_rot_deg", "RPE deg"), ("accuracy", "acc m"), ("completeness", "comp m"),
+            ("coverage", f"cov@{MAP_TAU * 100:.0f}cm"), ("fscore", f"F@{MAP_TAU * 100:.0f}cm"), ("map_points", "points")]
     head = f"{'':<11}" + "".join(f"{name:>11}" for _, name in cols)
     lines = [f"{report['n_sequences']} sequences", head]
     for row in ("model", "untrained", "constant"):
         if row in report:
             m = report[row]["mean"]
-            lines.append(f"{row:<11}" + "".join(f"{m.get(k, math.nan):>11.4f}" for k, _ in cols))
+            lines.append(f"{row:<11}" + "".join(f"{m.get(k, math.nan):>11.{0 if k == 'map_points' else 4}f}"
+                                                for k, _ in cols))
     return "\n".join(lines)

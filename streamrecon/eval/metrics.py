@@ -147,25 +147,43 @@ def trajectory_metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
             "rpe_trans": r["trans_rmse"], "rpe_rot_deg": r["rot_rmse_deg"]}
 
 
-def _nearest(a: np.ndarray, b: np.ndarray, chunk: int = 512) -> np.ndarray:
-    """Distance from each point of ``a`` to its nearest neighbour in ``b`` (brute force in float64, chunked)."""
-    import torch
+def _nearest(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Distance from each point of ``a`` ``(N, 3)`` to its nearest neighbour in ``b`` ``(M, 3)`` (k-d tree)."""
+    from scipy.spatial import cKDTree
 
-    tb = torch.from_numpy(b.astype(np.float64))
-    out = []
-    for i in range(0, len(a), chunk):
-        d = torch.cdist(torch.from_numpy(a[i:i + chunk].astype(np.float64)), tb)
-        out.append(d.min(1).values.numpy())
-    return np.concatenate(out) if out else np.zeros(0)
+    if len(a) == 0:
+        return np.zeros(0)
+    return cKDTree(np.asarray(b, np.float64)).query(np.asarray(a, np.float64), k=1, workers=1)[0]
 
 
-def map_metrics(pred: np.ndarray, gt: np.ndarray, max_points: int = 20000, seed: int = 0) -> dict[str, float]:
-    """Accuracy (mean distance pred -> GT) and completeness (GT -> pred) of two world point clouds."""
+#: distance (m, after alignment) within which a point counts as matched: precision, coverage, F-score
+MAP_TAU = 0.05
+MAP_KEYS = ("accuracy", "completeness", "precision", "coverage", "fscore", "map_points")
+
+
+def map_metrics(pred: np.ndarray, gt: np.ndarray, tau: float = MAP_TAU, max_points: int = 200_000,
+                seed: int = 0) -> dict[str, float]:
+    """Two world point clouds ``(N, 3)`` / ``(M, 3)`` (aligned, metres) compared both ways.
+
+    * ``accuracy``: mean distance predicted -> nearest GT point (lower is better). Alone it rewards a
+      small cloud in the right place: one point on a wall scores ~0.
+    * ``completeness``: mean distance from every GT point (the whole GT of the scored frames) to the
+      nearest predicted point.
+    * ``precision`` / ``coverage``: the fraction of predicted / GT points within ``tau`` of the other
+      cloud; ``fscore`` their harmonic mean (Tanks and Temples' F-score). A degenerate map (a tiny or
+      collapsed cloud) keeps a high precision but gets a coverage and F-score near 0.
+    * ``map_points``: the size of the predicted cloud (before the ``max_points`` subsample).
+    """
     if len(pred) == 0 or len(gt) == 0:
-        return {"accuracy": math.nan, "completeness": math.nan}
+        return {k: math.nan for k in MAP_KEYS} | {"map_points": float(len(pred))}
+    n_pred = len(pred)
     rng = np.random.default_rng(seed)
     if len(pred) > max_points:
         pred = pred[rng.choice(len(pred), max_points, replace=False)]
     if len(gt) > max_points:
         gt = gt[rng.choice(len(gt), max_points, replace=False)]
-    return {"accuracy": float(_nearest(pred, gt).mean()), "completeness": float(_nearest(gt, pred).mean())}
+    to_gt, to_pred = _nearest(pred, gt), _nearest(gt, pred)
+    precision, coverage = float((to_gt < tau).mean()), float((to_pred < tau).mean())
+    f = 2 * precision * coverage / (precision + coverage) if precision + coverage > 0 else 0.0
+    return {"accuracy": float(to_gt.mean()), "completeness": float(to_pred.mean()), "precision": precision,
+            "coverage": coverage, "fscore": float(f), "map_points": float(n_pred)}

@@ -24,15 +24,16 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import fields
-from typing import Optional, Sequence
+from dataclasses import fields, replace
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from ..progress import bar
 from .baselines import RANDOM_WALK_SEEDS, identity_trajectory, random_walk_like, step_angles_deg
 from .datasets import EvalSequence
-from .evaluate import EvalConfig, gt_depth_at_model, score_results
-from .metrics import depth_metrics, path_length, trajectory_metrics
+from .evaluate import EvalConfig, constant_baseline, gt_depth_at_model, score_results
+from .metrics import MAP_KEYS, MAP_TAU, depth_metrics, path_length, trajectory_metrics
 
 __all__ = ["evaluate_backends", "format_real_report"]
 
@@ -62,7 +63,8 @@ def _declared_backends() -> Optional[tuple]:
 
 
 def _run_backend(loaded, seq: EvalSequence, idx: list[int], backend: str, known_intrinsics: bool,
-                 size, state_policy: str, reset_every: int, refine: bool = False) -> tuple[dict, list]:
+                 size, state_policy: str, reset_every: int, refine: bool = False,
+                 on_frame: Optional[Callable[[], None]] = None) -> tuple[dict, list]:
     """Stream frames ``idx`` of ``seq`` through a pipeline with ``backend``; ``(timing row, results)``."""
     from ..engine import Frame
     from ..pipeline import build_pipeline
@@ -85,6 +87,8 @@ def _run_backend(loaded, seq: EvalSequence, idx: list[int], backend: str, known_
             t0 = time.perf_counter()
             results.append(pipe.push(frame))
             push_s += time.perf_counter() - t0
+            if on_frame is not None:
+                on_frame()
     finally:
         summary = pipe.close()
     loops = summary.slam.get("loop_closure", {}).get("closures") if isinstance(summary.slam, dict) else None
@@ -116,7 +120,7 @@ def _random_walk(ref_T: np.ndarray, gt: np.ndarray, seeds: int) -> dict:
 
 def _evaluate_sequence(loaded, seq: EvalSequence, backends: Sequence[str], known_intrinsics: bool, size,
                        max_frames: int, stride: int, baselines: bool, state_policy: str, reset_every: int,
-                       cfg: EvalConfig, refine: bool = False) -> dict:
+                       cfg: EvalConfig, refine: bool = False, on_frame: Optional[Callable[[], None]] = None) -> dict:
     idx = _indices(len(seq), max_frames, stride)
     gt = seq.T_wc[idx]
     rows: list[dict] = []
@@ -125,19 +129,19 @@ def _evaluate_sequence(loaded, seq: EvalSequence, backends: Sequence[str], known
         row = {"label": b, "kind": "backend", "backend": b}
         try:
             timing, results = _run_backend(loaded, seq, idx, b, known_intrinsics, size, state_policy, reset_every,
-                                           refine)
+                                           refine, on_frame)
             scores = score_results(seq, idx, results, cfg)
         except Exception as e:  # one backend failing must not stop the others
             _logger.warning("%s: backend %s failed: %s: %s", seq.name, b, type(e).__name__, e)
-            row.update(_nan_row(_TRAJ_KEYS + _DEPTH_KEYS), ms_per_frame=math.nan,
+            row.update(_nan_row(_TRAJ_KEYS + _DEPTH_KEYS + MAP_KEYS), ms_per_frame=math.nan,
                        error=f"{type(e).__name__}: {e}")
             rows.append(row)
             continue
         T = np.stack([r.T_wc for r in results])
         final = timing.pop("final_poses", {})
-        row.update({k: scores[k] for k in _TRAJ_KEYS + _DEPTH_KEYS + ("accuracy", "completeness")}, **timing)
+        row.update({k: scores[k] for k in _TRAJ_KEYS + _DEPTH_KEYS + MAP_KEYS}, **timing)
         if not seq.has_depth:
-            row.update(_nan_row(_DEPTH_KEYS))
+            row.update(_nan_row(_DEPTH_KEYS + MAP_KEYS))
         same = [name for name, (T_other, _) in runs.items() if np.array_equal(T_other, T)]
         if same:
             row["same_as"] = same[0]  # e.g. a backend name the pipeline does not (yet) act on
@@ -157,9 +161,11 @@ def _evaluate_sequence(loaded, seq: EvalSequence, backends: Sequence[str], known
             rows.append({"label": f"random walk ({reference} steps, {RANDOM_WALK_SEEDS} seeds)", "kind": "baseline",
                          "reference": reference, "seeds": RANDOM_WALK_SEEDS,
                          **_random_walk(ref_T, gt, RANDOM_WALK_SEEDS)} | _nan_row(_DEPTH_KEYS))
-            if seq.has_depth:
+            if seq.has_depth:  # depth on the reference's pixels; the map: one depth, identity poses
+                flat = constant_baseline(seq, replace(cfg, max_frames=0, stride=1), idx=idx)
                 rows.append({"label": "constant depth", "kind": "baseline", "reference": reference,
-                             **_nan_row(_TRAJ_KEYS), **_constant_depth(seq, idx, ref_results)})
+                             **_nan_row(_TRAJ_KEYS), **_constant_depth(seq, idx, ref_results),
+                             **{k: flat[k] for k in MAP_KEYS}})
     return {"name": seq.name, "fmt": seq.fmt, "frames": len(idx), "has_depth": seq.has_depth,
             "path_length": path_length(gt), "rotation_sum_deg": float(step_angles_deg(gt).sum()) if len(gt) > 1 else 0.0,
             "reference": reference, "rows": rows}
@@ -168,7 +174,7 @@ def _evaluate_sequence(loaded, seq: EvalSequence, backends: Sequence[str], known
 def evaluate_backends(loaded, sequences: Sequence[EvalSequence], backends: Sequence[str] = ("none",),
                       known_intrinsics: bool = True, size=None, max_frames: int = 0, stride: int = 1,
                       baselines: bool = True, state_policy: str = "cut3r", reset_every: int = 0,
-                      refine: bool = False) -> dict:
+                      refine: bool = False, progress: Optional[bool] = None) -> dict:
     """Score every backend on every sequence, with the identity / random-walk / constant-depth baselines.
 
     Args:
@@ -178,6 +184,7 @@ def evaluate_backends(loaded, sequences: Sequence[EvalSequence], backends: Seque
         size: the model input size (``None``: the model's own).
         max_frames, stride: which frames (every ``stride``-th, at most ``max_frames``; 0 = all).
         refine: also score ``--refine``'s global alignment (a ``<backend> (refined)`` row).
+        progress: a progress bar over every frame streamed (None: on a terminal).
 
     Returns:
         ``{"sequences": [{name, fmt, frames, path_length, rows: [...]}, ...], "config": {...}}``; each row
@@ -188,11 +195,13 @@ def evaluate_backends(loaded, sequences: Sequence[EvalSequence], backends: Seque
 
     cfg = EvalConfig(conf_thresh=resolve_conf_thresh(getattr(loaded, "info", None)))
     out = []
-    with warnings.catch_warnings():
+    total = sum(len(_indices(len(seq), max_frames, stride)) for seq in sequences) * len(backends)
+    with warnings.catch_warnings(), bar(total, "eval", enabled=progress) as b:
         warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of frames without valid depth
         for seq in sequences:
+            b.set_description(f"eval {seq.name}")
             out.append(_evaluate_sequence(loaded, seq, list(backends), known_intrinsics, size, max_frames, stride,
-                                          baselines, state_policy, reset_every, cfg, refine))
+                                          baselines, state_policy, reset_every, cfg, refine, on_frame=lambda: b.update(1)))
     return {"sequences": out,
             "config": {"backends": list(backends), "known_intrinsics": known_intrinsics, "size": size,
                        "max_frames": max_frames, "stride": stride, "state_policy": state_policy,
@@ -201,7 +210,10 @@ def evaluate_backends(loaded, sequences: Sequence[EvalSequence], backends: Seque
 
 _COLUMNS = (("ate_sim3", "ATE Sim3 m", 4), ("ate_sim3_pct", "ATE Sim3 %", 1), ("ate_se3", "ATE SE3 m", 4),
             ("rpe_rot_deg", "RPE deg/f", 3), ("rpe_trans", "RPE m/f", 4), ("sim3_scale", "Sim3 scale", 3),
-            ("abs_rel", "AbsRel", 3), ("delta1", "d<1.25", 3), ("ms_per_frame", "ms/frame", 0))
+            ("abs_rel", "AbsRel", 3), ("delta1", "d<1.25", 3),
+            ("accuracy", "map acc m", 3), ("completeness", "map comp m", 3),
+            ("coverage", f"cov@{MAP_TAU * 100:.0f}cm", 3), ("fscore", f"F@{MAP_TAU * 100:.0f}cm", 3),
+            ("ms_per_frame", "ms/frame", 0))
 
 
 def _cell(v, digits: int) -> str:

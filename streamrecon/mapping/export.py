@@ -3,8 +3,10 @@
 * PLY: binary little-endian ``x y z`` float32, ``red green blue`` uint8, optional ``confidence``
   float32; world frame.
 * GLB: glTF 2.0 binary; a ``map`` mesh with one ``POINTS`` primitive (``POSITION`` float32,
-  ``COLOR_0`` normalised uint8 RGBA) and optionally a ``camera_path`` mesh of ``LINES``. OpenCV world axes as given (glTF
-  viewers assume y up; apply ``T_flip`` yourself if you want them upright).
+  ``COLOR_0`` normalised uint8 RGBA) and optionally a ``camera_path`` mesh of ``LINES``. glTF is y-up: the
+  OpenCV world (x right, y down, z forward, of the first camera) is turned 180 degrees about x, so a
+  glTF point is ``(x, -y, -z)`` of the same point in ``map.ply`` / ``trajectory.txt``
+  (:data:`GLTF_FROM_OPENCV`); glTF viewers show the scene upright when the first camera was level.
 * TUM: ``timestamp tx ty tz qx qy qz qw`` per line, camera-to-world, seconds (what evo reads).
 
 numpy only (no torch), so bridges can write trajectories.
@@ -21,8 +23,8 @@ import numpy as np
 
 from ..fileio import atomic_open, atomic_write_bytes
 
-__all__ = ["write_ply", "read_ply", "write_glb", "write_tum", "read_tum", "tum_lines", "TUM_HEADER", "matrix_to_quat_xyzw",
-           "quat_xyzw_to_matrix"]
+__all__ = ["write_ply", "read_ply", "write_glb", "GLTF_FROM_OPENCV", "write_tum", "read_tum", "tum_lines", "TUM_HEADER",
+           "matrix_to_quat_xyzw", "quat_xyzw_to_matrix"]
 
 
 def write_ply(path: str | Path, xyz: np.ndarray, rgb: np.ndarray, conf: Optional[np.ndarray] = None) -> None:
@@ -61,9 +63,15 @@ def read_ply(path: str | Path) -> dict[str, np.ndarray]:
     return {name: data[name] for name, _ in dtype}
 
 
+#: OpenCV world (y down, z forward) -> glTF (y up, z toward the viewer): a rotation of 180 deg about x
+GLTF_FROM_OPENCV = np.diag([1.0, -1.0, -1.0])
+
+
 def write_glb(path: str | Path, xyz: np.ndarray, rgb: np.ndarray, path_xyz: Optional[np.ndarray] = None) -> None:
-    """glTF 2.0 binary with the points (and the camera path as a line strip)."""
-    xyz = np.ascontiguousarray(np.asarray(xyz, np.float32).reshape(-1, 3))
+    """glTF 2.0 binary with the points and the camera path (``LINES``), both given in the OpenCV world
+    frame ``(N, 3)`` and written in glTF's y-up axes (:data:`GLTF_FROM_OPENCV`)."""
+    flip = GLTF_FROM_OPENCV.astype(np.float32)
+    xyz = np.ascontiguousarray(np.asarray(xyz, np.float32).reshape(-1, 3) @ flip)
     rgba = np.concatenate([np.asarray(rgb, np.uint8).reshape(-1, 3), np.full((len(xyz), 1), 255, np.uint8)], 1)
     blobs: list[bytes] = []
     views, accessors = [], []
@@ -88,7 +96,7 @@ def write_glb(path: str | Path, xyz: np.ndarray, rgb: np.ndarray, path_xyz: Opti
         col = add(rgba, 5121, "VEC4", normalized=True)
         meshes.append({"name": "map", "primitives": [{"attributes": {"POSITION": pos, "COLOR_0": col}, "mode": 0}]})
     if path_xyz is not None and len(path_xyz) >= 2:
-        p = np.asarray(path_xyz, np.float32).reshape(-1, 3)
+        p = np.asarray(path_xyz, np.float32).reshape(-1, 3) @ flip
         segments = np.ascontiguousarray(np.stack([p[:-1], p[1:]], 1).reshape(-1, 3))  # LINES: one pair per step
         line = add(segments, 5126, "VEC3", minmax=True)
         meshes.append({"name": "camera_path", "primitives": [{"attributes": {"POSITION": line}, "mode": 1}]})

@@ -28,7 +28,8 @@ import numpy as np
 from ..engine.stats import LatencyStats, device_peak_mb, peak_rss_mb, rss_mb
 from ..frames import Frame, FrameResult, ProbeResult
 from ..mapping import GlobalMap
-from ..sinks.base import BackgroundSink, FrameEvent, Sink, StreamClosed
+from ..sinks.base import BackgroundSink, FrameEvent, Sink, StreamClosed, preview_image
+from ..threads import report as thread_report
 from .summary import RunSummary, SourceCounts
 from .trajectory import Trajectory
 
@@ -180,9 +181,11 @@ class StreamPipeline:
         now = time.monotonic()
         self._recent = [t for t in self._recent[-49:] if now - t < 5.0] + [now]
         engine_ms = sum(result.timings_ms.values())
+        preview = preview_image(frame.image) if frame is not None and self._wants_snapshot() else None
         event = FrameEvent(
             stream_id=self.opt.stream_id, result=result, new_points=integ.new_points, new_colors=integ.new_colors,
             map_points=len(self.gmap), summary=summary, context=dict(context or {}), map_snapshot=snapshot, loop=loop,
+            preview=preview,
             metrics={"fps": self.fps(), "map_points": len(self.gmap), "conf_mean": float(result.conf_cam.mean()),
                      "latency_ms/total": engine_ms + source_ms + 1e3 * (t1 - t0)})
         for sink in self.sinks:
@@ -423,7 +426,7 @@ class StreamPipeline:
             frames_with_K_given=self.k_given, sinks=self.sink_stats(), in_progress=stop_reason == "running",
             slam=self._slam_summary(),
             interrupted=interrupted, stop_reason=stop_reason, fatal_error=fatal,
-            extra={**self.opt.describe, **(extra or {}),
+            extra={**self.opt.describe, **(extra or {}), "threads": thread_report(),
                    **({"snapshots": dict(self.snapshots.stats, root=str(self.snapshots.policy.root))}
                       if self.snapshots is not None else {})})
 

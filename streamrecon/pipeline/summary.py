@@ -84,10 +84,31 @@ def format_summary(s: dict) -> str:
         f"memory      peak RSS {s['memory_mb']['peak_rss']:.0f} MiB",
         f"map         {s['map']['points']} points, voxel {s['map']['voxel_size']:.4g}, segments {s['segments']}",
     ]
+    t = s.get("threads") or {}
+    if t.get("intra_op"):
+        lines[2] += f"; {t['intra_op']} thread{'s' if t['intra_op'] > 1 else ''} ({t.get('chosen_by', '')})"
     if s.get("outputs"):
-        lines.append(f"outputs     {s.get('output_dir', '')}: {', '.join(s['outputs'])}")
+        out_dir = s.get("output_dir", "")
+        lines.append(f"outputs     {out_dir}: {', '.join(_output_text(out_dir, n) for n in s['outputs'])}")
+    rrd = (s.get("config") or {}).get("save_rrd")
+    if rrd:
+        lines.append(f"recording   {rrd}")
+    snaps = s.get("snapshots") or {}
+    if snaps.get("written"):
+        lines.append(f"snapshots   {snaps.get('root')}: {snaps['written']} written, latest {snaps.get('last')}")
     if s.get("error_messages"):
         lines.append("errors      " + "; ".join(s["error_messages"][:3]))
     if s.get("fatal_error"):
         lines.append(f"STOPPED     {s['fatal_error']}")
     return "\n".join(lines)
+
+
+def _output_text(out_dir: str, name: str) -> str:
+    """``frames/ (65 files)`` for a folder of outputs, the name for a file."""
+    if not name.endswith("/") or not out_dir:
+        return name
+    from pathlib import Path
+
+    d = Path(out_dir) / name
+    n = sum(1 for p in d.iterdir() if p.is_file()) if d.is_dir() else 0
+    return f"{name} ({n} files)"

@@ -266,10 +266,32 @@ class Node:
 
         return SnapshotStore(self.snapshot_root(stream_id), keep=self.cfg.pipeline.outputs.snapshot_keep)
 
+    def _set_aside_earlier_outputs(self, sid: str) -> None:
+        """A new stream under an id whose folder holds an earlier stream's outputs: that folder moves
+        to ``<output-dir>/previous/<id>-<UTC time>/`` (kept, never mixed with the new stream's files)."""
+        from ..sinks.output_dir import earlier_outputs
+
+        d = self.stream_dir(sid)
+        found = earlier_outputs(d)
+        if not found:
+            return
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = self.output_dir / "previous" / f"{sid}-{stamp}"
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.output_dir / "previous" / f"{sid}-{stamp}-{n}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        d.rename(target)
+        _logger.warning("stream %s: a new stream under this id; the earlier stream's outputs (%s) moved to %s",
+                        sid, ", ".join(found), target)
+
     def open_session(self, sid: str, lossless: bool, snapshot=None) -> StreamSession:
         """A new stream (its pipeline, publisher and snapshotter), continued from ``snapshot`` when given
         (everything restored, or -- :class:`~streamrecon.snapshot.SnapshotError` -- no session made)."""
         o = self.cfg.pipeline.outputs
+        if snapshot is None:
+            self._set_aside_earlier_outputs(sid)
         publisher = ResultPublisher(lambda parts: self._send(self.results, parts), sid,
                                     geometry_stride=self.cfg.geometry_stride, map_points=self.cfg.pipeline.map.map_points)
         pipeline = build_pipeline(self.cfg.pipeline, self.loaded, stream_id=sid, output_dir=self.stream_dir(sid),

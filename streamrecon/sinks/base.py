@@ -44,6 +44,8 @@ class FrameEvent:
         summary: the running summary (a dict) when a periodic flush is due, else ``None``.
         context: what the caller knew of the frame beyond the result (``serve``: ``recv_ns``,
             ``stamp_ns`` of the wire message), passed through untouched.
+        preview: ``(h, w, 3)`` uint8 RGB: the frame as the camera gave it, downscaled to a long side of at
+            most :data:`PREVIEW_LONG_SIDE` (only when a viewer sink is attached, else ``None``).
         loop: when a loop closure was applied just before this frame (``--backend slam``):
             ``{"edges": (E, 2, 3) float32 keyframe positions of every loop edge so far,
             "keyframes": (K, 3) float32 corrected keyframe positions, "edge": (i, j, inliers)}``.
@@ -59,6 +61,22 @@ class FrameEvent:
     summary: Optional[dict[str, Any]] = None
     context: dict[str, Any] = field(default_factory=dict)
     loop: Optional[dict[str, Any]] = None
+    preview: Optional[np.ndarray] = None
+
+
+#: long side (pixels) of the original frame handed to viewer sinks
+PREVIEW_LONG_SIDE = 640
+
+
+def preview_image(image: np.ndarray, long_side: int = PREVIEW_LONG_SIDE) -> np.ndarray:
+    """``image`` ``(H, W, 3)`` uint8, downscaled (area) so that its long side is at most ``long_side``."""
+    h, w = image.shape[:2]
+    scale = long_side / max(h, w)
+    if scale >= 1.0:
+        return image
+    import cv2
+
+    return cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
 
 
 @dataclass(frozen=True)

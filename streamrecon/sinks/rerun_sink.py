@@ -4,7 +4,8 @@ Entity layout (OpenCV world, ``RIGHT_HAND_Y_DOWN``)::
 
     world                       ViewCoordinates (static)
     world/cam                   Transform3D per frame (camera-to-world)
-    world/cam/image             Pinhole + the input image (model resolution)
+    camera                      the frame as the camera gave it (long side <= 640 px)
+    world/cam/image             Pinhole + the model's input image (model resolution)
     world/cam/image/depth       DepthImage (z of the camera-frame pointmap, metres)
     world/cam/image/confidence  confidence image
     world/map/points            only the map points created by this frame (the 3D view accumulates)
@@ -92,7 +93,8 @@ def blueprint(prefix: str = ""):
         rrb.Horizontal(
             rrb.Spatial3DView(origin=w, name="map", time_ranges=[accumulate]),
             rrb.Vertical(
-                rrb.Spatial2DView(origin=f"{w}/cam/image", contents=["$origin", "$origin/image"], name="input"),
+                rrb.Spatial2DView(origin=f"/{prefix}camera", name="camera"),
+                rrb.Spatial2DView(origin=f"{w}/cam/image", contents=["$origin", "$origin/image"], name="model input"),
                 rrb.Spatial2DView(origin=f"{w}/cam/image/depth", name="depth"),
                 rrb.Spatial2DView(origin=f"{w}/cam/image/confidence", name="confidence"),
                 rrb.TimeSeriesView(origin=f"/{prefix}metrics", name="metrics"),
@@ -192,6 +194,8 @@ class RerunSink:
 
     def on_frame(self, event: FrameEvent) -> None:
         self.log_frame(event.result, event.new_points, event.new_colors, event.metrics)
+        if event.preview is not None:  # the frame as the camera gave it (the model sees a small crop of it)
+            self.rec.log(f"{self.p}camera", self._image(event.preview))
         if event.loop is not None:
             self.log_loop(event.loop)
         if event.map_snapshot is not None:

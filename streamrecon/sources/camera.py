@@ -29,7 +29,8 @@ def _open_capture(device: int | str):
 
 
 class CameraSource(FrameSource):
-    """Newest-frame-wins capture.
+    """Newest-frame-wins capture. The device is opened at once (a missing camera is an error here);
+    frames are grabbed from the first call of :meth:`frames` on.
 
     Args:
         device: camera index, device path or URL (anything ``cv2.VideoCapture`` opens).
@@ -56,8 +57,15 @@ class CameraSource(FrameSource):
         self._latest: Optional[Frame] = None
         self._ended = False
         self._stop = threading.Event()
+        # grabbing starts with the first frame asked for: frames (and a replay's clock) wait until the
+        # node is ready, not while the model loads
         self._thread = threading.Thread(target=self._grab_loop, name=f"grab-{self.name}", daemon=True)
-        self._thread.start()
+        self._start_lock = threading.Lock()
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if not self._thread.is_alive() and not self._stop.is_set() and self._thread.ident is None:
+                self._thread.start()
 
     def _grab_loop(self) -> None:
         import cv2
@@ -97,6 +105,7 @@ class CameraSource(FrameSource):
                 self._cond.notify_all()
 
     def frames(self) -> Iterator[Frame]:
+        self._start()
         while True:
             with self._cond:
                 while self._latest is None and not self._ended:
@@ -107,7 +116,12 @@ class CameraSource(FrameSource):
             yield frame
 
     def close(self) -> None:
-        self._stop.set()
+        with self._start_lock:
+            self._stop.set()
+            if self._thread.ident is None:  # never started: nothing will end the wait in frames()
+                with self._cond:
+                    self._ended = True
+                    self._cond.notify_all()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=2.0)
         try:

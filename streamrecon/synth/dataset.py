@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -56,8 +56,10 @@ class SynthConfig:
     step: float = 0.08
 
 
-def render_sequence(seed: int, cfg: SynthConfig = SynthConfig(), frames: Optional[int] = None) -> dict:
-    """Render one sequence (deterministic by ``seed``).
+def render_sequence(seed: int, cfg: SynthConfig = SynthConfig(), frames: Optional[int] = None,
+                    on_view: Optional[Callable[[], None]] = None) -> dict:
+    """Render one sequence (deterministic by ``seed``); ``on_view()`` is called after each rendered view
+    (progress bars: ``frames + cfg.virtual`` calls).
 
     Returns:
         ``rgb`` ``(N, H, W, 3)`` uint8, ``depth`` ``(N, H, W)`` float32, ``valid`` ``(N, H, W)`` bool,
@@ -71,7 +73,13 @@ def render_sequence(seed: int, cfg: SynthConfig = SynthConfig(), frames: Optiona
     hfov = cfg.hfov[0] + (cfg.hfov[1] - cfg.hfov[0]) * float(torch.rand(1, generator=g))
     K = intrinsics(cfg.height, cfg.width, hfov)
     T = make_trajectory(scene, kind, n, seed=seed + 1, step=cfg.step)
-    views = [render(scene, T[i], K, cfg.height, cfg.width, frame=i, supersample=cfg.supersample) for i in range(n)]
+    def view(T_wc, frame: int) -> dict:
+        v = render(scene, T_wc, K, cfg.height, cfg.width, frame=frame, supersample=cfg.supersample)
+        if on_view is not None:
+            on_view()
+        return v
+
+    views = [view(T[i], i) for i in range(n)]
     out = {"rgb": torch.stack([v["rgb"] for v in views]).numpy(), "depth": torch.stack([v["depth"] for v in views]).numpy(),
            "valid": torch.stack([v["valid"] for v in views]).numpy(), "T_wc": T.numpy(), "K": K.numpy(), "kind": kind,
            "seed": seed, "hfov": hfov}
@@ -87,7 +95,7 @@ def render_sequence(seed: int, cfg: SynthConfig = SynthConfig(), frames: Optiona
         if not scene.free_space_ok(Tv[:3, 3].float(), margin=0.3):
             Tv = T[i].clone()
         vT.append(Tv)
-    vviews = [render(scene, Tv, K, cfg.height, cfg.width, frame=0, supersample=cfg.supersample) for Tv in vT]
+    vviews = [view(Tv, 0) for Tv in vT]
     hw = (cfg.height, cfg.width)
     out["virtual"] = {
         "rgb": np.stack([v["rgb"].numpy() for v in vviews]) if vviews else np.zeros((0, *hw, 3), np.uint8),
@@ -170,6 +178,7 @@ class SyntheticStream:
     cfg: SynthConfig = field(default_factory=SynthConfig)
     pool: int = 0
     refresh_every: int = 0
+    progress: Optional[bool] = None  # a bar while the pool is rendered (None: on a terminal)
     _pool: list = field(default_factory=list, repr=False)
 
     def _seed(self, k: int) -> int:
@@ -179,7 +188,12 @@ class SyntheticStream:
         g = torch.Generator().manual_seed(self.seed)
         k, batches = 0, 0
         if self.pool and not self._pool:
-            self._pool = [render_sequence(self._seed(i), self.cfg) for i in range(self.pool)]
+            from ..progress import bar
+
+            with bar(self.pool * self.cfg.frames, f"rendering the training pool ({self.pool} sequences)",
+                     enabled=self.progress) as b:
+                self._pool = [render_sequence(self._seed(i), self.cfg, on_view=lambda: b.update(1))
+                              for i in range(self.pool)]
             k = self.pool
         while True:
             if self.pool and self.refresh_every and batches and batches % self.refresh_every == 0:

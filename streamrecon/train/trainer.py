@@ -27,7 +27,9 @@ import torch
 from ..config import ModelConfig, preset
 from ..geometry import raymap
 from ..models import Cut3r
+from ..progress import bar, shown
 from ..synth.dataset import SynthConfig, SyntheticStream, render_sequence
+from ..threads import current as threads_current
 from ..types import FrameInput
 from .conf_guard import ConfidenceTaps, floor_penalty, reinit_confidence
 from .losses import Cut3rLoss, relative_poses
@@ -107,6 +109,16 @@ def forward_sequence(model: Cut3r, batch: dict, schedule: list[tuple[bool, bool]
     return outs
 
 
+def validation_sequences(cfg: TrainConfig, progress: Optional[bool] = False) -> list[dict]:
+    """The held-out validation sequences (seeds from ``VAL_SEED0``; the same for every step)."""
+    from ..progress import bar
+
+    synth = SynthConfig(**cfg.data)
+    with bar(cfg.val_sequences * cfg.val_frames, "rendering validation sequences", enabled=progress) as b:
+        return [render_sequence(VAL_SEED0 + i, synth, frames=cfg.val_frames, on_view=lambda: b.update(1))
+                for i in range(cfg.val_sequences)]
+
+
 @torch.no_grad()
 def validate(model: Cut3r, cfg: TrainConfig, sequences: Optional[list] = None) -> dict:
     """Depth AbsRel (median-scaled, metric) and Sim(3) ATE on held-out synthetic sequences."""
@@ -114,7 +126,7 @@ def validate(model: Cut3r, cfg: TrainConfig, sequences: Optional[list] = None) -
     from ..eval.evaluate import EvalConfig, evaluate_sequence
 
     synth = SynthConfig(**cfg.data)
-    seqs = sequences or [render_sequence(VAL_SEED0 + i, synth, frames=cfg.val_frames) for i in range(cfg.val_sequences)]
+    seqs = sequences or validation_sequences(cfg)
     was_training = model.training
     model.eval()
     rows = [evaluate_sequence(model, EvalSequence.from_arrays(f"val{i}", s["rgb"], s["depth"], s["T_wc"], s["K"]),
@@ -138,11 +150,16 @@ def _save(path: Path, obj: dict) -> None:
     tmp.replace(path)
 
 
-def train(cfg: TrainConfig, progress: Optional[TextIO] = sys.stderr, resume: bool = True) -> dict:
-    """Train (resuming from ``out_dir/last.pt`` when present) and return the last validation metrics."""
+def train(cfg: TrainConfig, progress: Optional[TextIO] = sys.stderr, resume: bool = True,
+          bars: Optional[bool] = None) -> dict:
+    """Train (resuming from ``out_dir/last.pt`` when present) and return the last validation metrics.
+
+    ``progress``: where progress goes (None: nowhere); ``bars``: progress bars there (None: when it is
+    a terminal), else a plain line every ``log_every`` steps.
+    """
     from ..checkpoint import load_model, write_safetensors
 
-    if cfg.threads:
+    if cfg.threads and threads_current() is None:  # library use; the CLI has applied --threads / the config
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -167,9 +184,11 @@ def train(cfg: TrainConfig, progress: Optional[TextIO] = sys.stderr, resume: boo
     elif cfg.reinit_conf:
         reinit_confidence(model, generator=torch.Generator().manual_seed(cfg.seed))
         _logger.info("confidence channels of the heads re-initialised")
+    show = progress is not None and shown(bars, progress)
     stream = iter(SyntheticStream(batch_size=cfg.batch_size, views=cfg.views, strides=tuple(cfg.strides),
                                   seed=cfg.seed * 7919 + start, cfg=SynthConfig(**cfg.data), pool=cfg.pool,
-                                  refresh_every=cfg.pool_refresh_every))
+                                  refresh_every=cfg.pool_refresh_every, progress=show))
+    val_seqs: list = []
     g = torch.Generator().manual_seed(cfg.seed + start)
     criterion = Cut3rLoss()
     use_bf16 = cfg.bf16 and device.type == "cuda"
@@ -185,9 +204,18 @@ def train(cfg: TrainConfig, progress: Optional[TextIO] = sys.stderr, resume: boo
                           dtype=getattr(torch, cfg.export_dtype))
 
     taps = ConfidenceTaps(model) if cfg.conf_floor_weight > 0 else None
+    if progress is not None and not show:
+        progress.write(f"training {cfg.steps - start} steps ({cfg.batch_size} x {cfg.views} views); "
+                       f"{'rendering a pool of ' + str(cfg.pool) + ' sequences first' if cfg.pool else ''}\n")
+        progress.flush()
+    batch = next(stream) if start < cfg.steps else None  # (renders the pool, with its own bar)
+    steps = bar(cfg.steps, "train", enabled=show, unit="step", stream=progress)
+    steps.update(start)
     try:
         for step in range(start, cfg.steps):
-            batch = {k: v.to(device) for k, v in next(stream).items()}
+            if step > start:
+                batch = next(stream)
+            batch = {k: v.to(device) for k, v in batch.items()}
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, cfg)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -215,16 +243,23 @@ def train(cfg: TrainConfig, progress: Optional[TextIO] = sys.stderr, resume: boo
                 log_f.write(json.dumps({"step": step + 1, "lr": _lr_at(step, cfg), "frames_per_s": rate,
                                         "elapsed_s": now - t_start, **logs}) + "\n")
                 log_f.flush()
-                if progress is not None:
-                    progress.write(f"\rstep {step + 1}/{cfg.steps} loss {running['loss']:.4f} pose {running['pose']:.4f} "
-                                   f"err {running['err_self']:.4f} {rate:.1f} frames/s  ")
+                if show:
+                    steps.set_postfix(loss=f"{running['loss']:.4f}", pose=f"{running['pose']:.4f}",
+                                      err=f"{running['err_self']:.4f}", fps=f"{rate:.1f}")
+                elif progress is not None:
+                    progress.write(f"step {step + 1}/{cfg.steps} loss {running['loss']:.4f} pose {running['pose']:.4f} "
+                                   f"err {running['err_self']:.4f} {rate:.1f} frames/s\n")
                     progress.flush()
+            steps.update(1)
             if cfg.val_every and ((step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps):
-                val = validate(model, cfg)
+                if not val_seqs:
+                    val_seqs = validation_sequences(cfg, progress=show)
+                val = validate(model, cfg, val_seqs)
                 log_f.write(json.dumps({"step": step + 1, "val": val, "elapsed_s": time.monotonic() - t_start}) + "\n")
                 log_f.flush()
                 if progress is not None:
-                    progress.write(f"\nval @ {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()) + "\n")
+                    (steps.write if show else progress.write)(
+                        f"val @ {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()) + ("" if show else "\n"))
                 if val["abs_rel"] < best:
                     best = val["abs_rel"]
                     write_safetensors(model.state_dict(), mcfg, out / "best.safetensors",
@@ -236,11 +271,10 @@ def train(cfg: TrainConfig, progress: Optional[TextIO] = sys.stderr, resume: boo
         _logger.warning("interrupted: saving")
         save(step)
     finally:
+        steps.close()
         log_f.close()
         if taps is not None:
             taps.remove()
-        if progress is not None:
-            progress.write("\n")
     return val
 
 
