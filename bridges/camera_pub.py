@@ -63,6 +63,8 @@ class Publisher:
         self.sent = self.dropped = self.acked = self.reconnects = self.rejected = 0
         self._inflight: "OrderedDict[int, list]" = OrderedDict()
         self._last_progress = time.monotonic()
+        self._last_ack = time.monotonic()  # an acknowledgement (or the start): what give_up_s counts from
+        self.give_up_s: Optional[float] = None
         self.sock: Optional[zmq.Socket] = None
         self._connect()
 
@@ -101,7 +103,7 @@ class Publisher:
             if seq in self._inflight:
                 del self._inflight[seq]
                 self.acked += 1
-                self._last_progress = time.monotonic()
+                self._last_progress = self._last_ack = time.monotonic()
                 if status == "rejected":
                     self.rejected += 1
                     _logger.warning("frame %s rejected: %s", seq, ack.get("error"))
@@ -123,6 +125,9 @@ class Publisher:
                 return False
         while len(self._inflight) >= self.window:
             self._read_acks(100)
+            if len(self._inflight) >= self.window and self.give_up_s is not None \
+                    and time.monotonic() - self._last_ack > self.give_up_s:
+                raise NodeUnreachable(f"no acknowledgement for {self.give_up_s:.0f} s from {self.endpoint}")
             if len(self._inflight) >= self.window and time.monotonic() - self._last_progress > self.ack_timeout:
                 self._reconnect_and_resend()
         self._inflight[seq] = parts
@@ -150,6 +155,10 @@ class Publisher:
                 "reconnects": self.reconnects, "rejected": self.rejected}
 
 
+class NodeUnreachable(RuntimeError):
+    """Lossless frames waited longer than ``give_up_s`` without any acknowledgement."""
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("source", help="camera (0, cam:0, /dev/video0), video file, or image folder")
@@ -162,8 +171,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--window", type=int, default=4, help="unacknowledged frames allowed (lossless)")
     ap.add_argument("--ack-timeout", type=float, default=5.0)
     ap.add_argument("--max-frames", type=int, default=0)
-    ap.add_argument("--flush-timeout", type=float, default=30.0,
-                    help="lossless: seconds to wait at the end for the last acknowledgements (exit 1 if some never come)")
+    ap.add_argument("--give-up-after", type=float, default=30.0,
+                    help="lossless: exit 1 after this many seconds without any acknowledgement (no node, or a node "
+                         "that stopped), while sending and at the end")
     ap.add_argument("--curve-server-key", help="the node's public key file (enables CURVE)")
     ap.add_argument("--curve-client-key", help="this client's secret key file")
     args = ap.parse_args(argv)
@@ -182,6 +192,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     curve = (args.curve_server_key, args.curve_client_key) if args.curve_server_key else None
     pub = Publisher(args.connect, args.stream_id, args.encoding, args.lossless, args.window, args.ack_timeout, curve,
                     args.quality)
+    pub.give_up_s = args.give_up_after
     period, next_t, n = (1.0 / args.fps if args.fps > 0 else 0.0), time.monotonic(), 0
     interrupted = False
     delivered = True
@@ -194,9 +205,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             n += 1
             if args.max_frames and n >= args.max_frames:
                 break
-        delivered = pub.flush(timeout=args.flush_timeout)
+        delivered = pub.flush(timeout=args.give_up_after)
     except KeyboardInterrupt:
         interrupted = True
+    except NodeUnreachable as e:
+        delivered = False
+        print(f"camera_pub: {e}", file=sys.stderr)
     finally:
         source.close()
         pub.close()
@@ -206,6 +220,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.lossless and not delivered:
         print(f"camera_pub: error: {pub.stats()['unacked']} of {pub.sent} frames were never acknowledged by the node "
               f"(is `streamrecon serve` running at {args.connect}?)", file=sys.stderr)
+        return 1
+    if args.lossless and pub.rejected:
+        print(f"camera_pub: error: the node rejected {pub.rejected} of {pub.sent} frames (see the warnings above)",
+              file=sys.stderr)
         return 1
     return 0
 

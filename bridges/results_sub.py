@@ -29,6 +29,9 @@ from streamrecon.netsec import curve_client
 
 __all__ = ["ResultsSubscriber", "main"]
 
+#: the node publishes its own status under this topic prefix (not a stream id)
+NODE_TOPIC = "_node"
+
 
 class ResultsSubscriber:
     """Args:
@@ -67,6 +70,8 @@ class ResultsSubscriber:
                 self.errors += 1
                 continue
             sid, _, kind = topic.rpartition("/")
+            if sid == NODE_TOPIC:  # the node's own heartbeat (``_node/status``), not a stream
+                continue
             if not wire.valid_stream_id(sid):  # it names a file: nothing from the wire leaves --out-dir
                 self.errors += 1
                 continue
@@ -168,13 +173,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         stopped.append(signal.SIGINT)
     finally:
+        restore = _ignore_sigterm()  # a second SIGTERM must not cut the trajectories short
         files = sub.write_tum(Path(args.out_dir))
         if view is not None:
             view.close()
         sub.close()
         bad = f", {sub.errors} malformed messages skipped" if sub.errors else ""
         print(f"results_sub: {n} poses{bad}, wrote {', '.join(map(str, files)) or 'nothing'}", file=sys.stderr)
+        restore()
     return 128 + int(stopped[0]) if stopped else 0
+
+
+def _ignore_sigterm():
+    """Ignore SIGTERM from here on; returns the function that puts the handler from before main() back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return lambda: signal.signal(signal.SIGTERM, _PREVIOUS.get(signal.SIGTERM, signal.SIG_DFL))
+
+
+_PREVIOUS: dict = {}
 
 
 def _stop_on_sigterm() -> list:
@@ -187,7 +205,7 @@ def _stop_on_sigterm() -> list:
         raise KeyboardInterrupt
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
+        _PREVIOUS[signal.SIGTERM] = signal.signal(signal.SIGTERM, handler)
     return stopped
 
 

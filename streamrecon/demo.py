@@ -28,13 +28,17 @@ __all__ = ["run_demo"]
 
 def run_demo(model, out_dir: Path, seed: int = 90_000_123, frames: int = 30, viewer: str = "none",
              policy: str = "cut3r", height: int = 224, width: int = 320, progress: Optional[TextIO] = sys.stderr,
-             bars: Optional[bool] = None) -> str:
-    """Render, reconstruct, score. Returns the text summary (also in ``out_dir/accuracy.json``)."""
+             bars: Optional[bool] = None, overwrite: bool = False) -> str:
+    """Render, reconstruct, score. Returns the text summary (also in ``out_dir/accuracy.json``).
+
+    An earlier demo in ``out_dir`` is replaced; another run's outputs there only with ``overwrite``.
+    """
     out_dir = Path(out_dir)
     show = progress is not None and shown(bars, progress)
     if progress and not show:
         progress.write(f"rendering synthetic sequence {seed} ({frames} frames, {width}x{height})...\n")
-    claim_output_dir(out_dir, overwrite=True)  # the demo's folder holds one demo: the last one
+    earlier_demo = (out_dir / "accuracy.json").is_file() or (out_dir / "sequence").is_dir()
+    claim_output_dir(out_dir, overwrite=overwrite or earlier_demo)  # a demo's folder holds the last demo
     shutil.rmtree(out_dir / "sequence", ignore_errors=True)
     (out_dir / "accuracy.json").unlink(missing_ok=True)
     with bar(frames, f"rendering sequence {seed}", enabled=show, stream=progress) as b:

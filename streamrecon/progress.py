@@ -23,14 +23,15 @@ def shown(enabled: Optional[bool], stream: Optional[TextIO] = None) -> bool:
 
 
 def bar(total: Optional[int], desc: str, enabled: Optional[bool] = None, unit: str = "frame",
-        stream: Optional[TextIO] = None):
+        stream: Optional[TextIO] = None, initial: int = 0):
     """A tqdm bar on ``stream`` (stderr); disabled (a no-op with the same methods) when not :func:`shown`."""
     from tqdm import tqdm
 
     stream = stream or sys.stderr
     width = _columns(stream)  # a terminal that reports no size (some ptys, CI shells) gets 100 columns
     return tqdm(total=total, desc=desc, unit=unit, file=stream, disable=not shown(enabled, stream),
-                dynamic_ncols=width > 0, ncols=None if width > 0 else 100, mininterval=0.25, leave=True)
+                dynamic_ncols=width > 0, ncols=None if width > 0 else 100, mininterval=0.25, leave=True,
+                initial=initial)
 
 
 def _columns(stream: TextIO) -> int:

@@ -57,6 +57,8 @@ class RunConfig:
                 raise SettingsError(f"--{name} must be >= 1")
         if self.max_frames < 0:
             raise SettingsError("--max-frames must be >= 0")
+        if self.resume and self.overwrite:
+            raise SettingsError("give --resume (continue the run in --output-dir) or --overwrite (replace it), not both")
         if self.resume and self.relocalise:
             raise SettingsError("give --resume (continue the same stream) or --relocalise (a new run in a saved map), not both")
         if self.relocalise and self.pipeline.slam.resolved_backend() != "slam":

@@ -108,13 +108,17 @@ def run(cfg: RunConfig, model=None, progress_stream: TextIO = sys.stderr,
         from .snapshot import read_snapshot
 
         snap = read_snapshot(cfg.resume or cfg.relocalise)
-    claim_output_dir(cfg.pipeline.outputs.output_dir, overwrite=cfg.overwrite, resume=bool(cfg.resume))
-    source: FrameSource = open_source(cfg.source, stride=cfg.stride, repeat=cfg.repeat, fps=cfg.fps)
-    holder: dict[str, Any] = {}
     snapshot_dir = cfg.snapshot or (str(Path(cfg.pipeline.outputs.output_dir) / "snapshots")
                                     if cfg.pipeline.outputs.snapshot_every else None)
+    claim = dict(overwrite=cfg.overwrite, resume_frames=int(snap.manifest.get("frames") or 0) if cfg.resume else None,
+                 keep=[p for p in (cfg.source, cfg.resume, cfg.relocalise, snapshot_dir, cfg.pipeline.engine.weights) if p])
+    out_dir = cfg.pipeline.outputs.output_dir
+    claim_output_dir(out_dir, dry_run=True, **claim)  # refused before anything is opened
+    source: FrameSource = open_source(cfg.source, stride=cfg.stride, repeat=cfg.repeat, fps=cfg.fps)
+    holder: dict[str, Any] = {}
     try:
         loaded = LoadedModel.wrap(model) if model is not None else load_resolved(cfg.pipeline.engine)
+        claim_output_dir(out_dir, **claim)  # the source opens and the model loads: now the earlier run goes
         pipeline = build_pipeline(cfg.pipeline, loaded, stream_id=cfg.source, on_result=on_result,
                                   describe={"source": cfg.source, "output_dir": cfg.pipeline.outputs.output_dir,
                                             "config": cfg.flat(), "checkpoint": loaded.info.describe()},

@@ -86,6 +86,7 @@ def resolve(requested: Optional[int], environ: Mapping[str, str] = os.environ,
 
 
 _current: Optional[ThreadSettings] = None
+_user_env: Optional[dict[str, str]] = None
 
 
 def configure(requested: Optional[int] = None, import_torch: bool = True) -> ThreadSettings:
@@ -93,8 +94,10 @@ def configure(requested: Optional[int] = None, import_torch: bool = True) -> Thr
 
     Call it before torch is first imported (else the wait policy cannot change any more: logged).
     """
-    global _current
-    s = resolve(requested)
+    global _current, _user_env
+    if _user_env is None:  # what the user set, before any configure() of ours wrote to the environment
+        _user_env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ}
+    s = resolve(requested, environ=_user_env)
     if "torch" in sys.modules and os.environ.get("OMP_WAIT_POLICY", "").upper() != s.wait_policy:
         _logger.info("threads: torch was imported before the thread settings; OMP_WAIT_POLICY=%s has no effect",
                         s.wait_policy)

@@ -23,11 +23,17 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "O
 def _restore_thread_settings():
     """A test that calls the CLI in-process applies ``--threads`` to this process (torch, the
     environment that later subprocesses inherit): put everything back after it."""
+    import cv2
+
     import streamrecon.threads as threads
 
-    n, env, applied = torch.get_num_threads(), {k: os.environ.get(k) for k in _THREAD_VARS}, threads._current
+    n, env, applied, user_env = (torch.get_num_threads(), {k: os.environ.get(k) for k in _THREAD_VARS},
+                                 threads._current, threads._user_env)
+    n_cv = cv2.getNumThreads()
     yield
     torch.set_num_threads(n)
+    cv2.setNumThreads(n_cv)
+    threads._user_env = user_env
     for k, v in env.items():
         if v is None:
             os.environ.pop(k, None)

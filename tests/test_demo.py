@@ -90,3 +90,17 @@ def test_the_readme_python_example_fills_the_map_with_the_bundled_model(tmp_path
     meta = json.loads(bundled_weights().with_suffix(".json").read_text())
     assert summary.map["conf_thresh"] == float(meta["conf_thresh"]) < summary.map["confidence_max"] < 1.5
     assert summary.map["points"] > 100 and len(pipe.gmap) == summary.map["points"]
+
+
+def test_demo_replaces_a_demo_but_not_a_run(tmp_path, capsys):
+    from streamrecon.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "trajectory.txt").write_text("# a real run\n")
+    assert main(["demo", "--output-dir", str(run), "--frames", "3"]) == 2  # someone's run: refused
+    assert "--overwrite" in capsys.readouterr().err and (run / "trajectory.txt").read_text() == "# a real run\n"
+    demo = tmp_path / "demo"
+    for _ in range(2):  # the second demo replaces the first without asking
+        assert main(["demo", "--output-dir", str(demo), "--frames", "3", "--no-progress"]) == 0
+    assert len(list((demo / "sequence" / "rgb").iterdir())) == 3

@@ -464,9 +464,27 @@ def test_camera_pub_names_a_bad_stream_id_and_a_missing_node(tmp_path, shared, c
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     code = camera_pub.main([clip, "--stream-id", "cam", "--connect", f"tcp://127.0.0.1:{port}", "--lossless",
-                            "--ack-timeout", "0.3", "--flush-timeout", "1"])
+                            "--ack-timeout", "0.3", "--give-up-after", "1"])
     assert code == 1  # lossless and nothing acknowledged: a failure, not success
     assert "4 of 4 frames were never acknowledged" in capsys.readouterr().err
+    # more frames than the window (4): the publisher gives up while sending, it does not wait forever
+    code = camera_pub.main([str(shared / "data" / "cut3r_examples" / "lady-running.mp4"), "--stream-id", "cam",
+                            "--connect", f"tcp://127.0.0.1:{port}", "--lossless", "--ack-timeout", "0.3",
+                            "--give-up-after", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "no acknowledgement for 1 s" in err and "4 of 4 frames were never acknowledged" in err
+
+
+def test_camera_pub_fails_when_the_node_rejects_its_frames(tmp_path, shared, capsys):
+    from streamrecon_bridges import camera_pub
+
+    with running_node(tmp_path, size=64, max_streams=1) as node:
+        first = Publisher(node.endpoints["ingest"], "first", lossless=True)
+        assert first.send(frames(1)[0]) and first.flush(30)  # the one stream the node takes
+        code = camera_pub.main([str(shared / "data" / "cut3r_examples" / "003"), "--connect", node.endpoints["ingest"],
+                                "--stream-id", "second", "--lossless"])
+        first.close()
+    assert code == 1 and "the node rejected 4 of 4 frames" in capsys.readouterr().err
 
 
 def test_results_sub_writes_its_trajectories_on_sigterm(tmp_path):
@@ -528,3 +546,25 @@ def test_a_new_stream_under_an_old_id_never_mixes_with_the_earlier_outputs(tmp_p
     assert len(previous) == 1 and previous[0].name.startswith("cam-")
     assert len(read_tum(now / "trajectory.txt")[0]) == 2 and len(list((now / "frames").iterdir())) == 2
     assert len(read_tum(previous[0] / "trajectory.txt")[0]) == 3 and len(list((previous[0] / "frames").iterdir())) == 3
+
+
+def test_results_sub_skips_the_node_heartbeat_without_calling_it_malformed():
+    import zmq
+
+    from streamrecon import wire
+
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    sub = ResultsSubscriber(f"tcp://127.0.0.1:{port}")
+    try:
+        got = []
+        deadline = time.monotonic() + 30
+        while not got and time.monotonic() < deadline:  # until the subscription is live
+            pub.send_multipart([b"_node/status", *wire.encode_result("_node", "status", {"streams": {}})[1:]])
+            pub.send_multipart(wire.encode_result("cam", "pose", {"seq": 0, "stamp_ns": 0,
+                                                                  "T_wc": np.eye(4).ravel().tolist(), "latency_ms": 1.0}))
+            got = [r for r in sub.results(timeout_s=0.2)]
+        assert got and {(sid, kind) for sid, kind, _, _ in got} == {("cam", "pose")} and sub.errors == 0
+    finally:
+        sub.close()
+        pub.close(linger=0)

@@ -200,6 +200,12 @@ def test_a_run_refuses_a_folder_holding_an_earlier_run_unless_overwrite(tmp_path
     assert "holds an earlier run's outputs" in err and "frames/" in err and "--overwrite" in err
     assert (out / "trajectory.txt").read_bytes() == before and len(list((out / "frames").iterdir())) == 4
 
+    bad = ["run", str(tmp_path / "missing.mp4")] + args[2:] + ["--overwrite"]
+    assert cli_main(bad) == 2 and "no such file" in capsys.readouterr().err  # a typo costs nothing
+    assert (out / "trajectory.txt").read_bytes() == before and (out / "frames").is_dir()
+    assert cli_main(args + ["--overwrite", "--resume", str(out)]) == 2  # one or the other
+    assert "not both" in capsys.readouterr().err
+
     assert cli_main(args + ["--overwrite"]) == 0  # replaced: no frames/ or recording of the earlier run remain
     summary = json.loads((out / "summary.json").read_text())
     assert not (out / "frames").exists() and not (out / "recording.rrd").exists()
@@ -221,7 +227,16 @@ def test_claim_output_dir_names_only_run_outputs(tmp_path):
     assert earlier_outputs(d) == ["map.ply", "probes/"] and set(earlier_outputs(d)) <= set(RUN_OUTPUTS)
     with pytest.raises(SettingsError, match="map.ply, probes/"):
         claim_output_dir(d)
-    assert claim_output_dir(d, resume=True) == ["map.ply", "probes/"] and (d / "map.ply").exists()  # continued
+    (d / "probes" / "orbit_0_000003.png").write_text("x")  # seen by a snapshot taken after 5 frames
+    (d / "probes" / "orbit_0_000007.png").write_text("x")  # after it: not part of the resumed run
+    (d / "keyframes.txt").write_text("x")  # an end-of-run file the resumed run may never write again
+    assert claim_output_dir(d, resume_frames=5, dry_run=True) == ["keyframes.txt", "map.ply", "probes/"]
+    assert (d / "keyframes.txt").exists()  # a dry run removes nothing
+    assert claim_output_dir(d, resume_frames=5) == ["keyframes.txt", "map.ply", "probes/"]
+    assert (d / "map.ply").exists() and not (d / "keyframes.txt").exists()  # continued: rewritten at the end
+    assert sorted(p.name for p in (d / "probes").iterdir()) == ["orbit_0_000003.png"]
+    with pytest.raises(SettingsError, match="which this run reads"):  # never remove the run's own input
+        claim_output_dir(d, overwrite=True, keep=[d / "probes" / "orbit_0_000003.png"])
     assert claim_output_dir(d, overwrite=True) == ["map.ply", "probes/"]
     assert earlier_outputs(d) == [] and (d / "snapshots").is_dir() and (d / "README").exists()
     (tmp_path / "f").write_text("x")

@@ -70,3 +70,37 @@ def test_a_bad_threads_flag_is_one_line_and_exit_2(capsys):
     assert main(["bench", "--threads", "-2", "--frames", "1"]) == 2
     err = capsys.readouterr().err
     assert "--threads -2" in err and "Traceback" not in err
+
+
+def test_configure_twice_starts_from_what_the_user_set(monkeypatch):
+    """Our own writes to the environment are not read back as the user's choice."""
+    import streamrecon.threads as threads
+
+    monkeypatch.setattr(threads, "_user_env", None)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert threads.configure(3).intra_op == 3 and os.environ["OMP_NUM_THREADS"] == "3"
+    again = threads.configure(None)
+    assert (again.intra_op, again.chosen_by) == (DEFAULT_THREADS, "default")
+
+
+def test_a_training_config_sets_the_threads_like_the_flag(tmp_path, monkeypatch):
+    import torch
+
+    import streamrecon.threads as threads
+    from streamrecon.cli import main
+
+    monkeypatch.setattr(threads, "_user_env", {})
+    seen = {}
+
+    def fake_train(cfg, resume=True, bars=None):
+        seen["threads"], seen["torch"] = threads.current(), torch.get_num_threads()
+        return {}
+
+    monkeypatch.setattr("streamrecon.train.trainer.train", fake_train)
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("threads: 2\nsteps: 1\n")
+    assert main(["train", "--config", str(cfg), "--out-dir", str(tmp_path / "o")]) == 0
+    assert (seen["threads"].intra_op, seen["threads"].chosen_by, seen["torch"]) == (2, "--threads", 2)
+    assert main(["train", "--config", str(cfg), "--out-dir", str(tmp_path / "o"), "--threads", "1"]) == 0
+    assert seen["torch"] == 1  # the flag wins over the config

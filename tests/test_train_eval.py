@@ -172,3 +172,21 @@ def test_evaluate_reports_model_and_baselines(tmp_path, seq, shared):
     r = subprocess.run([sys.executable, "-m", "streamrecon", "eval", str(tmp_path / "nothing")], capture_output=True,
                        text=True)
     assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_training_progress_goes_to_its_stream_never_to_stdout(tmp_path, capsys):
+    """Bars (and the validation line) on the progress stream; stdout carries only the command's JSON."""
+    import io
+
+    from streamrecon.train.trainer import TrainConfig, train
+
+    cfg = TrainConfig(model=tiny_config("linear").to_dict(), out_dir=str(tmp_path / "run"), steps=2, batch_size=1,
+                      views=2, warmup=1, val_every=2, val_sequences=1, val_frames=3, save_every=2, log_every=1,
+                      data={"height": 48, "width": 64, "frames": 4}, pool=1)
+    for bars in (True, False):
+        stream = io.StringIO()
+        train(cfg, progress=stream, bars=bars, resume=False)
+        text = stream.getvalue()
+        assert "val @ 2" in text and ("train: 100%" in text if bars else "step 2/2" in text), text
+        assert ("rendering the training pool" in text) == bars
+        assert capsys.readouterr().out == ""

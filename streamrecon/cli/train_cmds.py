@@ -56,7 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("demo", help="render a synthetic sequence, reconstruct it with the bundled model, score it")
     p.add_argument("--output-dir", default="outputs/demo",
-                   help="where the demo goes (an earlier demo's outputs there are replaced)")
+                   help="where the demo goes (an earlier demo there is replaced; a run's outputs only with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run's outputs in --output-dir")
     p.add_argument("--weights", default=None, help="checkpoint (default: the bundled model)")
     p.add_argument("--seed", type=int, default=90_000_123, help="which held-out synthetic sequence")
     p.add_argument("--frames", type=int, default=30)
@@ -81,10 +82,13 @@ def _train(args: argparse.Namespace) -> int:
         cfg.model_config()
     except (TypeError, ValueError) as e:
         raise UserError(f"bad training config: {e}") from None
-    if values.get("threads") and args.threads is None:  # the config's thread count (the wait policy is set)
-        import torch
+    if args.threads is None and "threads" in values:  # the config's count (0: one per core), as --threads would
+        from ..threads import configure
 
-        torch.set_num_threads(int(values["threads"]))
+        try:
+            configure(int(values["threads"]))
+        except (TypeError, ValueError) as e:
+            raise UserError(f"bad training config: threads: {e}") from None
     val = train(cfg, resume=not args.no_resume, bars=args.progress)
     from ..threads import report as thread_report
 
@@ -158,6 +162,6 @@ def _demo(args: argparse.Namespace) -> int:
 
     model, path = _load(args.weights, "auto")
     summary = run_demo(model, Path(args.output_dir), seed=args.seed, frames=args.frames, viewer=args.viewer,
-                       policy=args.state_policy, progress=sys.stderr, bars=args.progress)
+                       policy=args.state_policy, progress=sys.stderr, bars=args.progress, overwrite=args.overwrite)
     print(summary, file=sys.stderr)
     return 0

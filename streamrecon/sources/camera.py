@@ -60,7 +60,7 @@ class CameraSource(FrameSource):
         # grabbing starts with the first frame asked for: frames (and a replay's clock) wait until the
         # node is ready, not while the model loads
         self._thread = threading.Thread(target=self._grab_loop, name=f"grab-{self.name}", daemon=True)
-        self._start_lock = threading.Lock()
+        self._start_lock = threading.RLock()  # a signal handler closing us may interrupt _start()
 
     def _start(self) -> None:
         with self._start_lock:

@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, TextIO
 
 import numpy as np
 import torch
@@ -179,6 +179,7 @@ class SyntheticStream:
     pool: int = 0
     refresh_every: int = 0
     progress: Optional[bool] = None  # a bar while the pool is rendered (None: on a terminal)
+    progress_stream: Optional[TextIO] = field(default=None, repr=False)  # where that bar goes (stderr)
     _pool: list = field(default_factory=list, repr=False)
 
     def _seed(self, k: int) -> int:
@@ -190,8 +191,8 @@ class SyntheticStream:
         if self.pool and not self._pool:
             from ..progress import bar
 
-            with bar(self.pool * self.cfg.frames, f"rendering the training pool ({self.pool} sequences)",
-                     enabled=self.progress) as b:
+            with bar(self.pool * (self.cfg.frames + self.cfg.virtual), f"rendering the training pool ({self.pool} sequences)",
+                     enabled=self.progress, stream=self.progress_stream) as b:
                 self._pool = [render_sequence(self._seed(i), self.cfg, on_view=lambda: b.update(1))
                               for i in range(self.pool)]
             k = self.pool

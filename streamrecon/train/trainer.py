@@ -109,12 +109,14 @@ def forward_sequence(model: Cut3r, batch: dict, schedule: list[tuple[bool, bool]
     return outs
 
 
-def validation_sequences(cfg: TrainConfig, progress: Optional[bool] = False) -> list[dict]:
+def validation_sequences(cfg: TrainConfig, progress: Optional[bool] = False,
+                         stream: Optional[TextIO] = None) -> list[dict]:
     """The held-out validation sequences (seeds from ``VAL_SEED0``; the same for every step)."""
     from ..progress import bar
 
     synth = SynthConfig(**cfg.data)
-    with bar(cfg.val_sequences * cfg.val_frames, "rendering validation sequences", enabled=progress) as b:
+    with bar(cfg.val_sequences * (cfg.val_frames + synth.virtual), "rendering validation sequences",
+             enabled=progress, stream=stream) as b:
         return [render_sequence(VAL_SEED0 + i, synth, frames=cfg.val_frames, on_view=lambda: b.update(1))
                 for i in range(cfg.val_sequences)]
 
@@ -187,7 +189,8 @@ def train(cfg: TrainConfig, progress: Optional[TextIO] = sys.stderr, resume: boo
     show = progress is not None and shown(bars, progress)
     stream = iter(SyntheticStream(batch_size=cfg.batch_size, views=cfg.views, strides=tuple(cfg.strides),
                                   seed=cfg.seed * 7919 + start, cfg=SynthConfig(**cfg.data), pool=cfg.pool,
-                                  refresh_every=cfg.pool_refresh_every, progress=show))
+                                  refresh_every=cfg.pool_refresh_every, progress=show,
+                                  progress_stream=progress))
     val_seqs: list = []
     g = torch.Generator().manual_seed(cfg.seed + start)
     criterion = Cut3rLoss()
@@ -209,8 +212,7 @@ def train(cfg: TrainConfig, progress: Optional[TextIO] = sys.stderr, resume: boo
                        f"{'rendering a pool of ' + str(cfg.pool) + ' sequences first' if cfg.pool else ''}\n")
         progress.flush()
     batch = next(stream) if start < cfg.steps else None  # (renders the pool, with its own bar)
-    steps = bar(cfg.steps, "train", enabled=show, unit="step", stream=progress)
-    steps.update(start)
+    steps = bar(cfg.steps, "train", enabled=show, unit="step", stream=progress, initial=start)
     try:
         for step in range(start, cfg.steps):
             if step > start:
@@ -253,13 +255,16 @@ def train(cfg: TrainConfig, progress: Optional[TextIO] = sys.stderr, resume: boo
             steps.update(1)
             if cfg.val_every and ((step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps):
                 if not val_seqs:
-                    val_seqs = validation_sequences(cfg, progress=show)
+                    val_seqs = validation_sequences(cfg, progress=show, stream=progress)
                 val = validate(model, cfg, val_seqs)
                 log_f.write(json.dumps({"step": step + 1, "val": val, "elapsed_s": time.monotonic() - t_start}) + "\n")
                 log_f.flush()
                 if progress is not None:
-                    (steps.write if show else progress.write)(
-                        f"val @ {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()) + ("" if show else "\n"))
+                    line = f"val @ {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items())
+                    if show:
+                        steps.write(line, file=progress)  # (tqdm's default is stdout: the command's JSON)
+                    else:
+                        progress.write(line + "\n")
                 if val["abs_rel"] < best:
                     best = val["abs_rel"]
                     write_safetensors(model.state_dict(), mcfg, out / "best.safetensors",
