@@ -18,6 +18,7 @@ import numpy as np
 
 from .pipeline import LoadedModel, RunSummary, SourceCounts, StreamPipeline, build_pipeline, format_summary, load_resolved
 from .probe import ProbeSpec, parse_probe
+from .progress import shown
 from .run_settings import RunConfig
 from .sinks.output_dir import claim_output_dir
 from .sources import FrameSource, open_source
@@ -172,7 +173,7 @@ class _Loop:
         total = source.expected_frames()
         if cfg.max_frames and total:
             total = min(total, cfg.max_frames)
-        show = cfg.progress if cfg.progress is not None else progress_stream.isatty()
+        show = shown(cfg.progress, progress_stream)
         self.progress = Progress(total if not source.live else None, progress_stream, enabled=show)
         self.stop = _StopFlag(on_stop=source.close)
 

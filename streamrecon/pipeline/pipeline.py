@@ -171,9 +171,9 @@ class StreamPipeline:
         t1 = time.perf_counter()
         n = self.processed
         snapshot = None
+        viewer = self._wants_snapshot()  # a viewer sink gets the whole map now and then, and the frame itself
         resend, self._resend_map = self._resend_map, False  # a resumed / relocalised map: shown at once
-        if (swapped or resend or (self.opt.consolidate_every and n % self.opt.consolidate_every == 0)) \
-                and self._wants_snapshot():
+        if (swapped or resend or (self.opt.consolidate_every and n % self.opt.consolidate_every == 0)) and viewer:
             snapshot = self.gmap.points()[:2]
         summary = None
         if self.opt.flush_every and n % self.opt.flush_every == 0:
@@ -181,7 +181,7 @@ class StreamPipeline:
         now = time.monotonic()
         self._recent = [t for t in self._recent[-49:] if now - t < 5.0] + [now]
         engine_ms = sum(result.timings_ms.values())
-        preview = preview_image(frame.image) if frame is not None and self._wants_snapshot() else None
+        preview = preview_image(frame.image) if frame is not None and viewer else None
         event = FrameEvent(
             stream_id=self.opt.stream_id, result=result, new_points=integ.new_points, new_colors=integ.new_colors,
             map_points=len(self.gmap), summary=summary, context=dict(context or {}), map_snapshot=snapshot, loop=loop,
