@@ -5,9 +5,13 @@ Torch-free (numpy, pyzmq, OpenCV, Pillow and ``streamrecon.wire``/``streamrecon.
 
 * live (default): newest frame wins end to end; a frame the socket cannot take now is dropped here.
 * ``--lossless``: every frame is delivered; at most ``--window`` frames wait unacknowledged and the
-  sender blocks for acks (backpressure). Without an ack for ``--ack-timeout`` seconds the socket is
+  sender blocks for acks (backpressure). A frame is done only when the node says ``processed`` (or
+  ``rejected``, or ``duplicate``: processed before); ``busy`` (queue full, node shutting down) and
+  ``dropped`` (a stream closed before it got to the frame) make it send the unacknowledged frames
+  again, in order, after a short back-off. Without any ack for ``--ack-timeout`` seconds the socket is
   rebuilt and the unacknowledged frames are sent again (the node drops duplicates by session + seq),
-  so a node that restarts is picked up again.
+  so a node that restarts is picked up again; after ``--give-up-after`` seconds without a frame done
+  it gives up (exit 1).
 
 Example (``streamrecon-camera-pub`` is installed by ``pip install streamrecon``; the same as
 ``python -m streamrecon_bridges.camera_pub``)::
@@ -34,6 +38,7 @@ from streamrecon.netsec import curve_client
 __all__ = ["Publisher", "main"]
 
 _logger = logging.getLogger("camera_pub")
+_BACKOFF_MIN_S, _BACKOFF_MAX_S = 0.05, 1.0  # resend delay after busy/dropped (doubling while they go on)
 
 
 class Publisher:
@@ -62,6 +67,9 @@ class Publisher:
         self.seq = 0
         self.sent = self.dropped = self.acked = self.reconnects = self.rejected = 0
         self._inflight: "OrderedDict[int, list]" = OrderedDict()
+        self._resend_at: Optional[float] = None  # busy / dropped: send the unacknowledged frames again then
+        self._backoff = _BACKOFF_MIN_S
+        self.resends = 0
         self._last_progress = time.monotonic()
         self._last_ack = time.monotonic()  # an acknowledgement (or the start): what give_up_s counts from
         self.give_up_s: Optional[float] = None
@@ -97,16 +105,41 @@ class Publisher:
                 ack = json.loads(reply[-1])
             except (ValueError, IndexError):
                 continue
+            if not isinstance(ack, dict):
+                continue
             seq, status = ack.get("seq"), ack.get("status")
-            if status == "busy":
-                continue  # stays in flight; resent after the timeout
+            if status in ("busy", "dropped"):  # not taken, or taken and not processed: it must go again
+                if seq in self._inflight:
+                    self._last_progress = time.monotonic()  # the node is there
+                    if self._resend_at is None:
+                        self._resend_at = time.monotonic() + self._backoff
+                        self._backoff = min(_BACKOFF_MAX_S, self._backoff * 2)
+                continue
             if seq in self._inflight:
                 del self._inflight[seq]
                 self.acked += 1
                 self._last_progress = self._last_ack = time.monotonic()
+                self._backoff = _BACKOFF_MIN_S
                 if status == "rejected":
                     self.rejected += 1
                     _logger.warning("frame %s rejected: %s", seq, ack.get("error"))
+
+    def _resend_if_due(self) -> None:
+        if self._resend_at is not None and time.monotonic() >= self._resend_at:
+            self._resend_at = None
+            self.resends += 1
+            for parts in self._inflight.values():  # in order: the node takes a refused frame before later ones
+                try:
+                    self.sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:  # the socket is full: the ack timeout resends everything
+                    break
+
+    def _wait_step(self) -> None:
+        """Read acks for a moment; resend after busy/dropped; reconnect after the ack timeout."""
+        self._read_acks(20 if self._resend_at is not None else 100)
+        self._resend_if_due()
+        if self._inflight and time.monotonic() - self._last_progress > self.ack_timeout:
+            self._reconnect_and_resend()
 
     def send(self, image, stamp_ns: Optional[int] = None, K=None, reset: bool = False) -> bool:
         """Send one ``(H, W, 3)`` uint8 RGB frame; returns False if it was dropped (live mode)."""
@@ -123,13 +156,11 @@ class Publisher:
             except zmq.Again:
                 self.dropped += 1
                 return False
-        while len(self._inflight) >= self.window:
-            self._read_acks(100)
+        while len(self._inflight) >= self.window or self._resend_at is not None:  # refused frames go first
+            self._wait_step()
             if len(self._inflight) >= self.window and self.give_up_s is not None \
                     and time.monotonic() - self._last_ack > self.give_up_s:
-                raise NodeUnreachable(f"no acknowledgement for {self.give_up_s:.0f} s from {self.endpoint}")
-            if len(self._inflight) >= self.window and time.monotonic() - self._last_progress > self.ack_timeout:
-                self._reconnect_and_resend()
+                raise NodeUnreachable(f"no frame processed for {self.give_up_s:.0f} s by {self.endpoint}")
         self._inflight[seq] = parts
         self.sock.send_multipart(parts, copy=False)
         self.sent += 1
@@ -140,9 +171,9 @@ class Publisher:
         """Lossless: wait until every frame is acknowledged (True) or ``timeout`` passes."""
         deadline = time.monotonic() + timeout
         while self._inflight and time.monotonic() < deadline:
-            self._read_acks(100)
-            if self._inflight and time.monotonic() - self._last_progress > self.ack_timeout:
-                self._reconnect_and_resend()
+            self._wait_step()
+            if self.give_up_s is not None and time.monotonic() - self._last_ack > self.give_up_s:
+                break
         return not self._inflight
 
     def close(self) -> None:
@@ -152,7 +183,7 @@ class Publisher:
 
     def stats(self) -> dict:
         return {"sent": self.sent, "dropped": self.dropped, "acked": self.acked, "unacked": len(self._inflight),
-                "reconnects": self.reconnects, "rejected": self.rejected}
+                "reconnects": self.reconnects, "resends": self.resends, "rejected": self.rejected}
 
 
 class NodeUnreachable(RuntimeError):

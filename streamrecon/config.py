@@ -36,6 +36,89 @@ class ConfigError(ValueError):
     """A model description that cannot be turned into a :class:`ModelConfig`."""
 
 
+# Sane bounds for a config (a model string or sidecar is untrusted input: ``enc_depth=5000`` or a
+# 10**6-wide layer would make building the model take unbounded time and memory). The official
+# models use depths <= 24, widths <= 1024, 16-pixel patches and 512-pixel images.
+MAX_DEPTH = 64
+MAX_WIDTH = 4096
+MAX_HEADS = 256
+MAX_TOKENS = 8192  # state_size, local_mem_size
+MAX_PATCH_SIZE = 64
+MAX_IMG_SIZE = 4096
+MAX_MLP_RATIO = 16.0
+_INT_FIELDS = {  # name -> (lowest, highest)
+    "enc_embed_dim": (1, MAX_WIDTH), "enc_depth": (1, MAX_DEPTH), "enc_num_heads": (1, MAX_HEADS),
+    "dec_embed_dim": (1, MAX_WIDTH), "dec_depth": (1, MAX_DEPTH), "dec_num_heads": (1, MAX_HEADS),
+    "state_dec_num_heads": (1, MAX_HEADS), "state_size": (1, MAX_TOKENS), "local_mem_size": (1, MAX_TOKENS),
+    "ray_enc_depth": (1, MAX_DEPTH), "ray_enc_num_heads": (1, MAX_HEADS), "patch_size": (1, MAX_PATCH_SIZE),
+    "dpt_feature_dim": (1, MAX_WIDTH), "dpt_last_dim": (1, MAX_WIDTH),
+}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _as_int_tuple(name: str, value: Any) -> tuple:
+    """``value`` (a sequence of whole numbers) as a tuple of ints; :class:`ConfigError` otherwise."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__") or hasattr(value, "keys"):
+        raise ConfigError(f"invalid model config: {name} must be a list of integers, got {value!r:.80}")
+    items = list(value)
+    if len(items) > 16:
+        raise ConfigError(f"invalid model config: {name} has {len(items)} entries")
+    if not all(_is_int(d) or (isinstance(d, float) and d.is_integer()) for d in items):
+        raise ConfigError(f"invalid model config: {name} must be a list of integers, got {value!r:.80}")
+    return tuple(int(d) for d in items)
+
+
+def _type_problems(cfg: "ModelConfig") -> list[str]:
+    """Fields of the wrong type (a string where an int belongs...), before any arithmetic on them."""
+    problems = []
+    for name in _INT_FIELDS:
+        if not _is_int(getattr(cfg, name)):
+            problems.append(f"{name} must be an integer, got {getattr(cfg, name)!r:.60}")
+    for name in ("mlp_ratio", "rope_freq"):
+        if not _is_real(getattr(cfg, name)):
+            problems.append(f"{name} must be a number, got {getattr(cfg, name)!r:.60}")
+    if not isinstance(cfg.rgb_head, bool):
+        problems.append(f"rgb_head must be true or false, got {cfg.rgb_head!r:.60}")
+    for name in ("head_type", "state_pe"):
+        if not isinstance(getattr(cfg, name), str):
+            problems.append(f"{name} must be a string, got {getattr(cfg, name)!r:.60}")
+    for name in ("depth_mode", "conf_mode", "pose_mode"):
+        mode = getattr(cfg, name)
+        if len(mode) != 3 or not isinstance(mode[0], str) or not all(_is_real(v) for v in mode[1:]):
+            problems.append(f"{name} must be (name, vmin, vmax), got {mode!r:.80}")
+    return problems
+
+
+def _range_problems(cfg: "ModelConfig") -> list[str]:
+    """Fields outside the sane bounds (``MAX_*``), each named."""
+    problems = []
+    for name, (low, high) in _INT_FIELDS.items():
+        v = getattr(cfg, name)
+        if not low <= v <= high:
+            problems.append(f"{name} must be in [{low}, {high}], got {v}")
+    for name, v in (("dpt_layer_dims", cfg.dpt_layer_dims), ("img_size", cfg.img_size)):
+        high = MAX_WIDTH if name == "dpt_layer_dims" else MAX_IMG_SIZE
+        if not all(1 <= d <= high for d in v):
+            problems.append(f"{name} entries must be in [1, {high}], got {v}")
+    if len(cfg.img_size) != 2:
+        problems.append(f"img_size must be (height, width), got {cfg.img_size}")
+    if not (math.isfinite(cfg.mlp_ratio) and 0 < cfg.mlp_ratio <= MAX_MLP_RATIO):
+        problems.append(f"mlp_ratio must be in (0, {MAX_MLP_RATIO:g}], got {cfg.mlp_ratio}")
+    if not (math.isfinite(cfg.rope_freq) and cfg.rope_freq > 0):
+        problems.append(f"rope_freq must be a finite number > 0, got {cfg.rope_freq}")
+    for name in ("depth_mode", "conf_mode", "pose_mode"):
+        if any(math.isnan(v) for v in getattr(cfg, name)[1:]):
+            problems.append(f"{name} bounds must not be NaN")
+    return problems
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a CUT3R model. Field names follow the reference ``ARCroco3DStereoConfig``.
@@ -93,16 +176,22 @@ class ModelConfig:
     img_size: tuple = (512, 512)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "depth_mode", tuple(self.depth_mode))
-        object.__setattr__(self, "conf_mode", tuple(self.conf_mode))
-        object.__setattr__(self, "pose_mode", tuple(self.pose_mode))
-        object.__setattr__(self, "dpt_layer_dims", tuple(int(d) for d in self.dpt_layer_dims))
-        object.__setattr__(self, "img_size", tuple(int(d) for d in self.img_size))
+        for name in ("depth_mode", "conf_mode", "pose_mode"):
+            mode = getattr(self, name)
+            if not isinstance(mode, (tuple, list)):
+                raise ConfigError(f"invalid model config: {name} must be (name, vmin, vmax), got {mode!r:.80}")
+            object.__setattr__(self, name, tuple(mode))
+        object.__setattr__(self, "dpt_layer_dims", _as_int_tuple("dpt_layer_dims", self.dpt_layer_dims))
+        object.__setattr__(self, "img_size", _as_int_tuple("img_size", self.img_size))
         self.validate()
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` for combinations the model cannot build."""
-        problems = []
+        """Raise :class:`ConfigError` for combinations the model cannot build, fields of the wrong
+        type, or sizes beyond the sane bounds (``MAX_DEPTH``, ``MAX_WIDTH``...), naming each field."""
+        problems = _type_problems(self)
+        problems = problems or _range_problems(self)
+        if problems:  # the checks below do arithmetic on the fields
+            raise ConfigError("invalid model config: " + "; ".join(problems))
         if self.head_type not in ("dpt", "linear"):
             problems.append(f"head_type must be 'dpt' or 'linear', got {self.head_type!r}")
         if self.state_pe not in ("2d", "1d", "none"):
@@ -143,6 +232,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a model config must be a mapping of fields, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:

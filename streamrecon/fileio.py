@@ -12,7 +12,26 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_open"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_open", "confine", "UnsafePathError"]
+
+
+class UnsafePathError(OSError):
+    """A write that would land outside its root directory (``..``, an absolute path, or a symlink that
+    leads out). An ``OSError``, so every place that reports a failed write reports this one too."""
+
+
+def confine(root: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """``path`` (absolute, or relative to ``root``) if it stays inside ``root`` once every symlink on
+    the way is followed; else :class:`UnsafePathError`. The one check every write of the node goes
+    through (``root`` is the output directory of ``run`` / ``serve``)."""
+    base = Path(root).resolve()
+    target = Path(path) if Path(path).is_absolute() else base / path
+    if "\x00" in str(target):
+        raise UnsafePathError(f"{str(path)[:80]!r}: a path with a NUL byte")
+    resolved = target.resolve()
+    if resolved != base and base not in resolved.parents:
+        raise UnsafePathError(f"{target} leads outside the output directory {base} (to {resolved})")
+    return target
 
 
 def _umask() -> int:

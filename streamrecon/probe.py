@@ -22,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["ProbeSpec", "VirtualCamera", "parse_probe", "orbit_cameras", "look_at"]
+__all__ = ["ProbeSpec", "VirtualCamera", "parse_probe", "orbit_cameras", "look_at", "valid_probe_name"]
 
 
 @dataclass(frozen=True)
@@ -123,8 +123,19 @@ def _load_cameras(path: Path) -> list[VirtualCamera]:
             raise ValueError(f"{path}: camera {i}: T_wc must be 4x4, K 3x3, size [H, W]")
         if hw is not None and (hw[0] % 16 or hw[1] % 16):
             raise ValueError(f"{path}: camera {i}: size {hw} must be multiples of 16")
-        cams.append(VirtualCamera(name=str(item.get("name", f"cam{i}")), T_wc=T, K=K, hw=hw))
+        name = item.get("name", f"cam{i}")
+        if not valid_probe_name(name):
+            raise ValueError(f"{path}: camera {i}: name {str(name)[:40]!r} must be 1-64 letters, digits, '_', '.', "
+                             "'-' (it names files under probes/)")
+        cams.append(VirtualCamera(name=name, T_wc=T, K=K, hw=hw))
     return cams
+
+
+def valid_probe_name(name) -> bool:
+    """A probe camera's name: it names files (``probes/<name>_NNNNNN.npz``) and a viewer entity."""
+    from .snapshot.store import valid_name
+
+    return valid_name(name)
 
 
 _DOWN = np.array([0.0, 1.0, 0.0])  # OpenCV world: y points down

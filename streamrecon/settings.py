@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -112,6 +113,8 @@ class MapSettings:
             raise SettingsError("--max-points must be >= 1")
         if self.pixel_stride < 1:
             raise SettingsError("--pixel-stride must be >= 1")
+        if self.conf_thresh is not None and not math.isfinite(self.conf_thresh):
+            raise SettingsError(f"--conf-thresh must be a finite number, got {self.conf_thresh!r}")
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,10 @@ class OutputSettings:
     save_rrd: Optional[str] = setting(None, help="record the Rerun view to this .rrd file")
     consolidate_every: int = setting(200, help="Rerun: re-log the whole map every N frames")
     flush_every: int = setting(100, help="flush trajectory.txt and summary.json every N frames")
+    flush_every_s: float = setting(5.0, help="... and at least every this many seconds (0 = by frames only), so a "
+                                             "killed process leaves its outputs up to then")
+    map_every_s: float = setting(60.0, help="rewrite map.ply/map.glb every this many seconds while running (0 = only "
+                                            "at the end); summary.json says in_progress until the end")
     sink_queue: int = setting(64, help="frames a background sink may have waiting (files wait, the viewer drops)")
     snapshot_every: Optional[str] = setting(None, help="snapshot the stream's whole state every N frames or Ns seconds "
                                                        "(run: into --snapshot, default OUTPUT_DIR/snapshots; serve: "
@@ -132,8 +139,8 @@ class OutputSettings:
     snapshot_keep: int = setting(2, help="automatic snapshots kept per stream (the newest; named ones are never pruned)")
 
     def validate(self) -> None:
-        for name in ("consolidate_every", "flush_every"):
-            if getattr(self, name) < 0:
+        for name in ("consolidate_every", "flush_every", "flush_every_s", "map_every_s"):
+            if not getattr(self, name) >= 0:
                 raise SettingsError(f"{flag_name(name)} must be >= 0")
         if self.sink_queue < 1:
             raise SettingsError("--sink-queue must be >= 1")

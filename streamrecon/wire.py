@@ -28,6 +28,7 @@ __all__ = [
     "PROTOCOL_VERSION", "ENCODINGS", "WireError", "ERROR_KINDS", "FrameMessage", "encode_frame", "decode_frame",
     "decode_image", "valid_stream_id", "stream_id_from_imagezmq", "encode_result", "decode_result",
     "encode_request", "decode_request", "encode_reply", "decode_reply", "pack_arrays", "unpack_arrays",
+    "compressed_size",
 ]
 
 PROTOCOL_VERSION = 1
@@ -47,6 +48,7 @@ class WireError(ValueError):
     def __init__(self, kind: str, message: str, stream_id: Optional[str] = None) -> None:
         super().__init__(f"{kind}: {message}")
         self.kind, self.stream_id = kind, stream_id
+        self.seq: Optional[int] = None  # the header's seq when it had a valid one (the sender matches acks by it)
 
 
 def valid_stream_id(sid: Any) -> bool:
@@ -133,15 +135,19 @@ def decode_frame(parts: Sequence[Any], max_frame_bytes: int = DEFAULT_MAX_FRAME_
     """Validate a 2-part frame message (ours or imagezmq's); nothing is decoded or allocated from
     declared sizes before they are checked against ``max_frame_bytes``. Any malformed input raises
     :class:`WireError` (never another exception type)."""
+    seen: dict[str, Any] = {}
     try:
-        return _decode_frame(parts, max_frame_bytes)
-    except WireError:
+        return _decode_frame(parts, max_frame_bytes, seen)
+    except WireError as e:
+        e.seq = seen.get("seq")
         raise
     except (TypeError, ValueError, OverflowError, AttributeError, KeyError) as e:  # odd field types
-        raise WireError("bad_field", f"{type(e).__name__}: {str(e)[:80]}") from None
+        err = WireError("bad_field", f"{type(e).__name__}: {str(e)[:80]}")
+        err.seq = seen.get("seq")
+        raise err from None
 
 
-def _decode_frame(parts: Sequence[Any], max_frame_bytes: int) -> FrameMessage:
+def _decode_frame(parts: Sequence[Any], max_frame_bytes: int, seen: dict) -> FrameMessage:
     if len(parts) != 2:
         raise WireError("bad_parts", f"expected 2 parts (header, payload), got {len(parts)}")
     raw_header, payload = parts
@@ -153,11 +159,13 @@ def _decode_frame(parts: Sequence[Any], max_frame_bytes: int) -> FrameMessage:
         raise WireError("bad_json", f"header is not JSON: {str(e)[:80]}") from None
     if not isinstance(h, dict):
         raise WireError("bad_json", "header must be a JSON object")
+    if isinstance(h.get("seq"), int) and not isinstance(h.get("seq"), bool) and h["seq"] >= 0:
+        seen["seq"] = h["seq"]
     n = _bytes_len(payload)
     if n > max_frame_bytes:
         raise WireError("too_large", f"payload of {n} bytes exceeds {max_frame_bytes}")
     if "stream_id" not in h and "msg" in h:
-        return _decode_imagezmq(h, payload, n)
+        return _decode_imagezmq(h, payload, n, max_frame_bytes)
     sid = h.get("stream_id")
     if "stream_id" not in h:
         raise WireError("missing_field", "header lacks 'stream_id'")
@@ -188,6 +196,10 @@ def _decode_frame(parts: Sequence[Any], max_frame_bytes: int) -> FrameMessage:
             raise WireError("bad_size", f"payload has {n} bytes, {width}x{height} {enc} (step {step}) needs {expected}", sid)
     elif n == 0:
         raise WireError("truncated", "empty compressed payload", sid)
+    else:
+        cw, ch = compressed_size(payload, enc, max_frame_bytes, sid)
+        if (width and cw != width) or (height and ch != height):
+            raise WireError("bad_size", f"the {enc} is {cw}x{ch}, the header says {width}x{height}", sid)
     for flag in ("reset", "ack", "lossless"):
         if flag in h and not isinstance(h[flag], bool):
             raise WireError("bad_field", f"{flag} must be true or false", sid)
@@ -200,12 +212,14 @@ def _decode_frame(parts: Sequence[Any], max_frame_bytes: int) -> FrameMessage:
                         session=session)
 
 
-def _decode_imagezmq(h: dict, payload: Any, n: int) -> FrameMessage:
+def _decode_imagezmq(h: dict, payload: Any, n: int, max_frame_bytes: int) -> FrameMessage:
     sid = stream_id_from_imagezmq(h["msg"])
-    if "dtype" not in h and "shape" not in h:  # send_jpg: JPEG (or any cv2-readable) bytes
+    if "dtype" not in h and "shape" not in h:  # send_jpg: JPEG (PNG is taken too) bytes
         if n == 0:
             raise WireError("truncated", "empty imagezmq jpg payload", sid)
-        return FrameMessage(sid, None, _now_ns(), "jpeg", None, None, None, payload, origin="imagezmq")
+        enc = "png" if bytes(_as_buffer(payload)[:8]) == _MAGIC["png"] else "jpeg"
+        compressed_size(payload, enc, max_frame_bytes, sid)
+        return FrameMessage(sid, None, _now_ns(), enc, None, None, None, payload, origin="imagezmq")
     shape, dtype = h.get("shape"), h.get("dtype")
     if dtype != "uint8":
         raise WireError("unknown_encoding", f"imagezmq dtype {str(dtype)[:20]!r} (only uint8 images)", sid)
@@ -222,6 +236,39 @@ def _decode_imagezmq(h: dict, payload: Any, n: int) -> FrameMessage:
         raise WireError("truncated" if n < expected else "bad_size", f"imagezmq payload {n} bytes for shape {shape}", sid)
     return FrameMessage(sid, None, _now_ns(), enc, shape[1], shape[0], shape[1] * ENCODINGS[enc], payload,
                         origin="imagezmq")
+
+
+_MAGIC = {"jpeg": b"\xff\xd8\xff", "png": b"\x89PNG\r\n\x1a\n"}
+_PIL_FORMAT = {"jpeg": "JPEG", "png": "PNG"}
+
+
+def compressed_size(payload: Any, encoding: str, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                    stream_id: Optional[str] = None) -> tuple[int, int]:
+    """``(width, height)`` of a JPEG/PNG payload read from its header alone (nothing is decoded), checked
+    like a raw frame: sides <= :data:`MAX_DIM` and ``width x height x 3 <= max_frame_bytes`` -- so a
+    small file that would decode to gigabytes (a decompression bomb) is refused before any allocation.
+    The payload must be the format its encoding names (OpenCV would decode TIFF, WebP... too)."""
+    buf = _as_buffer(payload)
+    if bytes(buf[: len(_MAGIC[encoding])]) != _MAGIC[encoding]:
+        raise WireError("undecodable", f"the payload is not a {encoding} file (bad signature)", stream_id)
+    import io
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's own bomb warning: refused below with our budget
+            with Image.open(io.BytesIO(buf), formats=[_PIL_FORMAT[encoding]]) as im:
+                w, h = im.size
+    except Image.DecompressionBombError:
+        raise WireError("too_large", f"the {encoding} header declares a huge image", stream_id) from None
+    except Exception as e:  # Pillow raises many types on a broken header
+        raise WireError("undecodable", f"{encoding} header unreadable: {str(e)[:80]}", stream_id) from None
+    if not (1 <= w <= MAX_DIM and 1 <= h <= MAX_DIM) or w * h * 3 > max_frame_bytes:
+        raise WireError("too_large", f"the {encoding} is {w}x{h}: over {MAX_DIM} a side or {max_frame_bytes} bytes "
+                        "decoded (the raw frame budget)", stream_id)
+    return w, h
 
 
 def decode_image(m: FrameMessage) -> np.ndarray:

@@ -173,6 +173,33 @@ def test_a_signal_stops_cleanly_writes_every_output_and_exits_like_the_shell(tmp
     assert len(read_ply(out / "map.ply")["x"]) == summary["map"]["points"]
 
 
+def test_a_killed_run_leaves_a_recent_map_and_says_it_did_not_finish(tmp_path, shared, tiny_dpt):
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-m", "streamrecon", "run", str(shared / CLIP), "--weights", tiny_dpt,
+                             "--size", "64", "--repeat", "500", "--output-dir", str(out), "--no-progress",
+                             "--flush-every", "0", "--flush-every-s", "0.2", "--map-every-s", "0.2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    summary = out / "summary.json"
+
+    def flushed_with_map() -> bool:
+        return summary.exists() and (out / "map.ply").exists() and json.loads(summary.read_text())["processed"] >= 5
+
+    try:
+        deadline = time.monotonic() + 120
+        while not flushed_with_map() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert proc.poll() is None and flushed_with_map(), "no periodic summary and map before the kill"
+        proc.send_signal(signal.SIGKILL)  # no handler runs: only what was written before stays
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    s = json.loads(summary.read_text())
+    assert s["in_progress"] is True and s["stop_reason"] == "running" and s["processed"] >= 5
+    assert len(read_tum(out / "trajectory.txt")[0]) >= s["processed"]  # fsynced with each periodic summary
+    assert len(read_ply(out / "map.ply")["x"]) > 0 and (out / "map.glb").stat().st_size > 0
+
+
 def test_the_map_threshold_follows_the_checkpoint_unless_given():
     from streamrecon.checkpoint import CheckpointInfo
     from streamrecon.pipeline import DEFAULT_CONF_THRESH, resolve_conf_thresh
@@ -181,7 +208,11 @@ def test_the_map_threshold_follows_the_checkpoint_unless_given():
     assert resolve_conf_thresh(calibrated) == 1.07
     assert resolve_conf_thresh(calibrated, 3.0) == 3.0 and resolve_conf_thresh(calibrated, 0.0) == 0.0
     assert resolve_conf_thresh(CheckpointInfo(format="pth")) == DEFAULT_CONF_THRESH == 1.5
-    assert resolve_conf_thresh(CheckpointInfo(meta={"conf_thresh": "oops"})) == 1.5
+    from streamrecon.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="conf_thresh"):  # not a silent fallback: the metadata is wrong
+        resolve_conf_thresh(CheckpointInfo(meta={"conf_thresh": "oops"}))
+    assert resolve_conf_thresh(CheckpointInfo(meta={"conf_thresh": "oops"}), 2.0) == 2.0  # given: not consulted
     assert resolve_conf_thresh(None) == 1.5
 
 

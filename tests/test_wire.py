@@ -97,7 +97,12 @@ def test_malformed_messages_name_their_problem(parts, kind):
 
 
 def test_undecodable_compressed_payload_and_size_mismatch():
-    m = decode_frame([_h(encoding="jpeg", width=..., height=..., step=...), b"not a jpeg"])
+    with pytest.raises(WireError) as e:  # refused from its signature, before anything is decoded
+        decode_frame([_h(encoding="jpeg", width=..., height=..., step=...), b"not a jpeg"])
+    assert e.value.kind == "undecodable" and e.value.stream_id == "cam"
+    jpeg = encode_frame(IMG, "cam", 0, encoding="jpeg")[1]
+    cut = jpeg[: jpeg.find(b"\xff\xda") + 20]  # the header is whole, the image data is missing
+    m = decode_frame([_h(encoding="jpeg", width=..., height=..., step=...), cut])
     with pytest.raises(WireError) as e:
         m.image()
     assert e.value.kind == "undecodable" and e.value.stream_id == "cam"
@@ -115,10 +120,10 @@ def test_imagezmq_messages():
     assert m.stream_id == "rpi_kitchen" and m.origin == "imagezmq" and m.seq is None
     assert np.array_equal(m.image(), IMG)
     import cv2
-
+    jpg = cv2.imencode(".png", bgr)[1].tobytes()  # send_jpg with PNG bytes: read by its signature
     jpg = cv2.imencode(".png", bgr)[1].tobytes()
     m = decode_frame([json.dumps({"msg": "cam2"}).encode(), jpg])
-    assert m.encoding == "jpeg" and np.array_equal(m.image(), IMG)
+    assert m.encoding == "png" and np.array_equal(m.image(), IMG)
 
 
 def test_results_and_control_messages_round_trip():

@@ -15,7 +15,8 @@ __all__ = ["register"]
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert an official CUT3R .pth to .safetensors + JSON config",
                        description="Read an official checkpoint without running code from it, write OUT.safetensors "
-                                   "and OUT.json (the config), and verify the result loads strictly.")
+                                   "and OUT.json (the config), and verify the result loads strictly and matches the "
+                                   "source; an existing OUT pair is replaced only once the new one is verified.")
     p.add_argument("src", type=Path, help="input checkpoint (.pth)")
     p.add_argument("dst", type=Path, help="output path ending in .safetensors")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,

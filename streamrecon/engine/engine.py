@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -209,25 +209,38 @@ class StreamEngine:
             K: ``(3, 3)`` intrinsics at model resolution (default: the last frame's estimate).
             hw: ``(H, W)`` of the virtual image (default: the last frame's model size).
         """
+        return self.probe_later(T_wc, K, hw, name)()
+
+    def probe_later(self, T_wc: np.ndarray, K: Optional[np.ndarray] = None, hw: Optional[tuple[int, int]] = None,
+                    name: str = "probe") -> Callable[[], ProbeResult]:
+        """:meth:`probe` in two halves: the state, segment origin and defaults are taken *now*; the
+        returned function does the work and may run in another thread while this engine goes on
+        stepping (the state is never modified in place: a step replaces it)."""
         if K is None or hw is None:
             if self.last_K is None:
                 raise RuntimeError("probe needs intrinsics and a size before the first frame")
             K = self.last_K if K is None else K
             hw = self.last_hw if hw is None else hw
+        state, base, index = self.state, self.base.copy(), self.processed - 1
+        T_wc, K = np.asarray(T_wc, dtype=np.float64).copy(), np.asarray(K, dtype=np.float64).copy()
         h, w = hw
-        T_seg = np.linalg.inv(self.base) @ np.asarray(T_wc, dtype=np.float64)
-        ray = raymap(torch.from_numpy(T_seg)[None], torch.from_numpy(np.asarray(K, dtype=np.float64))[None], h, w)
-        with torch.inference_mode(), _autocast(self.device, self.cfg.precision):
-            out = self.model.query_raymap(ray.float().to(self.device), self.state)
-        pts = out.points_cam[0].float().cpu().numpy()
-        R, t = np.asarray(T_wc)[:3, :3].astype(np.float32), np.asarray(T_wc)[:3, 3].astype(np.float32)
-        rgb = out.rgb[0].float().cpu().numpy() if out.rgb is not None else np.zeros((h, w, 3), np.float32)
-        return ProbeResult(
-            name=name, frame_index=self.processed - 1, T_wc=np.asarray(T_wc, dtype=np.float64), K=np.asarray(K),
-            points_cam=pts, points_world=pts @ R.T + t, conf=out.conf_cam[0].float().cpu().numpy(),
-            rgb=np.clip((rgb + 1) * 127.5, 0, 255).round().astype(np.uint8),
-            pose_estimate=self.base @ pose_encoding_to_matrix(out.pose.double())[0].cpu().numpy(),
-        )
+
+        def run() -> ProbeResult:
+            T_seg = np.linalg.inv(base) @ T_wc
+            ray = raymap(torch.from_numpy(T_seg)[None], torch.from_numpy(K)[None], h, w)
+            with torch.inference_mode(), _autocast(self.device, self.cfg.precision):
+                out = self.model.query_raymap(ray.float().to(self.device), state)
+            pts = out.points_cam[0].float().cpu().numpy()
+            R, t = T_wc[:3, :3].astype(np.float32), T_wc[:3, 3].astype(np.float32)
+            rgb = out.rgb[0].float().cpu().numpy() if out.rgb is not None else np.zeros((h, w, 3), np.float32)
+            return ProbeResult(
+                name=name, frame_index=index, T_wc=T_wc, K=K,
+                points_cam=pts, points_world=pts @ R.T + t, conf=out.conf_cam[0].float().cpu().numpy(),
+                rgb=np.clip((rgb + 1) * 127.5, 0, 255).round().astype(np.uint8),
+                pose_estimate=base @ pose_encoding_to_matrix(out.pose.double())[0].cpu().numpy(),
+            )
+
+        return run
 
 
 def process_batch(engines: list[StreamEngine], frames: list[Frame]) -> list["FrameResult | Exception"]:

@@ -46,7 +46,7 @@ def build_pipeline(cfg: PipelineConfig, loaded: LoadedModel, stream_id: str = ""
                    engine: Optional[StreamEngine] = None, files: bool = True,
                    snapshot_dir: Optional[str | Path] = None,
                    snapshot_context: Optional[Callable[[], dict]] = None,
-                   snapshot_at_close: bool = True) -> StreamPipeline:
+                   snapshot_at_close: bool = True, root: Optional[str | Path] = None) -> StreamPipeline:
     """Engine + map + sinks for one stream.
 
     Args:
@@ -58,6 +58,8 @@ def build_pipeline(cfg: PipelineConfig, loaded: LoadedModel, stream_id: str = ""
         snapshot_dir: this stream's snapshot root (``--snapshot-every`` / at close); ``None``: no snapshots.
         snapshot_context: ``() -> dict`` added to each snapshot's manifest (``run``: the source position).
         snapshot_at_close: write a last snapshot when the stream closes.
+        root: the directory no file of this stream may leave (``serve``: the node's output directory;
+            default: the stream's own output directory).
     """
     o = cfg.outputs
     engine = engine or StreamEngine(loaded.model, engine_config(cfg.engine, loaded.model))
@@ -65,7 +67,7 @@ def build_pipeline(cfg: PipelineConfig, loaded: LoadedModel, stream_id: str = ""
     sinks: list[Sink] = list(extra_sinks)
     if files:
         sink = FileSink(output_dir if output_dir is not None else o.output_dir, save_frames=o.save_frames,
-                        flush_every=o.flush_every)
+                        flush_every=o.flush_every, root=root)
         sinks.append(BackgroundSink(sink, maxsize=o.sink_queue, drop=False))
     if recording is not None or o.viewer != "none" or o.save_rrd:
         from ..sinks.rerun_sink import RerunSink
@@ -73,7 +75,8 @@ def build_pipeline(cfg: PipelineConfig, loaded: LoadedModel, stream_id: str = ""
         sinks.append(BackgroundSink(RerunSink(rerun_config(cfg), recording=recording, prefix=prefix),
                                     maxsize=o.sink_queue, drop=True))
     options = PipelineOptions(stream_id=stream_id, map_points=cfg.map.map_points, consolidate_every=o.consolidate_every,
-                              flush_every=o.flush_every, describe=describe or {})
+                              flush_every=o.flush_every, flush_every_s=o.flush_every_s, map_every_s=o.map_every_s,
+                              describe=describe or {})
     stage = None
     if cfg.slam.resolved_backend() != "none" or cfg.slam.intrinsics or cfg.slam.calib:
         from ..slam import GeometryStage
@@ -87,6 +90,6 @@ def build_pipeline(cfg: PipelineConfig, loaded: LoadedModel, stream_id: str = ""
         from ..snapshot.writer import SnapshotPolicy, Snapshotter
 
         prefetch_fingerprint(loaded.model)
-        pipe.snapshots = Snapshotter(replace(SnapshotPolicy.of(snapshot_dir, o.snapshot_every, o.snapshot_keep),
+        pipe.snapshots = Snapshotter(replace(SnapshotPolicy.of(snapshot_dir, o.snapshot_every, o.snapshot_keep, boundary=root),
                                              at_close=snapshot_at_close), context=snapshot_context)
     return pipe

@@ -45,6 +45,8 @@ class PipelineOptions:
         map_points: ``pose`` (``T_wc`` x camera pointmap) or ``head`` (the model's world head).
         consolidate_every: hand the whole map to the sinks every N frames (0 = never).
         flush_every: hand a running summary to the sinks every N frames (0 = never).
+        flush_every_s: ... and at least every this many seconds (0 = by frames only).
+        map_every_s: hand the whole map to the sinks every this many seconds (0 = only at the end).
         describe: static facts for the summary (settings, model), passed through.
     """
 
@@ -52,6 +54,8 @@ class PipelineOptions:
     map_points: str = "pose"
     consolidate_every: int = 200
     flush_every: int = 100
+    flush_every_s: float = 0.0
+    map_every_s: float = 0.0
     describe: dict[str, Any] = field(default_factory=dict)
 
 
@@ -102,6 +106,7 @@ class StreamPipeline:
         self.unlocalised_dropped = 0  # frames seen before the relocalisation that never reach the map (the buffer is full)
         self.restored_frames = 0  # frames a resumed stream brought from its snapshot
         self._resend_map = False  # hand the whole map to the viewer with the next frame
+        self._last_flush = self._last_map = time.monotonic()
 
     # ------------------------------------------------------------------------------------------
 
@@ -175,17 +180,23 @@ class StreamPipeline:
         resend, self._resend_map = self._resend_map, False  # a resumed / relocalised map: shown at once
         if (swapped or resend or (self.opt.consolidate_every and n % self.opt.consolidate_every == 0)) and viewer:
             snapshot = self.gmap.points()[:2]
-        summary = None
-        if self.opt.flush_every and n % self.opt.flush_every == 0:
-            summary = self.summary(stop_reason="running").to_dict()
         now = time.monotonic()
+        map_files = None
+        if self.opt.map_every_s and now - self._last_map >= self.opt.map_every_s:
+            self._last_map = now
+            map_files = (*self.gmap.points(), self.trajectory.arrays()[1])
+        summary = None
+        if (self.opt.flush_every and n % self.opt.flush_every == 0) or map_files is not None or \
+                (self.opt.flush_every_s and now - self._last_flush >= self.opt.flush_every_s):
+            self._last_flush = now
+            summary = self.summary(stop_reason="running").to_dict()
         self._recent = [t for t in self._recent[-49:] if now - t < 5.0] + [now]
         engine_ms = sum(result.timings_ms.values())
         preview = preview_image(frame.image) if frame is not None and viewer else None
         event = FrameEvent(
             stream_id=self.opt.stream_id, result=result, new_points=integ.new_points, new_colors=integ.new_colors,
             map_points=len(self.gmap), summary=summary, context=dict(context or {}), map_snapshot=snapshot, loop=loop,
-            preview=preview,
+            preview=preview, map_files=map_files,
             metrics={"fps": self.fps(), "map_points": len(self.gmap), "conf_mean": float(result.conf_cam.mean()),
                      "latency_ms/total": engine_ms + source_ms + 1e3 * (t1 - t0)})
         for sink in self.sinks:
@@ -341,13 +352,25 @@ class StreamPipeline:
     def probe(self, T_wc: np.ndarray, K: Optional[np.ndarray] = None, hw: Optional[tuple[int, int]] = None,
               name: str = "probe") -> ProbeResult:
         """A raymap query of a virtual camera (the state is unchanged); the result also goes to the sinks."""
-        p = self.engine.probe(T_wc, K, hw, name=name)
-        for sink in self.sinks:
-            try:
-                sink.on_probe(p)
-            except Exception as e:
-                self._sink_error(sink, e)
-        return p
+        return self.probe_later(T_wc, K, hw, name)()
+
+    def probe_later(self, T_wc: np.ndarray, K: Optional[np.ndarray] = None, hw: Optional[tuple[int, int]] = None,
+                    name: str = "probe") -> Callable[[], ProbeResult]:
+        """:meth:`probe` whose work can run in another thread (``serve``: off the frame loop): the state
+        is taken now (:meth:`StreamEngine.probe_later`); the returned function computes the probe and
+        hands it to the sinks (thread-safe: background sinks only enqueue it)."""
+        compute = self.engine.probe_later(T_wc, K, hw, name=name)
+
+        def run() -> ProbeResult:
+            p = compute()
+            for sink in self.sinks:
+                try:
+                    sink.on_probe(p)
+                except Exception as e:
+                    self._sink_error(sink, e)
+            return p
+
+        return run
 
     def sink_stats(self) -> dict[str, Any]:
         return {s.name: s.stats.to_dict() for s in self.sinks if isinstance(s, BackgroundSink)}

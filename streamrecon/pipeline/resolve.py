@@ -5,6 +5,7 @@ threshold (given, else the checkpoint's recommendation, else the reference demo'
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -68,9 +69,19 @@ def resolve_weights(weights: Optional[str]) -> tuple[Path, bool]:
 
 
 def resolve_conf_thresh(info: Optional[CheckpointInfo], value: Optional[float] = None) -> float:
-    """``value`` when given, else the threshold the checkpoint recommends, else 1.5."""
+    """``value`` when given, else the threshold the checkpoint recommends, else 1.5.
+
+    Raises:
+        SettingsError: ``value`` is NaN (no point would pass it: the map would stay empty).
+        CheckpointError: no ``value`` and the checkpoint's recommendation is not a finite number.
+    """
     if value is not None:
-        return float(value)
+        value = float(value)
+        if math.isnan(value):
+            from ..settings import SettingsError
+
+            raise SettingsError("--conf-thresh must be a number, got nan (no point would pass it)")
+        return value
     recommended = info.conf_thresh if info is not None else None
     return DEFAULT_CONF_THRESH if recommended is None else recommended
 

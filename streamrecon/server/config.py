@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
 
@@ -47,7 +48,12 @@ class ServeConfig:
     lossless_queue: int = setting(64, help="frames a lossless stream may have waiting (more are refused: busy)")
     geometry_stride: int = setting(4, help="pixel stride of published world pointmaps (0 = publish none)")
     status_interval_s: float = setting(1.0, help="heartbeat period of <stream>/status")
-    max_message_bytes: int = setting(64 * 2**20, help="largest accepted message part")
+    max_message_bytes: int = setting(64 * 2**20, help="largest accepted message part (ZeroMQ drops larger ones; "
+                                                       "a JPEG/PNG may not decode to more pixels than a raw frame this size)")
+    drain_timeout_s: float = setting(30.0, help="at shutdown and close_stream, process the lossless frames already "
+                                                "accepted for at most this long (the rest are acked dropped and resent)")
+    max_probe_pixels: int = setting(512 * 512, help="largest query_raymap image (H x W): one probe costs the frame "
+                                                    "loop about what a frame of that size does")
     restore: bool = setting(False, help="a stream that opens with the id of a stream snapshotted before (a node "
                                         "restart) continues from its latest snapshot in OUTPUT_DIR/snapshots/<id>")
     pipeline: PipelineConfig = field(default_factory=lambda: PipelineConfig(outputs=OutputSettings(output_dir="outputs/serve")))
@@ -72,6 +78,19 @@ class ServeConfig:
                                     "(and use --curve-secret-key to authenticate clients)")
         if bool(self.curve_secret_key) != bool(self.curve_clients):
             raise SettingsError("CURVE needs both --curve-secret-key and --curve-clients")
+        if self.curve_clients:
+            d = Path(self.curve_clients)
+            if not d.is_dir():
+                raise SettingsError(f"--curve-clients {d}: no such directory (it must hold the allowed clients' "
+                                    "public .key files)")
+            if not any(d.glob("*.key")):
+                raise SettingsError(f"--curve-clients {d} holds no .key file: every client would be refused")
+        if self.curve_secret_key and not Path(self.curve_secret_key).is_file():
+            raise SettingsError(f"--curve-secret-key {self.curve_secret_key}: no such file")
+        if not self.drain_timeout_s >= 0:
+            raise SettingsError("--drain-timeout-s must be >= 0")
+        if self.max_probe_pixels < 256:
+            raise SettingsError("--max-probe-pixels must be >= 256 (one 16 x 16 probe)")
         for name in ("max_streams", "max_batch", "lossless_queue"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"--{name.replace('_', '-')} must be >= 1")

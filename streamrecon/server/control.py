@@ -10,24 +10,49 @@ unknown request gets ``{"ok": false, "error": ...}``.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from .. import __version__
+from ..fileio import UnsafePathError, confine
 from ..wire import PROTOCOL_VERSION, WireError, decode_request, encode_reply
 
 if TYPE_CHECKING:
     from .node import Node
 
-__all__ = ["handle_request", "COMMANDS"]
+__all__ = ["handle_request", "run_deferred", "Deferred", "COMMANDS"]
 
 _logger = logging.getLogger(__name__)
 
 
 class ControlError(ValueError):
     """A request the node understood but cannot carry out (the text goes back to the client)."""
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A command whose slow part runs off the frame loop (a probe, writing a map): the request was
+    checked and everything it reads was taken on the loop thread; ``work()`` returns the reply parts
+    and runs in the node's control worker (:func:`run_deferred`)."""
+
+    cmd: str
+    work: Callable[[], list]
+
+
+def run_deferred(node: "Node", d: Deferred) -> list:
+    """The reply parts of a deferred command; never raises."""
+    try:
+        return d.work()
+    except ControlError as e:
+        node.counters["control_errors"] += 1
+        return encode_reply(False, cmd=d.cmd, error=str(e))
+    except Exception as e:
+        node.counters["control_errors"] += 1
+        _logger.exception("control command %s failed", d.cmd)
+        return encode_reply(False, cmd=d.cmd, error=f"internal error: {e}")
 
 
 def _stream(node: "Node", req: dict):
@@ -54,14 +79,24 @@ def _matrix(req: dict, name: str, shape: tuple, required: bool) -> Any:
     return a
 
 
-def _inside(base: Path, relative: Any) -> Path:
-    """``base / relative`` if it stays inside ``base`` (no absolute paths, no ``..`` escapes, no symlink tricks)."""
-    if not isinstance(relative, str) or not relative or relative.startswith(("/", "\\")) or "\x00" in relative:
-        raise ControlError("path must be a non-empty relative path")
-    root = base.resolve()
-    target = (root / relative).resolve()
-    if target != root and root not in target.parents:
-        raise ControlError(f"path {relative!r} leaves the output directory")
+def _export_dir(node: "Node", sid: str, relative: Any) -> Path:
+    """``<output-dir>/exports/<stream>/<relative>``: a client's ``save_map`` lands in its own stream's
+    exports folder, never in another stream's files (letters, digits, ``_ . -`` per component)."""
+    from ..snapshot import valid_name
+
+    if not isinstance(relative, str) or not relative or len(relative) > 256:
+        raise ControlError("path must be a non-empty relative path (at most 256 characters)")
+    components = relative.split("/")
+    if not all(valid_name(c) for c in components):
+        raise ControlError(f"path {relative[:80]!r}: each component must be 1-64 letters, digits, '_', '.', '-' "
+                           "(no '..', no absolute paths); it is a folder under exports/<stream>/")
+    target = node.output_dir / "exports" / sid / Path(*components)
+    try:
+        confine(node.output_dir, target)
+    except UnsafePathError:
+        raise ControlError(f"path {relative[:80]!r} leaves the output directory") from None
+    if target.exists() and not target.is_dir():
+        raise ControlError(f"path {relative[:80]!r} is a file, not a folder")
     return target
 
 
@@ -95,19 +130,47 @@ def _query_raymap(node: "Node", req: dict) -> list:
                                                                  for v in size)):
             raise ControlError("size must be [H, W], multiples of 16 between 16 and 4096")
         hw = (size[0], size[1])
+        if hw[0] * hw[1] > node.cfg.max_probe_pixels:
+            raise ControlError(f"size {hw[0]}x{hw[1]} is over the node's probe budget of {node.cfg.max_probe_pixels} "
+                               "pixels (--max-probe-pixels): a probe stalls every stream while it runs")
+    elif s.engine.last_hw is not None and s.engine.last_hw[0] * s.engine.last_hw[1] > node.cfg.max_probe_pixels:
+        raise ControlError("the stream's frame size is over the node's probe budget (--max-probe-pixels): give a size")
     if (K is None or hw is None) and s.engine.last_K is None:
         raise ControlError("the stream has no frame yet: give both K and size")
-    probe = s.pipeline.probe(T, K, hw, name=str(req.get("name", "query")))
-    return encode_reply(True, cmd="query_raymap", stream_id=s.stream_id, K=probe.K.reshape(-1).tolist(),
-                        arrays={"points_cam": probe.points_cam, "points_world": probe.points_world,
-                                "conf": probe.conf, "rgb": probe.rgb, "pose_estimate": probe.pose_estimate})
+    from ..probe import valid_probe_name
+
+    name = req.get("name", "query")
+    if not valid_probe_name(name):
+        raise ControlError("'name' must be 1-64 letters, digits, '_', '.', '-' (it names the probe's files)")
+    compute = s.pipeline.probe_later(T, K, hw, name=name)  # the state as of now; the work off the frame loop
+
+    def work() -> list:
+        probe = compute()
+        return encode_reply(True, cmd="query_raymap", stream_id=s.stream_id, K=probe.K.reshape(-1).tolist(),
+                            arrays={"points_cam": probe.points_cam, "points_world": probe.points_world,
+                                    "conf": probe.conf, "rgb": probe.rgb, "pose_estimate": probe.pose_estimate})
+
+    return Deferred("query_raymap", work)
 
 
 def _save_map(node: "Node", req: dict) -> list:
+    """``{"stream_id", "path"?}``: trajectory, map and status now -- into the stream's own folder, or
+    ``path`` under ``<output-dir>/exports/<stream>/``."""
     s = _stream(node, req)
-    target = node.stream_dir(s.stream_id) if req.get("path") is None else _inside(node.output_dir, req["path"])
-    node.output_dir.mkdir(parents=True, exist_ok=True)
-    return encode_reply(True, cmd="save_map", stream_id=s.stream_id, files=s.export(target))
+    target = node.stream_dir(s.stream_id) if req.get("path") is None else _export_dir(node, s.stream_id, req["path"])
+    try:
+        write = s.export_later(target, node.output_dir)  # the map and trajectory as of now; written off the loop
+    except OSError as e:
+        raise ControlError(f"map not written: {e}") from None
+
+    def work() -> list:
+        try:
+            files = write()
+        except OSError as e:
+            raise ControlError(f"map not written: {e}") from None
+        return encode_reply(True, cmd="save_map", stream_id=s.stream_id, files=files)
+
+    return Deferred("save_map", work)
 
 
 def _snapshot_name(req: dict, new: bool):
@@ -207,8 +270,8 @@ COMMANDS: dict[str, Callable[["Node", dict], list]] = {
 }
 
 
-def handle_request(node: "Node", parts: list) -> list:
-    """Reply parts for one request; never raises."""
+def handle_request(node: "Node", parts: list) -> "list | Deferred":
+    """Reply parts for one request (or a :class:`Deferred` for the node's control worker); never raises."""
     try:
         req = decode_request(parts)
     except WireError as e:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 import time
 from collections import Counter
@@ -26,11 +27,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..engine import Frame, process_batch
-from ..fileio import atomic_write_text
+from ..fileio import UnsafePathError, atomic_write_text, confine
 from ..pipeline import LoadedModel, build_pipeline, engine_config, load_resolved
 from ..settings import SettingsError
 from ..sinks.zmq_results import ResultPublisher
-from ..wire import FrameMessage, WireError, decode_frame, encode_result
+from ..wire import FrameMessage, WireError, decode_frame, encode_reply, encode_result
 from .config import ServeConfig, is_loopback_endpoint
 from .session import Pending, StreamSession
 
@@ -38,6 +39,16 @@ __all__ = ["Node"]
 
 _logger = logging.getLogger(__name__)
 _ACK_OK = b"OK"
+#: messages a slow subscriber may have waiting on the results socket before it loses them
+RESULTS_HWM = 256
+#: largest control request part (ZeroMQ drops larger ones before the node reads them)
+CONTROL_MAX_BYTES = 1 << 20
+#: a lossless frame refused as busy holds back the frames after it until it is sent again -- for this long
+REFUSED_FORGET_S = 10.0
+#: slow control requests (probes, map writes) that may wait for the control worker at once
+CONTROL_WAITING_MAX = 4
+#: sequence numbers of a publisher session remembered to tell resends (duplicates) from frames never seen
+SEQ_WINDOW = 4096
 
 
 class Node:
@@ -66,6 +77,10 @@ class Node:
         self.counters: Counter = Counter()
         self.started = time.monotonic()
         self._stop = threading.Event()
+        self._draining = False  # shutting down: frames already accepted are processed, new ones refused
+        self._control_worker = None  # a one-thread pool for slow control work (probes, map writes)
+        self._control_replies: queue.SimpleQueue = queue.SimpleQueue()  # (envelope, parts) the worker finished
+        self._control_waiting = 0
         self._rr = 0
         self._last_status = 0.0
 
@@ -108,10 +123,18 @@ class Node:
         elif any(not is_loopback_endpoint(getattr(cfg, n)) for n in ("ingest", "results", "control")):
             _logger.warning("the node listens beyond loopback WITHOUT authentication; use --curve-secret-key")
 
-        def bind(kind: int, endpoint: str, name: str):
+        def socket(kind: int, options: dict, secure: bool = True):
+            # limits apply only to connections made after they are set: set them before bind/connect
             sock = self.ctx.socket(kind)
             sock.linger = 0
-            self._secure(sock)
+            for opt, value in options.items():
+                sock.setsockopt(opt, value)
+            if secure:
+                self._secure(sock)
+            return sock
+
+        def bind(kind: int, endpoint: str, name: str, options: dict):
+            sock = socket(kind, options)
             try:
                 sock.bind(endpoint)
             except zmq.ZMQError as e:
@@ -119,20 +142,14 @@ class Node:
                 raise SettingsError(f"cannot bind the {name} socket to {endpoint}: {e}") from None
             return sock
 
-        self.ingest = bind(zmq.ROUTER, cfg.ingest, "ingest")
-        self.ingest.rcvhwm = 64
-        self.ingest.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes)
-        self.results = bind(zmq.PUB, cfg.results, "results")
-        self.results.sndhwm = 256
-        self.control = bind(zmq.ROUTER, cfg.control, "control")
-        self.control.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        self.ingest = bind(zmq.ROUTER, cfg.ingest, "ingest", {zmq.MAXMSGSIZE: cfg.max_message_bytes, zmq.RCVHWM: 64,
+                                                              zmq.SNDHWM: 1000})
+        self.results = bind(zmq.PUB, cfg.results, "results", {zmq.SNDHWM: RESULTS_HWM, zmq.MAXMSGSIZE: 1 << 16})
+        self.control = bind(zmq.ROUTER, cfg.control, "control", {zmq.MAXMSGSIZE: CONTROL_MAX_BYTES, zmq.RCVHWM: 64})
         self.subs = []
         for ep in cfg.subscribe:
-            sub = self.ctx.socket(zmq.SUB)
-            sub.linger = 0
-            sub.rcvhwm = 8
-            sub.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes)
-            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            # a SUB connects to an imagezmq sender's PUB: plain ZeroMQ, as imagezmq speaks it
+            sub = socket(zmq.SUB, {zmq.MAXMSGSIZE: cfg.max_message_bytes, zmq.RCVHWM: 8, zmq.SUBSCRIBE: b""}, secure=False)
             sub.connect(ep)
             self.subs.append(sub)
         self.poller = zmq.Poller()
@@ -161,8 +178,11 @@ class Node:
 
     def run_once(self, timeout_ms: int = 50) -> None:
         """One loop iteration: receive, answer control, step ready streams, housekeeping."""
-        busy = any(s.queue for s in self.sessions.values())
-        events = dict(self.poller.poll(0 if busy else timeout_ms))
+        self._send_control_replies()
+        frames_waiting = any(s.queue for s in self.sessions.values())
+        # a control reply on its way is looked for soon (the worker cannot wake the poller)
+        wait = 0 if frames_waiting else min(timeout_ms, 5) if self._control_waiting else timeout_ms
+        events = dict(self.poller.poll(wait))
         for sock in events:
             try:
                 if sock is self.control:
@@ -177,7 +197,11 @@ class Node:
         except Exception:
             self.counters["internal_errors"] += 1
             _logger.exception("error while stepping streams")
-        self._housekeeping()
+        try:
+            self._housekeeping()
+        except Exception:
+            self.counters["internal_errors"] += 1
+            _logger.exception("error in the node's housekeeping")
 
     # ------------------------------------------------------------------------------------------
     # ingest
@@ -192,17 +216,17 @@ class Node:
             recv_ns = time.time_ns()
             self.counters["messages"] += 1
             envelope, req_peer = None, False
-            if router:
+            if router:  # the peer's routing id, as bytes (compared when a resend comes from another peer)
                 if len(parts) >= 2 and len(parts[1].buffer) == 0:  # REQ peer: [id, b"", ...]
-                    envelope, req_peer, parts = [parts[0], b""], True, parts[2:]
+                    envelope, req_peer, parts = [parts[0].bytes, b""], True, parts[2:]
                 else:
-                    envelope, parts = [parts[0]], parts[1:]
+                    envelope, parts = [parts[0].bytes], parts[1:]
             try:
                 msg = decode_frame(parts, self.cfg.max_message_bytes)
             except WireError as e:
                 self._count_error(e.stream_id, e.kind)
-                if req_peer:  # a REQ client blocks until it hears back
-                    self._send(self.ingest, envelope + [self._ack_body(None, "rejected", str(e))])
+                if envelope is not None:  # every peer that can hear back does (a DEALER would resend forever)
+                    self._send(self.ingest, envelope + [self._ack_body(None, "rejected", str(e), e.stream_id, e.seq)])
                 continue
             self._accept(msg, recv_ns, envelope, req_peer)
 
@@ -214,14 +238,15 @@ class Node:
             self.node_errors[kind] += 1
 
     @staticmethod
-    def _ack_body(msg: Optional[FrameMessage], status: str, error: str = "") -> bytes:
+    def _ack_body(msg: Optional[FrameMessage], status: str, error: str = "", stream_id: Optional[str] = None,
+                  seq: Optional[int] = None) -> bytes:
         if msg is not None and msg.origin == "imagezmq":
             return _ACK_OK if status in ("received", "processed") else f"ERROR {error}".encode()[:512]
-        import json
-
-        body = {"v": 1, "status": status}
+        body: dict[str, Any] = {"v": 1, "status": status}
         if msg is not None:
             body.update(stream_id=msg.stream_id, seq=msg.seq)
+        else:
+            body.update({k: v for k, v in (("stream_id", stream_id), ("seq", seq)) if v is not None})
         if error:
             body["error"] = error[:500]
         return json.dumps(body).encode()
@@ -235,10 +260,14 @@ class Node:
             self.counters["send_errors"] += 1
             _logger.debug("send failed: %s", e)
 
-    def _new_session(self, msg: FrameMessage) -> Optional[StreamSession]:
-        if len(self.sessions) >= self.cfg.max_streams:
-            return None
-        lossless = self.cfg.lossless if msg.lossless is None else msg.lossless
+    def _reply(self, envelope: Optional[list], msg: FrameMessage, status: str, error: str = "") -> None:
+        if envelope is not None:
+            self._send(self.ingest, envelope + [self._ack_body(msg, status, error)])
+
+    def _new_session(self, msg: FrameMessage, req_peer: bool) -> StreamSession:
+        # a REQ peer has one frame in flight and waits for its reply: lossless costs it nothing and loses nothing
+        default = True if req_peer else self.cfg.lossless
+        lossless = default if msg.lossless is None else msg.lossless
         snap = None
         if self.cfg.restore and self.snapshots(msg.stream_id).names():
             from ..snapshot import SnapshotError, read_latest_good
@@ -251,24 +280,29 @@ class Node:
             except SnapshotError as e:  # none loads: the stream starts afresh; the snapshots are left where they are
                 self.node_errors["restore_failed"] += 1
                 _logger.error("stream %s: cannot restore (%s); starting a new stream", msg.stream_id, e)
-        try:
-            return self.open_session(msg.stream_id, lossless, snap)
-        except Exception as e:  # e.g. the snapshot does not fit these settings
-            self.node_errors["restore_failed"] += 1
-            _logger.error("stream %s: cannot restore (%s); starting a new stream", msg.stream_id, e)
-            return self.open_session(msg.stream_id, lossless, None)
+        if snap is not None:
+            try:
+                return self.open_session(msg.stream_id, lossless, snap)
+            except UnsafePathError:
+                raise
+            except Exception as e:  # e.g. the snapshot does not fit these settings
+                self.node_errors["restore_failed"] += 1
+                _logger.error("stream %s: cannot restore (%s); starting a new stream", msg.stream_id, e)
+        return self.open_session(msg.stream_id, lossless, None)
 
     def snapshot_root(self, stream_id: str) -> Path:
-        return self.output_dir / "snapshots" / stream_id
+        return confine(self.output_dir, self.output_dir / "snapshots" / stream_id)
 
     def snapshots(self, stream_id: str):
         from ..snapshot import SnapshotStore
 
-        return SnapshotStore(self.snapshot_root(stream_id), keep=self.cfg.pipeline.outputs.snapshot_keep)
+        return SnapshotStore(self.snapshot_root(stream_id), keep=self.cfg.pipeline.outputs.snapshot_keep,
+                             boundary=self.output_dir)
 
     def _set_aside_earlier_outputs(self, sid: str) -> None:
-        """A new stream under an id whose folder holds an earlier stream's outputs: that folder moves
-        to ``<output-dir>/previous/<id>-<UTC time>/`` (kept, never mixed with the new stream's files)."""
+        """A stream opening under an id whose folder holds an earlier stream's outputs (an idle close, a
+        node restart, a snapshot it continues from): that folder moves to
+        ``<output-dir>/previous/<id>-<UTC time>/`` -- kept, never overwritten, never mixed with the new files."""
         from ..sinks.output_dir import earlier_outputs
 
         d = self.stream_dir(sid)
@@ -276,7 +310,7 @@ class Node:
         if not found:
             return
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        target = self.output_dir / "previous" / f"{sid}-{stamp}"
+        target = confine(self.output_dir, self.output_dir / "previous" / f"{sid}-{stamp}")
         n = 1
         while target.exists():
             n += 1
@@ -288,19 +322,23 @@ class Node:
 
     def open_session(self, sid: str, lossless: bool, snapshot=None) -> StreamSession:
         """A new stream (its pipeline, publisher and snapshotter), continued from ``snapshot`` when given
-        (everything restored, or -- :class:`~streamrecon.snapshot.SnapshotError` -- no session made)."""
+        (everything restored, or -- :class:`~streamrecon.snapshot.SnapshotError` -- no session made).
+        Raises :class:`~streamrecon.fileio.UnsafePathError` when the stream's folder leads outside the
+        output directory (a planted symlink)."""
         o = self.cfg.pipeline.outputs
-        if snapshot is None:
-            self._set_aside_earlier_outputs(sid)
+        directory = self.stream_dir(sid)
+        self.snapshot_root(sid)
+        self._set_aside_earlier_outputs(sid)
         publisher = ResultPublisher(lambda parts: self._send(self.results, parts), sid,
                                     geometry_stride=self.cfg.geometry_stride, map_points=self.cfg.pipeline.map.map_points)
-        pipeline = build_pipeline(self.cfg.pipeline, self.loaded, stream_id=sid, output_dir=self.stream_dir(sid),
+        pipeline = build_pipeline(self.cfg.pipeline, self.loaded, stream_id=sid, output_dir=directory,
                                   extra_sinks=[publisher], recording=self.recording, prefix=f"streams/{sid}/",
-                                  describe={"source": f"serve:{sid}", "output_dir": str(self.stream_dir(sid)),
+                                  describe={"source": f"serve:{sid}", "output_dir": str(directory),
                                             "config": self.cfg.flat(), "checkpoint": self.loaded.info.describe()},
                                   # save_snapshot works on every stream; automatic ones (periodic, at close)
                                   # with --snapshot-every
-                                  snapshot_dir=self.snapshot_root(sid), snapshot_at_close=bool(o.snapshot_every))
+                                  snapshot_dir=self.snapshot_root(sid), snapshot_at_close=bool(o.snapshot_every),
+                                  root=self.output_dir)
         if snapshot is not None:
             try:
                 pipeline.restore(snapshot)
@@ -314,51 +352,113 @@ class Node:
                      f", continued from snapshot {snapshot.path.name} ({pipeline.processed} frames)" if snapshot else "")
         return s
 
+    def _open_for(self, msg: FrameMessage, envelope: Optional[list], req_peer: bool):
+        """``(session, decoded image)`` a frame of an unknown stream opens -- only when there is room,
+        the node is not shutting down, and the frame itself decodes (junk never holds a stream slot);
+        else ``None`` (counted, answered)."""
+        def refuse(kind: str, status: str, error: str) -> None:
+            self.node_errors[kind] += 1
+            self._reply(envelope, msg, status, error)
+
+        if self._draining:
+            refuse("refused_shutting_down", "busy", "the node is shutting down; send again later")
+            return None
+        if len(self.sessions) >= self.cfg.max_streams:
+            refuse("too_many_streams", "rejected", "too many streams")
+            return None
+        try:
+            image = msg.image()
+        except WireError as e:
+            refuse(e.kind, "rejected", str(e))
+            return None
+        try:
+            s = self._new_session(msg, req_peer)
+        except UnsafePathError as e:
+            refuse("unsafe_path", "rejected", "the stream's folder cannot be written")
+            _logger.error("stream %s refused: %s", msg.stream_id, e)
+            return None
+        return s, image
+
     def _accept(self, msg: FrameMessage, recv_ns: int, envelope: Optional[list], req_peer: bool) -> None:
-        s = self.sessions.get(msg.stream_id) or self._new_session(msg)
         wants_ack = envelope is not None and (req_peer or msg.ack)
+        reply_to = envelope if wants_ack else None
+        s, image = self.sessions.get(msg.stream_id), None
         if s is None:
-            self.node_errors["too_many_streams"] += 1
-            if wants_ack:
-                self._send(self.ingest, envelope + [self._ack_body(msg, "rejected", "too many streams")])
-            return
+            opened = self._open_for(msg, reply_to, req_peer)
+            if opened is None:
+                return
+            s, image = opened
         s.received += 1
         s.last_activity = time.monotonic()
         if msg.lossless is not None:
             s.lossless = msg.lossless
         if msg.seq is None:
             msg.seq = s.next_seq
-        if msg.session is not None and msg.session == s.publisher_session and s.last_seq is not None \
-                and msg.seq <= s.last_seq:
-            s.duplicates += 1  # a resend after a lost ack
-            if wants_ack:
-                self._send(self.ingest, envelope + [self._ack_body(msg, "duplicate")])
+        if msg.session != s.publisher_session:
+            if s.publisher_session is not None:
+                _logger.info("stream %s: publisher restarted (session %s)", s.stream_id, msg.session)
+            s.publisher_session, s.last_seq, s.refused_from = msg.session, None, None
+            s.taken.clear()
+        if msg.session is not None and (msg.seq in s.taken or (s.last_seq is not None and msg.seq <= s.last_seq - SEQ_WINDOW)):
+            s.duplicates += 1  # a resend after a lost ack (or from a socket that reconnected)
+            self._duplicate(s, msg, reply_to)
             return
-        if msg.session != s.publisher_session and s.publisher_session is not None:
-            _logger.info("stream %s: publisher restarted (session %s)", s.stream_id, msg.session)
-        s.publisher_session = msg.session
-        s.last_seq = msg.seq
-        s.next_seq = max(s.next_seq, msg.seq + 1)
         if s.lossless:
-            if len(s.queue) >= self.cfg.lossless_queue:
+            # in order, nothing lost: a frame refused as busy is the next one taken; everything after
+            # it is refused too until it comes again (the publisher resends in order)
+            full = len(s.queue) >= self.cfg.lossless_queue
+            if s.refused_from is not None and time.monotonic() - s.refused_at > REFUSED_FORGET_S:
+                s.refused_from = None  # the publisher never sent it again: it gave that frame up
+            if self._draining or full or (s.refused_from is not None and msg.seq > s.refused_from):
                 s.busy += 1
-                if wants_ack:
-                    self._send(self.ingest, envelope + [self._ack_body(msg, "busy", "lossless queue full")])
+                if s.refused_from is None or msg.seq < s.refused_from:
+                    s.refused_from, s.refused_at = msg.seq, time.monotonic()
+                self._reply(reply_to, msg, "busy", "the node is shutting down" if self._draining else
+                            "lossless queue full" if full else f"waiting for frame {s.refused_from} first")
                 return
-            s.queue.append(Pending(msg, recv_ns, envelope if wants_ack else None))
+            s.refused_from = None
+            self._take(s, msg, Pending(msg, recv_ns, reply_to, image))
             return
-        if s.queue:  # newest wins
-            s.queue.pop()
+        if self._draining:
             s.dropped += 1
-        s.queue.append(Pending(msg, recv_ns, None))
-        if wants_ack:
-            self._send(self.ingest, envelope + [self._ack_body(msg, "received")])
+            self._reply(reply_to, msg, "dropped", "the node is shutting down")
+            return
+        while s.queue:  # newest wins; a frame someone waits on (a REQ peer, a lossless frame before a flip) hears so
+            self._ack(s.queue.pop(), "dropped", "replaced by a newer frame (live stream)")
+            s.dropped += 1
+        self._take(s, msg, Pending(msg, recv_ns, None, image))
+        self._reply(reply_to, msg, "received")
+
+    @staticmethod
+    def _take(s: StreamSession, msg: FrameMessage, p: Pending) -> None:
+        s.queue.append(p)
+        if msg.session is not None and s.last_seq is not None and msg.seq < s.last_seq:
+            s.late += 1  # never taken, older than one that was (it was lost on the way, e.g. by a node before
+            # this one): processed now, out of order, rather than lost
+        if msg.session is not None:
+            s.last_seq = msg.seq if s.last_seq is None else max(s.last_seq, msg.seq)
+            s.taken.add(msg.seq)
+            if len(s.taken) > 2 * SEQ_WINDOW:  # remembered: the newest SEQ_WINDOW sequence numbers
+                s.taken = {q for q in s.taken if q > s.last_seq - SEQ_WINDOW}
+        s.next_seq = max(s.next_seq, msg.seq + 1)
+
+    def _duplicate(self, s: StreamSession, msg: FrameMessage, reply_to: Optional[list]) -> None:
+        """A frame taken before: still waiting -> its final ack goes to this (newest) peer; already
+        done -> ``duplicate`` (it was processed or rejected before; nothing to resend)."""
+        for p in s.queue:
+            if p.msg.seq == msg.seq and p.msg.session == msg.session:
+                if reply_to is not None and p.reply_to != reply_to:
+                    if p.reply_to is not None and len(p.reply_to) == 2:  # a REQ peer waits for an answer
+                        self._send(self.ingest, p.reply_to + [self._ack_body(p.msg, "duplicate")])
+                    p.reply_to = reply_to
+                return
+        self._reply(reply_to, msg, "duplicate")
 
     # ------------------------------------------------------------------------------------------
     # stepping
 
-    def _step_ready(self) -> None:
-        ready = [s for s in self.sessions.values() if s.queue]
+    def _step_ready(self, only: Optional[list[StreamSession]] = None) -> None:
+        ready = [s for s in (self.sessions.values() if only is None else only) if s.queue]
         if not ready:
             return
         self._rr = (self._rr + 1) % len(ready)
@@ -367,7 +467,7 @@ class Node:
         for s in ready:
             p = s.queue.popleft()
             try:
-                rgb = p.msg.image()
+                rgb = p.image if p.image is not None else p.msg.image()
             except WireError as e:
                 s.errors[e.kind] += 1
                 self._ack(p, "rejected", str(e))
@@ -420,7 +520,7 @@ class Node:
     # control, status, shutdown
 
     def _drain_control(self) -> None:
-        from .control import handle_request
+        from .control import Deferred, handle_request
 
         zmq = self.zmq
         for _ in range(64):
@@ -432,13 +532,48 @@ class Node:
                 envelope, body = [parts[0], b""], parts[2:]
             else:
                 envelope, body = [parts[0]], parts[1:]
-            self._send(self.control, envelope + handle_request(self, body))
+            reply = handle_request(self, body)
+            if isinstance(reply, Deferred):
+                self._defer(envelope, reply)
+            else:
+                self._send(self.control, envelope + reply)
+
+    def _defer(self, envelope: list, d) -> None:
+        """Run a command's slow part in the control worker; its reply is sent by the loop when ready.
+        At most :data:`CONTROL_WAITING_MAX` wait: more are answered at once with an error."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .control import run_deferred
+
+        if self._control_waiting >= CONTROL_WAITING_MAX:
+            self.counters["control_errors"] += 1
+            self._send(self.control, envelope + encode_reply(
+                False, cmd=d.cmd, error=f"{self._control_waiting} slow requests are waiting; try again later"))
+            return
+        if self._control_worker is None:
+            self._control_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamrecon-control")
+        self._control_waiting += 1
+
+        def job() -> None:
+            self._control_replies.put((envelope, run_deferred(self, d)))
+
+        self._control_worker.submit(job)
+
+    def _send_control_replies(self) -> None:
+        while True:
+            try:
+                envelope, parts = self._control_replies.get_nowait()
+            except queue.Empty:
+                return
+            self._control_waiting -= 1
+            self._send(self.control, envelope + parts)
 
     def stats(self) -> dict[str, Any]:
         return {"uptime_s": round(time.monotonic() - self.started, 3), "streams": len(self.sessions),
                 "messages": self.counters["messages"], "published": self.counters["published"],
                 "send_dropped": self.counters["send_dropped"], "internal_errors": self.counters["internal_errors"],
-                "control_errors": self.counters["control_errors"], "model_calls": self.counters["model_calls"],
+                "control_errors": self.counters["control_errors"], "close_errors": self.counters["close_errors"],
+                "write_errors": self.counters["write_errors"], "model_calls": self.counters["model_calls"],
                 "batched_calls": self.counters["batched_calls"], "max_batch_seen": self.counters["max_batch_seen"],
                 "errors_by_kind": dict(self.node_errors), "errors": sum(self.node_errors.values()),
                 "endpoints": self.endpoints, "batch": self.cfg.max_batch, "size": self.engine_cfg.size,
@@ -454,37 +589,81 @@ class Node:
         for sid, s in list(self.sessions.items()):
             if not s.queue and now - s.last_activity > self.cfg.idle_timeout_s:
                 _logger.info("stream %s idle for %.0f s: closing", sid, now - s.last_activity)
-                self.close_stream(sid)
+                try:
+                    self.close_stream(sid)
+                except Exception:  # e.g. its folder went away: the stream is gone, the node serves on
+                    self.counters["close_errors"] += 1
+                    _logger.exception("stream %s: closing after the idle timeout failed", sid)
 
     def stream_dir(self, stream_id: str) -> Path:
-        return self.output_dir / "streams" / stream_id
+        """``<output-dir>/streams/<id>`` (:class:`~streamrecon.fileio.UnsafePathError` if a symlink leads it out)."""
+        return confine(self.output_dir, self.output_dir / "streams" / stream_id)
 
-    def close_stream(self, stream_id: str, final_snapshot: bool = True) -> list[str]:
-        """Close a stream's pipeline (its sinks write trajectory, map, summary; with ``--snapshot-every``
-        a last snapshot) and forget it."""
-        s = self.sessions.pop(stream_id)
+    def _drain(self, sessions: list[StreamSession], timeout_s: float) -> None:
+        """Step ``sessions`` until their lossless queues are empty or ``timeout_s`` passes (shutdown, close):
+        frames the node accepted are processed, not dropped. Live frames waiting are dropped."""
+        deadline = time.monotonic() + timeout_s
+        for s in sessions:
+            if not s.lossless:
+                while s.queue:
+                    self._ack(s.queue.pop(), "dropped", "stream closed")
+                    s.dropped += 1
+        pending = [s for s in sessions if s.queue]
+        if pending:
+            _logger.info("processing %d waiting lossless frames of %d streams before closing",
+                         sum(len(s.queue) for s in pending), len(pending))
+        while any(s.queue for s in pending) and time.monotonic() < deadline:
+            try:
+                self._step_ready(only=pending)
+            except Exception:
+                self.counters["internal_errors"] += 1
+                _logger.exception("error while draining streams")
+                break
+
+    def close_stream(self, stream_id: str, final_snapshot: bool = True, drain: bool = True) -> list[str]:
+        """Close a stream: its waiting lossless frames are processed first (``drain``; at most
+        ``--drain-timeout-s``), then its pipeline closes (its sinks write trajectory, map, summary;
+        with ``--snapshot-every`` a last snapshot) and the node forgets it."""
+        s = self.sessions.get(stream_id)
+        if s is None:
+            raise KeyError(stream_id)
+        if drain:
+            self._drain([s], self.cfg.drain_timeout_s)
+        self.sessions.pop(stream_id, None)
         if not final_snapshot and s.pipeline.snapshots is not None:
             from dataclasses import replace
 
             s.pipeline.snapshots.policy = replace(s.pipeline.snapshots.policy, at_close=False)
-        for p in s.queue:
-            self._ack(p, "dropped", "stream closed")
+        for p in s.queue:  # only what the drain timeout left: the publisher sends these again
+            self._ack(p, "dropped", "stream closed before this frame was processed")
+            s.dropped += 1
+        s.queue.clear()
         summary = s.pipeline.close(stop_reason="stream closed")
-        directory = self.stream_dir(stream_id)
         status = {**s.status(), "closed": True}
+        directory = self.output_dir / "streams" / stream_id
         try:
-            atomic_write_text(directory / "status.json", json.dumps(status, indent=1) + "\n")
+            directory = self.stream_dir(stream_id)
+            atomic_write_text(confine(self.output_dir, directory / "status.json"), json.dumps(status, indent=1) + "\n")
         except OSError as e:
+            self.counters["write_errors"] += 1
             _logger.error("stream %s: could not write status.json: %s", stream_id, e)
         self._send(self.results, encode_result(stream_id, "status", status))
-        return [str(directory / n) for n in summary.get("outputs", [])] + [str(directory / "status.json")]
+        return [str(directory / n) for n in summary.extra.get("outputs", [])] + [str(directory / "status.json")]
 
     def close(self) -> None:
-        """Flush every open stream (atomically written files), then close the sockets."""
+        """Shut down: new frames are refused (``busy``: a lossless publisher sends them again to the next
+        node), the lossless frames already accepted are processed (at most ``--drain-timeout-s``), every
+        stream is flushed (atomically written files), then the sockets close."""
+        self._draining = True
+        if self._control_worker is not None:  # the probes and map writes under way finish and are answered
+            self._control_worker.shutdown(wait=True)
+            self._send_control_replies()
+        self._drain(list(self.sessions.values()), self.cfg.drain_timeout_s)
         for sid in list(self.sessions):
             try:
-                self.close_stream(sid)
+                self.close_stream(sid, drain=False)
             except Exception:
+                self.counters["close_errors"] += 1
                 _logger.exception("could not flush stream %s", sid)
         if self.recording is not None:
             self.recording.close()

@@ -46,6 +46,9 @@ class FrameEvent:
             ``stamp_ns`` of the wire message), passed through untouched.
         preview: ``(h, w, 3)`` uint8 RGB: the frame as the camera gave it, downscaled to a long side of at
             most :data:`PREVIEW_LONG_SIDE` (only when a viewer sink is attached, else ``None``).
+        map_files: ``(xyz, rgb, conf, poses)`` the whole map and the trajectory so far (``(F, 4, 4)``
+            ``T_wc``) when a periodic map write is due (``--map-every-s``), else ``None``; file sinks
+            rewrite ``map.ply`` / ``map.glb`` from it, so a killed process leaves a recent map.
         loop: when a loop closure was applied just before this frame (``--backend slam``):
             ``{"edges": (E, 2, 3) float32 keyframe positions of every loop edge so far,
             "keyframes": (K, 3) float32 corrected keyframe positions, "edge": (i, j, inliers)}``.
@@ -62,6 +65,7 @@ class FrameEvent:
     context: dict[str, Any] = field(default_factory=dict)
     loop: Optional[dict[str, Any]] = None
     preview: Optional[np.ndarray] = None
+    map_files: Optional[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = None
 
 
 #: long side (pixels) of the original frame handed to viewer sinks

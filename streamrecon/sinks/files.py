@@ -3,14 +3,16 @@
 * ``trajectory.txt`` -- TUM (``t tx ty tz qx qy qz qw``, camera-to-world, global frame), written
   append-only: each frame adds one line; the file is flushed and fsynced every ``flush_every`` frames
   and at the end (constant cost per frame however long the run);
-* ``map.ply`` / ``map.glb`` -- the voxel map at the end (GLB also holds the camera path; atomic);
+* ``map.ply`` / ``map.glb`` -- the voxel map at the end, and every ``--map-every-s`` seconds while the
+  stream runs (GLB also holds the camera path; atomic);
 * ``frames/NNNNNN.npz`` (optional) -- per-frame pointmaps, confidences, pose, intrinsics (``K``
   estimated at model resolution, ``K_original`` in original pixels, ``K_given`` when the frame came
   with intrinsics, else an all-NaN 3x3), colours;
 * ``probes/<name>_NNNNNN.npz|.png`` -- raymap probe predictions (names are sanitised to
   ``[A-Za-z0-9_.-]``: a probe name never leaves ``probes/``);
 * ``summary.json`` -- counters, fps, latency percentiles, memory, map statistics, config
-  (rewritten atomically every ``flush_every`` frames with ``"in_progress": true``, and at the end).
+  (rewritten atomically every ``flush_every`` frames or ``flush_every_s`` seconds, with
+  ``"in_progress": true``, and at the end).
 
 Run it behind :class:`~streamrecon.sinks.base.BackgroundSink` (``drop=False``): it never drops.
 """
@@ -27,7 +29,7 @@ from typing import IO, Any, Optional
 
 import numpy as np
 
-from ..fileio import atomic_write_bytes, atomic_write_text
+from ..fileio import atomic_write_bytes, atomic_write_text, confine
 from ..frames import ProbeResult
 from ..mapping import TUM_HEADER, tum_lines, write_glb, write_ply
 from .base import FrameEvent, StreamClosed
@@ -81,12 +83,18 @@ class FileSink:
         out_dir: output directory (created).
         save_frames: also write one ``.npz`` per processed frame.
         flush_every: fsync the trajectory and rewrite ``summary.json`` every N frames (0 = only at the end).
+        root: the directory no write may leave (default ``out_dir``; ``serve``: its output directory).
+            Every file is checked against it with :func:`~streamrecon.fileio.confine` when written, so a
+            symlink planted in the stream's folder never carries a write outside.
     """
 
     name = "files"
 
-    def __init__(self, out_dir: str | Path, save_frames: bool = False, flush_every: int = 100) -> None:
+    def __init__(self, out_dir: str | Path, save_frames: bool = False, flush_every: int = 100,
+                 root: Optional[str | Path] = None) -> None:
         self.dir = Path(out_dir)
+        self.root = Path(root) if root is not None else self.dir
+        confine(self.root, self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.save_frames, self.flush_every = save_frames, flush_every
         self.written: set[str] = set()
@@ -95,9 +103,13 @@ class FileSink:
 
     # ------------------------------------------------------------------------------------------
 
+    def _path(self, name: str) -> Path:
+        """``out_dir / name``, refused (:class:`~streamrecon.fileio.UnsafePathError`) if it leads out of the root."""
+        return confine(self.root, self.dir / name)
+
     def _trajectory_file(self) -> IO[str]:
         if self._traj is None:
-            self._traj = open(self.dir / "trajectory.txt", "w", buffering=1 << 16)
+            self._traj = open(self._path("trajectory.txt"), "w", buffering=1 << 16)
             self._traj.write(TUM_HEADER)
             self.written.add("trajectory.txt")
         return self._traj
@@ -123,13 +135,16 @@ class FileSink:
         self._trajectory_file().write(tum_lines([r.stamp], r.T_wc[None]))
         self._since_flush += 1
         if self.save_frames:
-            atomic_write_bytes(self.dir / f"frames/{r.index:06d}.npz", _npz_bytes(
+            atomic_write_bytes(self._path(f"frames/{r.index:06d}.npz"), _npz_bytes(
                 points_cam=r.points_cam, points_world=r.points_world_pose, points_world_head=r.points_world_head,
                 conf_cam=r.conf_cam, conf_world=r.conf_world, depth=r.depth, T_wc=r.T_wc, K=r.K,
                 K_original=r.K_original, K_given=r.K_given if r.K_given is not None else _NAN_K, colors=r.colors,
                 stamp=np.float64(r.stamp), seq=np.int64(r.seq)))
             self.written.add("frames/")
-        if self.flush_every and self._since_flush >= self.flush_every:
+        if event.map_files is not None:  # a periodic map (the summary that comes with it says in_progress)
+            xyz, rgb, conf, poses = event.map_files
+            self.written.update(write_map_files(self._path("."), xyz, rgb, conf, poses))
+        if (self.flush_every and self._since_flush >= self.flush_every) or event.summary is not None:
             self._sync_trajectory()
         if event.summary is not None:
             self.write_summary({**event.summary, "outputs": sorted(self.written | {"summary.json"})})
@@ -138,16 +153,16 @@ class FileSink:
         import cv2
 
         stem = f"probes/{safe_name(p.name)}_{p.frame_index:06d}"
-        atomic_write_bytes(self.dir / f"{stem}.npz", _npz_bytes(
+        atomic_write_bytes(self._path(f"{stem}.npz"), _npz_bytes(
             points_cam=p.points_cam, points_world=p.points_world, conf=p.conf, rgb=p.rgb, T_wc=p.T_wc, K=p.K,
             pose_estimate=p.pose_estimate))
         ok, png = cv2.imencode(".png", cv2.cvtColor(p.rgb, cv2.COLOR_RGB2BGR))
         if ok:
-            atomic_write_bytes(self.dir / f"{stem}.png", png.tobytes())
+            atomic_write_bytes(self._path(f"{stem}.png"), png.tobytes())
         self.written.add("probes/")
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        atomic_write_text(self.dir / "summary.json", json.dumps(summary, indent=1, default=json_default) + "\n")
+        atomic_write_text(self._path("summary.json"), json.dumps(summary, indent=1, default=json_default) + "\n")
         self.written.add("summary.json")
 
     def close(self, final: StreamClosed) -> None:
@@ -156,7 +171,7 @@ class FileSink:
         errors: list[str] = list(summary.get("output_errors", []))
 
         def map_files() -> None:
-            self.written.update(write_map_files(self.dir, final.map_xyz, final.map_rgb, final.map_conf, final.poses))
+            self.written.update(write_map_files(self._path("."), final.map_xyz, final.map_rgb, final.map_conf, final.poses))
 
         def trajectory() -> None:
             self._sync_trajectory()
@@ -164,13 +179,13 @@ class FileSink:
 
         def keyframes() -> None:
             if final.keyframes is not None and len(final.keyframes[0]):
-                atomic_write_text(self.dir / "keyframes.txt", TUM_HEADER + tum_lines(final.keyframes[0],
+                atomic_write_text(self._path("keyframes.txt"), TUM_HEADER + tum_lines(final.keyframes[0],
                                                                                       _rigid(final.keyframes[1])))
                 self.written.add("keyframes.txt")
 
         def optimized() -> None:
             if final.optimized is not None:
-                atomic_write_text(self.dir / "trajectory_optimized.txt", TUM_HEADER + tum_lines(final.stamps,
+                atomic_write_text(self._path("trajectory_optimized.txt"), TUM_HEADER + tum_lines(final.stamps,
                                                                                                  final.optimized))
                 self.written.add("trajectory_optimized.txt")
 
@@ -178,8 +193,8 @@ class FileSink:
             ref = final.refined
             if ref is None:
                 return
-            atomic_write_text(self.dir / "trajectory_refined.txt", TUM_HEADER + tum_lines(ref["stamps"], ref["poses"]))
-            write_ply(self.dir / "map_refined.ply", ref["map_xyz"], ref["map_rgb"], ref["map_conf"])
+            atomic_write_text(self._path("trajectory_refined.txt"), TUM_HEADER + tum_lines(ref["stamps"], ref["poses"]))
+            write_ply(self._path("map_refined.ply"), ref["map_xyz"], ref["map_rgb"], ref["map_conf"])
             self.written.update({"trajectory_refined.txt", "map_refined.ply"})
 
         for name, fn in (("trajectory", trajectory), ("map", map_files), ("keyframes", keyframes), ("optimized", optimized),

@@ -146,10 +146,12 @@ class RerunRecording:
                "--expect-data-soon"]
         if cfg.viewer == "web":
             cmd += ["--serve-web", "--web-viewer-port", str(cfg.web_port), "--server-memory-limit", "1GiB"]
-        self._viewer_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # its own process group: `python -m rerun` starts the real viewer binary as a child, and both must go
+        self._viewer_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                             start_new_session=cfg.viewer == "web")
         host = "127.0.0.1" if cfg.bind in ("0.0.0.0", "::") else cfg.bind
         if not _wait_port(host, cfg.grpc_port, 15.0):
-            self._viewer_proc.terminate()
+            self._stop_viewer()
             raise RuntimeError(f"the Rerun viewer did not start listening on {host}:{cfg.grpc_port}")
         if cfg.viewer == "web":
             _logger.warning("Rerun web viewer: http://%s:%d?url=rerun%%2Bhttp%%3A%%2F%%2F%s%%3A%d%%2Fproxy",
@@ -162,8 +164,38 @@ class RerunRecording:
         except Exception as e:  # a viewer that went away must not lose the other outputs
             _logger.warning("Rerun flush failed: %s", e)
         self.rec.disconnect()
-        if self._viewer_proc is not None and self.cfg.viewer == "web":
-            self._viewer_proc.terminate()
+        if self.cfg.viewer == "web":  # the native viewer (spawn) stays open for the user; the web server goes
+            self._stop_viewer()
+
+    def _stop_viewer(self) -> None:
+        """Stop the viewer's whole process group (the wrapper and the binary it started): SIGTERM, then
+        SIGKILL after 5 s."""
+        proc, self._viewer_proc = self._viewer_proc, None
+        if proc is None:
+            return
+        import signal
+
+        def signal_group(sig: int) -> None:
+            try:
+                os.killpg(proc.pid, sig) if self.cfg.viewer == "web" else proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
+        signal_group(signal.SIGTERM)
+        try:
+            proc.wait(5.0)
+        except subprocess.TimeoutExpired:
+            pass
+        signal_group(signal.SIGKILL)  # whatever of the group is left (the binary outlives its wrapper)
+        try:
+            proc.wait(5.0)
+        except subprocess.TimeoutExpired:
+            _logger.warning("the Rerun viewer (pid %d) did not stop", proc.pid)
+
+    @property
+    def viewer_pid(self) -> Optional[int]:
+        """The viewer process's pid (its process group with ``web``), while it runs."""
+        return None if self._viewer_proc is None else self._viewer_proc.pid
 
 
 class RerunSink:

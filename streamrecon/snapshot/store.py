@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from ..fileio import confine
+
 __all__ = ["SnapshotError", "SnapshotStore", "SnapshotData", "FORMAT", "VERSION", "valid_name", "valid_user_name",
            "read_snapshot", "read_latest_good", "resolve_snapshot"]
 
@@ -105,13 +107,16 @@ class SnapshotStore:
     """Args:
         root: the snapshot root directory (created on the first write).
         keep: automatic snapshots kept (the newest; named ones are never pruned).
+        boundary: a directory writes must stay inside (``serve``: its output directory): a snapshot root
+            that a symlink carries outside it is refused (:class:`~streamrecon.fileio.UnsafePathError`).
     """
 
-    def __init__(self, root: str | Path, keep: int = 2) -> None:
+    def __init__(self, root: str | Path, keep: int = 2, boundary: Optional[str | Path] = None) -> None:
         if keep < 1:
             raise ValueError("keep must be >= 1")
         self.root = Path(root)
         self.keep = keep
+        self.boundary = None if boundary is None else Path(boundary)
 
     # ------------------------------------------------------------------------------------------ write
 
@@ -127,6 +132,8 @@ class SnapshotStore:
         if name is not None and not valid_user_name(name):
             raise SnapshotError(f"snapshot name {str(name)[:80]!r}: use 1-64 letters, digits, '_', '.', '-' "
                                 "(not LATEST, not starting with 'snap-': those are the automatic ones)")
+        if self.boundary is not None:
+            confine(self.boundary, self.root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._clean_tmp()
         auto = name is None

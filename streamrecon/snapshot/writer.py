@@ -60,6 +60,7 @@ class SnapshotPolicy:
         every_frames / every_s: a snapshot after this many frames / seconds since the last (0 = off).
         keep: automatic snapshots kept.
         at_close: a last snapshot when the stream closes.
+        boundary: the directory snapshot writes must stay inside (``None``: not checked).
     """
 
     root: Path
@@ -67,11 +68,13 @@ class SnapshotPolicy:
     every_s: float = 0.0
     keep: int = 2
     at_close: bool = True
+    boundary: Optional[Path] = None
 
     @classmethod
-    def of(cls, root: str | Path, every: Optional[str] = None, keep: int = 2) -> "SnapshotPolicy":
+    def of(cls, root: str | Path, every: Optional[str] = None, keep: int = 2,
+           boundary: Optional[str | Path] = None) -> "SnapshotPolicy":
         frames, seconds = parse_every(every)
-        return cls(Path(root), frames, seconds, keep)
+        return cls(Path(root), frames, seconds, keep, boundary=None if boundary is None else Path(boundary))
 
 
 class Snapshotter:
@@ -82,7 +85,7 @@ class Snapshotter:
 
     def __init__(self, policy: SnapshotPolicy, context: Optional[Callable[[], dict]] = None) -> None:
         self.policy = policy
-        self.store = SnapshotStore(policy.root, keep=policy.keep)
+        self.store = SnapshotStore(policy.root, keep=policy.keep, boundary=policy.boundary)
         self.context = context
         self._last_frames = 0
         self._last_time = time.monotonic()
