@@ -7,9 +7,10 @@ Torch-free (numpy, pyzmq, OpenCV, Pillow and ``streamrecon.wire``/``streamrecon.
 * ``--lossless``: every frame is delivered; at most ``--window`` frames wait unacknowledged and the
   sender blocks for acks (backpressure). A frame is done only when the node says ``processed`` (or
   ``rejected``, or ``duplicate``: processed before); ``busy`` (queue full, node shutting down) and
-  ``dropped`` (a stream closed before it got to the frame) make it send the unacknowledged frames
-  again, in order, after a short back-off. Without any ack for ``--ack-timeout`` seconds the socket is
-  rebuilt and the unacknowledged frames are sent again (the node drops duplicates by session + seq),
+  ``dropped`` (a stream closed before it got to the frame) make it send those frames again, in
+  order: one for each frame the node finishes (it made room), the rest after a back-off. Without
+  any ack for ``--ack-timeout`` seconds the socket is rebuilt and the unacknowledged frames are sent
+  again (the node drops duplicates by session + seq),
   so a node that restarts is picked up again; after ``--give-up-after`` seconds without a frame done
   it gives up (exit 1).
 
@@ -68,7 +69,9 @@ class Publisher:
         self.sent = self.dropped = self.acked = self.reconnects = self.rejected = 0
         self._inflight: "OrderedDict[int, list]" = OrderedDict()
         self._resend_at: Optional[float] = None  # busy / dropped: send the unacknowledged frames again then
+        self._resend_from: Optional[int] = None  # ... from this seq on (earlier ones are waiting in the node)
         self._backoff = _BACKOFF_MIN_S
+        self._last_refusal = 0.0
         self.resends = 0
         self._last_progress = time.monotonic()
         self._last_ack = time.monotonic()  # an acknowledgement (or the start): what give_up_s counts from
@@ -91,6 +94,7 @@ class Publisher:
         _logger.warning("no ack for %.1f s: reconnecting to %s and resending %d frames", self.ack_timeout, self.endpoint,
                         len(self._inflight))
         self._connect()
+        self._resend_at = self._resend_from = None  # everything goes again now
         for parts in self._inflight.values():
             self.sock.send_multipart(parts, copy=False)
         self._last_progress = time.monotonic()
@@ -110,25 +114,50 @@ class Publisher:
             seq, status = ack.get("seq"), ack.get("status")
             if status in ("busy", "dropped"):  # not taken, or taken and not processed: it must go again
                 if seq in self._inflight:
-                    self._last_progress = time.monotonic()  # the node is there
+                    now = time.monotonic()
+                    self._last_progress = self._last_refusal = now  # the node is there
+                    self._resend_from = seq if self._resend_from is None else min(self._resend_from, seq)
                     if self._resend_at is None:
-                        self._resend_at = time.monotonic() + self._backoff
+                        self._resend_at = now + self._backoff
                         self._backoff = min(_BACKOFF_MAX_S, self._backoff * 2)
                 continue
             if seq in self._inflight:
                 del self._inflight[seq]
                 self.acked += 1
                 self._last_progress = self._last_ack = time.monotonic()
-                self._backoff = _BACKOFF_MIN_S
+                if self._last_ack - self._last_refusal > _BACKOFF_MAX_S:  # refusals are over: back to a quick resend
+                    self._backoff = _BACKOFF_MIN_S
                 if status == "rejected":
                     self.rejected += 1
                     _logger.warning("frame %s rejected: %s", seq, ack.get("error"))
+                self._resend_one()
+
+    def _resend_one(self) -> None:
+        """A frame done makes room in the node's queue: the oldest refused frame goes again now, one for
+        one (no storm of resends while the node is full; the back-off timer resends the rest)."""
+        if self._resend_from is None:
+            return
+        later = [q for q in self._inflight if q >= self._resend_from]
+        if not later:
+            self._resend_from = self._resend_at = None
+            return
+        try:
+            self.sock.send_multipart(self._inflight[later[0]], flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return
+        self.resends += 1
+        if len(later) > 1:
+            self._resend_from = later[1]
+        else:  # every refused frame went again
+            self._resend_from = self._resend_at = None
 
     def _resend_if_due(self) -> None:
         if self._resend_at is not None and time.monotonic() >= self._resend_at:
-            self._resend_at = None
-            self.resends += 1
-            for parts in self._inflight.values():  # in order: the node takes a refused frame before later ones
+            start, self._resend_at, self._resend_from = self._resend_from, None, None
+            self.resends += 1  # the fallback: everything from the first refused frame on
+            for seq, parts in self._inflight.items():  # in order: the node takes a refused frame before later ones
+                if start is not None and seq < start:
+                    continue  # taken by the node and waiting there: not sent again
                 try:
                     self.sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
                 except zmq.Again:  # the socket is full: the ack timeout resends everything
@@ -136,7 +165,7 @@ class Publisher:
 
     def _wait_step(self) -> None:
         """Read acks for a moment; resend after busy/dropped; reconnect after the ack timeout."""
-        self._read_acks(20 if self._resend_at is not None else 100)
+        self._read_acks(20 if self._resend_from is not None else 100)
         self._resend_if_due()
         if self._inflight and time.monotonic() - self._last_progress > self.ack_timeout:
             self._reconnect_and_resend()
@@ -156,7 +185,7 @@ class Publisher:
             except zmq.Again:
                 self.dropped += 1
                 return False
-        while len(self._inflight) >= self.window or self._resend_at is not None:  # refused frames go first
+        while len(self._inflight) >= self.window or self._resend_from is not None:  # refused frames go first
             self._wait_step()
             if len(self._inflight) >= self.window and self.give_up_s is not None \
                     and time.monotonic() - self._last_ack > self.give_up_s:

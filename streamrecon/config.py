@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,11 +57,12 @@ _INT_FIELDS = {  # name -> (lowest, highest)
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """A whole number of any integer type (numpy's too), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def _as_int_tuple(name: str, value: Any) -> tuple:
@@ -176,6 +178,14 @@ class ModelConfig:
     img_size: tuple = (512, 512)
 
     def __post_init__(self) -> None:
+        for name in _INT_FIELDS:  # numpy integers (a checkpoint's args may hold them) become ints
+            v = getattr(self, name)
+            if _is_int(v) and type(v) is not int:
+                object.__setattr__(self, name, int(v))
+        for name in ("mlp_ratio", "rope_freq"):
+            v = getattr(self, name)
+            if _is_real(v) and type(v) not in (int, float):
+                object.__setattr__(self, name, float(v))
         for name in ("depth_mode", "conf_mode", "pose_mode"):
             mode = getattr(self, name)
             if not isinstance(mode, (tuple, list)):

@@ -21,14 +21,17 @@ class UnsafePathError(OSError):
 
 
 def confine(root: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """``path`` (absolute, or relative to ``root``) if it stays inside ``root`` once every symlink on
-    the way is followed; else :class:`UnsafePathError`. The one check every write of the node goes
-    through (``root`` is the output directory of ``run`` / ``serve``)."""
-    base = Path(root).resolve()
-    target = Path(path) if Path(path).is_absolute() else base / path
-    if "\x00" in str(target):
+    """``path`` itself if it stays inside ``root`` once every symlink on the way is followed; else
+    :class:`UnsafePathError`. Both are taken as given (absolute, or relative to the current
+    directory, like every path of the node). The one check every write of the node goes through
+    (``root`` is the output directory of ``run`` / ``serve``)."""
+    target = Path(path)
+    if "\x00" in str(target) or "\x00" in str(root):
         raise UnsafePathError(f"{str(path)[:80]!r}: a path with a NUL byte")
-    resolved = target.resolve()
+    try:
+        base, resolved = Path(root).resolve(), target.resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise UnsafePathError(f"{target}: cannot be resolved ({e})") from None
     if resolved != base and base not in resolved.parents:
         raise UnsafePathError(f"{target} leads outside the output directory {base} (to {resolved})")
     return target

@@ -240,6 +240,7 @@ def _decode_imagezmq(h: dict, payload: Any, n: int, max_frame_bytes: int) -> Fra
 
 _MAGIC = {"jpeg": b"\xff\xd8\xff", "png": b"\x89PNG\r\n\x1a\n"}
 _PIL_FORMAT = {"jpeg": "JPEG", "png": "PNG"}
+_EXIF_ORIENTATION = 0x0112
 
 
 def compressed_size(payload: Any, encoding: str, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
@@ -261,6 +262,8 @@ def compressed_size(payload: Any, encoding: str, max_frame_bytes: int = DEFAULT_
             warnings.simplefilter("ignore")  # Pillow's own bomb warning: refused below with our budget
             with Image.open(io.BytesIO(buf), formats=[_PIL_FORMAT[encoding]]) as im:
                 w, h = im.size
+                if encoding == "jpeg" and im.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+                    w, h = h, w  # OpenCV turns the image upright: it decodes to the other orientation
     except Image.DecompressionBombError:
         raise WireError("too_large", f"the {encoding} header declares a huge image", stream_id) from None
     except Exception as e:  # Pillow raises many types on a broken header

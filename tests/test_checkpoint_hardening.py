@@ -483,3 +483,15 @@ def test_nan_conf_thresh_in_a_file_fails_the_load_path(tmp_path):
     _, info = load_model_info(path)
     with pytest.raises(CheckpointError, match="m.safetensors metadata: conf_thresh must be a finite number"):
         resolve_conf_thresh(info)
+
+
+def test_numpy_numbers_in_a_config_are_taken_as_numbers():
+    """A checkpoint's args may hold numpy integers and floats: they are numbers, not a wrong type."""
+    import numpy as np
+
+    cfg = ModelConfig(dpt_feature_dim=np.int64(256), dpt_layer_dims=[np.int64(d) for d in (96, 192, 384, 768)],
+                      mlp_ratio=np.float32(4.0), enc_depth=np.int32(24))
+    assert type(cfg.dpt_feature_dim) is int and type(cfg.enc_depth) is int and type(cfg.mlp_ratio) is float
+    assert cfg.dpt_layer_dims == (96, 192, 384, 768)
+    with pytest.raises(ConfigError, match="enc_depth"):
+        ModelConfig(enc_depth=np.int64(5000))

@@ -76,10 +76,22 @@ def test_confine_follows_symlinks_and_refuses_what_leaves_the_root(tmp_path):
     outside.mkdir()
     assert confine(root, root / "streams" / "cam" / "map.ply") == root / "streams" / "cam" / "map.ply"
     os.symlink(outside, root / "streams" / "evil")
-    for bad in (root / "streams" / "evil" / "map.ply", root / ".." / "x", "/etc/passwd", "streams/../../x"):
+    os.symlink(root / "streams" / "loop", root / "streams" / "loop")  # a symlink loop
+    for bad in (root / "streams" / "evil" / "map.ply", root / ".." / "x", "/etc/passwd", root / "streams/../../x",
+                root / "streams" / "loop" / "x"):
         with pytest.raises(UnsafePathError):
             confine(root, bad)
     assert issubclass(UnsafePathError, OSError)  # every place that reports a failed write reports this one
+
+
+def test_a_relative_output_dir_is_written_where_it_says(tmp_path, monkeypatch):
+    from streamrecon.sinks.files import FileSink
+
+    monkeypatch.chdir(tmp_path)
+    assert confine("out", "out/streams/cam/map.ply") == Path("out/streams/cam/map.ply")
+    sink = FileSink("out/run")
+    sink.write_summary({"processed": 0})
+    assert (tmp_path / "out" / "run" / "summary.json").is_file() and not (tmp_path / "out" / "run" / "out").exists()
 
 
 def test_probe_camera_names_are_names_and_never_leave_probes(tmp_path):
@@ -144,12 +156,31 @@ def test_save_map_writes_only_into_the_stream_own_exports(tmp_path):
             assert not reply["ok"], path
         reply, _ = c.request("save_map", stream_id="cam", path="snap/map.ply")  # a folder of its own exports
         assert reply["ok"] and all("/exports/cam/snap/map.ply/" in f for f in reply["files"])
-        reply, _ = c.request("close_stream", stream_id="other")
-        assert reply["ok"]
+        reply, _ = c.request("save_map", stream_id="cam")  # no path: the exports folder, not the live one
+        assert reply["ok"] and all(f.startswith(str(tmp_path / "serve" / "exports" / "cam") + "/") for f in reply["files"])
+        for i, img in enumerate(frames(3)[1:]):  # the stream's own trajectory goes on (it was not replaced)
+            sock.send_multipart(wire.encode_frame(img, "cam", i + 1, ack=True))
+        assert len(_acks(sock, 2)) == 2
+        for sid in ("other", "cam"):
+            reply, _ = c.request("close_stream", stream_id=sid)
+            assert reply["ok"]
         sock.close()
         c.close()
-    other = tmp_path / "serve" / "streams" / "other"
-    assert (other / "map.ply").is_file() and len(read_ply(other / "map.ply")["x"]) >= 0
+    streams = tmp_path / "serve" / "streams"
+    assert len(read_tum(streams / "cam" / "trajectory.txt")[0]) == 3
+    assert len(read_tum(tmp_path / "serve" / "exports" / "cam" / "trajectory.txt")[0]) == 1
+    assert (streams / "other" / "map.ply").is_file() and len(read_ply(streams / "other" / "map.ply")["x"]) >= 0
+
+
+def test_serve_with_a_relative_output_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with running_node(tmp_path, lossless=True, output_dir="rel") as node:
+        sock = _dealer(node)
+        sock.send_multipart(wire.encode_frame(frames(1)[0], "cam", 0, ack=True))
+        assert _acks(sock, 1)[0]["status"] == "processed"
+        sock.close()
+    assert len(read_tum(tmp_path / "rel" / "streams" / "cam" / "trajectory.txt")[0]) == 1
+    assert not (tmp_path / "rel" / "rel").exists()
 
 
 # ---------------------------------------------------------------------------------------------- ZeroMQ limits
@@ -220,6 +251,21 @@ def test_a_decompression_bomb_is_refused_from_its_header(encoding, payload):
     zmq_header = json.dumps({"msg": "cam"}).encode()  # imagezmq send_jpg takes the same check
     with pytest.raises(wire.WireError, match="too_large"):
         wire.decode_frame([zmq_header, payload])
+
+
+def test_a_jpeg_turned_by_its_exif_orientation_is_sized_as_it_decodes():
+    import io
+
+    from PIL import Image
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 64, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90": OpenCV decodes it upright, 32 wide and 64 high
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif.tobytes())
+    assert wire.compressed_size(buf.getvalue(), "jpeg") == (32, 64)
+    header = {"v": 1, "stream_id": "cam", "seq": 0, "encoding": "jpeg", "width": 32, "height": 64}
+    assert wire.decode_frame([json.dumps(header).encode(), buf.getvalue()]).image().shape == (64, 32, 3)
 
 
 def test_compressed_frames_must_be_what_they_say():
@@ -355,6 +401,95 @@ def test_a_req_sender_waiting_on_a_stream_that_turns_live_hears_back(tmp_path):
     finally:
         req.close()
         node.close()
+
+
+def _manual_node(tmp_path, **overrides) -> Node:
+    """A node whose loop the test drives by hand (no thread): deterministic interleavings."""
+    cfg = dict(ingest="tcp://127.0.0.1:0", results="tcp://127.0.0.1:0", control="tcp://127.0.0.1:0", size=64,
+               output_dir=str(tmp_path / "serve"))
+    cfg.update(overrides)
+    return Node(ServeConfig.of(**cfg), model=tiny_model())
+
+
+def _pump(node: Node) -> None:
+    assert wait_for(lambda: node.ingest.poll(0), timeout=5)
+    node._drain_ingest(node.ingest, router=True)
+
+
+def test_a_frame_dropped_by_a_switch_to_live_is_taken_when_sent_again(tmp_path):
+    node = _manual_node(tmp_path)
+    try:
+        sock = _dealer(node)
+        sock.send_multipart(wire.encode_frame(frames(1)[0], "cam", 5, ack=True, lossless=True, session="p1"))
+        _pump(node)
+        flip = _dealer(node)
+        flip.send_multipart(wire.encode_frame(frames(1)[0], "cam", 0, lossless=False, session="p2"))
+        _pump(node)
+        assert _acks(sock, 1)[0]["status"] == "dropped"
+        sock.send_multipart(wire.encode_frame(frames(1)[0], "cam", 5, ack=True, lossless=True, session="p1"))
+        _pump(node)
+        while node.sessions["cam"].queue:  # the other client's frame, then this one
+            node._step_ready()
+        assert [a["status"] for a in _acks(sock, 1)] == ["processed"]  # not "duplicate": it was never processed
+        for s in (sock, flip):
+            s.close()
+    finally:
+        node.close()
+
+
+def test_a_sender_that_does_not_hear_busy_holds_nothing_back(tmp_path):
+    node = _manual_node(tmp_path, lossless=True, lossless_queue=1)
+    try:
+        sock = _dealer(node)
+        for seq in (0, 1):  # no acks asked: the second is refused silently (the queue holds one)
+            sock.send_multipart(wire.encode_frame(frames(1)[0], "cam", seq, session="p"))
+            _pump(node)
+        node._step_ready()
+        sock.send_multipart(wire.encode_frame(frames(1)[0], "cam", 2, session="p"))
+        _pump(node)
+        s = node.sessions["cam"]
+        assert s.busy == 1 and [p.msg.seq for p in s.queue] == [2]
+        sock.close()
+    finally:
+        node.close()
+
+
+def test_a_req_sender_whose_frame_waits_in_the_socket_at_shutdown_hears_back(tmp_path):
+    node = _manual_node(tmp_path)
+    req = zmq.Context.instance().socket(zmq.REQ)
+    req.linger = 0
+    req.connect(node.endpoints["ingest"])
+    req.send_multipart(wire.encode_frame(frames(1)[0], "cam", 0))
+    assert wait_for(lambda: node.ingest.poll(0), timeout=5)
+    node.stop()
+    node.close()  # the loop never read the frame: shutdown answers it
+    assert req.poll(5000), "the REQ sender was left waiting"
+    assert json.loads(req.recv_multipart()[-1])["status"] == "busy"
+    req.close()
+
+
+def test_a_stream_that_pauses_is_still_flushed(tmp_path):
+    from streamrecon.engine import EngineConfig, StreamEngine
+    from streamrecon.frames import Frame
+    from streamrecon.mapping import GlobalMap, MapConfig
+    from streamrecon.pipeline import StreamPipeline
+    from streamrecon.pipeline.pipeline import PipelineOptions
+    from streamrecon.sinks.base import BackgroundSink
+    from streamrecon.sinks.files import FileSink
+
+    pipe = StreamPipeline(StreamEngine(tiny_model(), EngineConfig(size=64)), GlobalMap(MapConfig(conf_thresh=0.0)),
+                          [BackgroundSink(FileSink(tmp_path, flush_every=0))],
+                          PipelineOptions(flush_every=0, flush_every_s=0.2, map_every_s=0.2))
+    for i, img in enumerate(frames(2)):
+        pipe.push(Frame(image=img, seq=i, stamp=float(i)))
+    assert not pipe.flush_if_due() or True  # maybe due already on a slow machine
+    time.sleep(0.25)
+    pipe.flush_if_due()  # no frame comes: the pipeline flushes on its own (serve's housekeeping calls this)
+    assert wait_for(lambda: (tmp_path / "summary.json").exists() and (tmp_path / "map.ply").exists())
+    assert json.loads((tmp_path / "summary.json").read_text())["processed"] == 2
+    assert len(read_tum(tmp_path / "trajectory.txt")[0]) == 2  # fsynced, though no frame came after
+    assert not pipe.flush_if_due()  # nothing new since: nothing to write
+    pipe.close()
 
 
 def test_a_dealer_hears_why_its_frame_was_rejected(tmp_path):

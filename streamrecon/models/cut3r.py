@@ -38,6 +38,7 @@ from .state_update import CUT3R_RULE, UpdateRule, advance_state
 __all__ = ["Cut3r"]
 
 _logger = logging.getLogger(__name__)
+_MISSING = object()
 _ROPE_CACHE_SIZE = 64
 
 
@@ -117,7 +118,9 @@ class Cut3r(nn.Module):
     def _rope(self, kind: str, grid_hw: tuple[int, int], head_dim: int, device: torch.device) -> Optional[RopeTables]:
         """Cached RoPE tables: ``kind`` is ``grid`` (patches), ``dec`` (pose token + patches) or ``state``."""
         key = (kind, grid_hw, head_dim, str(device))
-        if key not in self._rope_cache:
+        # read once: a probe in the node's control thread may add to (or clear) the cache meanwhile
+        cached = self._rope_cache.get(key, _MISSING)
+        if cached is _MISSING:
             if kind == "grid":
                 pos = grid_positions(*grid_hw, device=device)
             elif kind == "dec":
@@ -127,8 +130,9 @@ class Cut3r(nn.Module):
                 pos = state_positions(self.cfg.state_size, self.cfg.state_pe, device=device)
             if len(self._rope_cache) >= _ROPE_CACHE_SIZE:
                 self._rope_cache.clear()
-            self._rope_cache[key] = None if pos is None else rope_tables(pos, head_dim, self.cfg.rope_freq)
-        return self._rope_cache[key]
+            cached = None if pos is None else rope_tables(pos, head_dim, self.cfg.rope_freq)
+            self._rope_cache[key] = cached
+        return cached
 
     def _grid(self, hw: tuple[int, int]) -> tuple[int, int]:
         p = self.cfg.patch_size

@@ -107,6 +107,8 @@ class StreamPipeline:
         self.restored_frames = 0  # frames a resumed stream brought from its snapshot
         self._resend_map = False  # hand the whole map to the viewer with the next frame
         self._last_flush = self._last_map = time.monotonic()
+        self._unflushed = 0  # frames since the last periodic summary
+        self._map_dirty = False  # frames since the last periodic map
 
     # ------------------------------------------------------------------------------------------
 
@@ -180,16 +182,10 @@ class StreamPipeline:
         resend, self._resend_map = self._resend_map, False  # a resumed / relocalised map: shown at once
         if (swapped or resend or (self.opt.consolidate_every and n % self.opt.consolidate_every == 0)) and viewer:
             snapshot = self.gmap.points()[:2]
+        self._unflushed += 1
+        self._map_dirty = True
+        summary, map_files = self._periodic(by_frames=bool(self.opt.flush_every and n % self.opt.flush_every == 0))
         now = time.monotonic()
-        map_files = None
-        if self.opt.map_every_s and now - self._last_map >= self.opt.map_every_s:
-            self._last_map = now
-            map_files = (*self.gmap.points(), self.trajectory.arrays()[1])
-        summary = None
-        if (self.opt.flush_every and n % self.opt.flush_every == 0) or map_files is not None or \
-                (self.opt.flush_every_s and now - self._last_flush >= self.opt.flush_every_s):
-            self._last_flush = now
-            summary = self.summary(stop_reason="running").to_dict()
         self._recent = [t for t in self._recent[-49:] if now - t < 5.0] + [now]
         engine_ms = sum(result.timings_ms.values())
         preview = preview_image(frame.image) if frame is not None and viewer else None
@@ -226,6 +222,38 @@ class StreamPipeline:
         return result
 
     # ------------------------------------------------------------------------------------------ snapshots
+
+    def _periodic(self, by_frames: bool = False) -> tuple[Optional[dict], Optional[tuple]]:
+        """``(running summary, map files)`` when due (else ``None`` each): the summary every
+        ``flush_every`` frames (``by_frames``) or ``flush_every_s`` seconds, the whole map every
+        ``map_every_s`` seconds (with a summary); only when frames came since the last one."""
+        now = time.monotonic()
+        map_files = None
+        if self.opt.map_every_s and self._map_dirty and now - self._last_map >= self.opt.map_every_s:
+            self._last_map, self._map_dirty = now, False
+            map_files = (*self.gmap.points(), self.trajectory.arrays()[1])
+        if not (by_frames or map_files is not None or (self.opt.flush_every_s and self._unflushed
+                                                       and now - self._last_flush >= self.opt.flush_every_s)):
+            return None, None
+        self._last_flush, self._unflushed = now, 0
+        return self.summary(stop_reason="running").to_dict(), map_files
+
+    def flush_if_due(self) -> bool:
+        """Between frames (``serve``: a stream that paused): the periodic flush and map when due, without
+        waiting for a frame, so a kill loses at most ``flush_every_s`` seconds. Returns whether it flushed."""
+        if self.closed is not None:
+            return False
+        summary, map_files = self._periodic()
+        if summary is None:
+            return False
+        for sink in self.sinks:
+            fn = getattr(sink, "on_flush", None)
+            if fn is not None:
+                try:
+                    fn(summary, map_files)
+                except Exception as e:
+                    self._sink_error(sink, e)
+        return True
 
     def restore(self, data) -> None:
         """Continue from a verified snapshot (:func:`streamrecon.snapshot.read_snapshot`); call before the

@@ -42,17 +42,15 @@ class Deferred:
     work: Callable[[], list]
 
 
-def run_deferred(node: "Node", d: Deferred) -> list:
-    """The reply parts of a deferred command; never raises."""
+def run_deferred(d: Deferred) -> tuple[list, bool]:
+    """``(reply parts, failed)`` of a deferred command (in the control worker); never raises."""
     try:
-        return d.work()
+        return d.work(), False
     except ControlError as e:
-        node.counters["control_errors"] += 1
-        return encode_reply(False, cmd=d.cmd, error=str(e))
+        return encode_reply(False, cmd=d.cmd, error=str(e)), True
     except Exception as e:
-        node.counters["control_errors"] += 1
         _logger.exception("control command %s failed", d.cmd)
-        return encode_reply(False, cmd=d.cmd, error=f"internal error: {e}")
+        return encode_reply(False, cmd=d.cmd, error=f"internal error: {e}"), True
 
 
 def _stream(node: "Node", req: dict):
@@ -80,10 +78,13 @@ def _matrix(req: dict, name: str, shape: tuple, required: bool) -> Any:
 
 
 def _export_dir(node: "Node", sid: str, relative: Any) -> Path:
-    """``<output-dir>/exports/<stream>/<relative>``: a client's ``save_map`` lands in its own stream's
-    exports folder, never in another stream's files (letters, digits, ``_ . -`` per component)."""
+    """``<output-dir>/exports/<stream>/<relative>`` (``None``: the folder itself): a client's ``save_map``
+    lands in its own stream's exports folder, never in another stream's files or its own live ones
+    (letters, digits, ``_ . -`` per component)."""
     from ..snapshot import valid_name
 
+    if relative is None:
+        return node.output_dir / "exports" / sid
     if not isinstance(relative, str) or not relative or len(relative) > 256:
         raise ControlError("path must be a non-empty relative path (at most 256 characters)")
     components = relative.split("/")
@@ -154,10 +155,10 @@ def _query_raymap(node: "Node", req: dict) -> list:
 
 
 def _save_map(node: "Node", req: dict) -> list:
-    """``{"stream_id", "path"?}``: trajectory, map and status now -- into the stream's own folder, or
-    ``path`` under ``<output-dir>/exports/<stream>/``."""
+    """``{"stream_id", "path"?}``: trajectory, map and status now, into ``<output-dir>/exports/<stream>/``
+    (or ``path`` under it) -- never into the stream's live folder, whose files its pipeline owns."""
     s = _stream(node, req)
-    target = node.stream_dir(s.stream_id) if req.get("path") is None else _export_dir(node, s.stream_id, req["path"])
+    target = _export_dir(node, s.stream_id, req.get("path"))
     try:
         write = s.export_later(target, node.output_dir)  # the map and trajectory as of now; written off the loop
     except OSError as e:

@@ -47,6 +47,8 @@ CONTROL_MAX_BYTES = 1 << 20
 REFUSED_FORGET_S = 10.0
 #: slow control requests (probes, map writes) that may wait for the control worker at once
 CONTROL_WAITING_MAX = 4
+#: how long the last acknowledgements may take to leave when the node closes
+SHUTDOWN_LINGER_MS = 500
 #: sequence numbers of a publisher session remembered to tell resends (duplicates) from frames never seen
 SEQ_WINDOW = 4096
 
@@ -411,7 +413,9 @@ class Node:
                 s.refused_from = None  # the publisher never sent it again: it gave that frame up
             if self._draining or full or (s.refused_from is not None and msg.seq > s.refused_from):
                 s.busy += 1
-                if s.refused_from is None or msg.seq < s.refused_from:
+                # only a sender that hears "busy" sends again; only its frames hold the later ones back
+                if reply_to is not None and msg.session is not None and \
+                        (s.refused_from is None or msg.seq <= s.refused_from):
                     s.refused_from, s.refused_at = msg.seq, time.monotonic()
                 self._reply(reply_to, msg, "busy", "the node is shutting down" if self._draining else
                             "lossless queue full" if full else f"waiting for frame {s.refused_from} first")
@@ -424,8 +428,7 @@ class Node:
             self._reply(reply_to, msg, "dropped", "the node is shutting down")
             return
         while s.queue:  # newest wins; a frame someone waits on (a REQ peer, a lossless frame before a flip) hears so
-            self._ack(s.queue.pop(), "dropped", "replaced by a newer frame (live stream)")
-            s.dropped += 1
+            self._drop(s, s.queue.pop(), "replaced by a newer frame (live stream)")
         self._take(s, msg, Pending(msg, recv_ns, None, image))
         self._reply(reply_to, msg, "received")
 
@@ -441,6 +444,14 @@ class Node:
             if len(s.taken) > 2 * SEQ_WINDOW:  # remembered: the newest SEQ_WINDOW sequence numbers
                 s.taken = {q for q in s.taken if q > s.last_seq - SEQ_WINDOW}
         s.next_seq = max(s.next_seq, msg.seq + 1)
+
+    def _drop(self, s: StreamSession, p: Pending, reason: str) -> None:
+        """A taken frame that will not be processed: counted, acked ``dropped`` (the sender may send it
+        again: it is forgotten, so that copy is taken rather than called a duplicate)."""
+        s.dropped += 1
+        if p.msg.session is not None and p.msg.session == s.publisher_session:
+            s.taken.discard(p.msg.seq)
+        self._ack(p, "dropped", reason)
 
     def _duplicate(self, s: StreamSession, msg: FrameMessage, reply_to: Optional[list]) -> None:
         """A frame taken before: still waiting -> its final ack goes to this (newest) peer; already
@@ -555,17 +566,18 @@ class Node:
         self._control_waiting += 1
 
         def job() -> None:
-            self._control_replies.put((envelope, run_deferred(self, d)))
+            self._control_replies.put((envelope, *run_deferred(d)))
 
         self._control_worker.submit(job)
 
     def _send_control_replies(self) -> None:
         while True:
             try:
-                envelope, parts = self._control_replies.get_nowait()
+                envelope, parts, failed = self._control_replies.get_nowait()
             except queue.Empty:
                 return
             self._control_waiting -= 1
+            self.counters["control_errors"] += failed  # counted here: the loop thread owns the counters
             self._send(self.control, envelope + parts)
 
     def stats(self) -> dict[str, Any]:
@@ -586,6 +598,12 @@ class Node:
             for s in self.sessions.values():
                 self._send(self.results, encode_result(s.stream_id, "status", s.status()))
             self._send(self.results, [b"_node/status", *encode_result("_node", "status", self.stats())[1:]])
+        for s in self.sessions.values():  # a stream that pauses still gets its periodic flush and map
+            try:
+                s.pipeline.flush_if_due()
+            except Exception as e:
+                self.counters["write_errors"] += 1
+                _logger.error("stream %s: periodic flush failed: %s", s.stream_id, e)
         for sid, s in list(self.sessions.items()):
             if not s.queue and now - s.last_activity > self.cfg.idle_timeout_s:
                 _logger.info("stream %s idle for %.0f s: closing", sid, now - s.last_activity)
@@ -606,8 +624,7 @@ class Node:
         for s in sessions:
             if not s.lossless:
                 while s.queue:
-                    self._ack(s.queue.pop(), "dropped", "stream closed")
-                    s.dropped += 1
+                    self._drop(s, s.queue.pop(), "stream closed")
         pending = [s for s in sessions if s.queue]
         if pending:
             _logger.info("processing %d waiting lossless frames of %d streams before closing",
@@ -619,6 +636,19 @@ class Node:
                 self.counters["internal_errors"] += 1
                 _logger.exception("error while draining streams")
                 break
+
+    def _answer_waiting(self) -> None:
+        """Shutting down: the frames still waiting in the ingest socket are answered (``busy``: send
+        again, to the next node) -- a REQ sender never resends on its own, so it must hear back."""
+        for _ in range(64):
+            if not self.ingest.poll(0):
+                return
+            try:
+                self._drain_ingest(self.ingest, router=True)
+            except Exception:
+                self.counters["internal_errors"] += 1
+                _logger.exception("error while answering frames at shutdown")
+                return
 
     def close_stream(self, stream_id: str, final_snapshot: bool = True, drain: bool = True) -> list[str]:
         """Close a stream: its waiting lossless frames are processed first (``drain``; at most
@@ -634,10 +664,8 @@ class Node:
             from dataclasses import replace
 
             s.pipeline.snapshots.policy = replace(s.pipeline.snapshots.policy, at_close=False)
-        for p in s.queue:  # only what the drain timeout left: the publisher sends these again
-            self._ack(p, "dropped", "stream closed before this frame was processed")
-            s.dropped += 1
-        s.queue.clear()
+        while s.queue:  # only what the drain timeout left: the publisher sends these again
+            self._drop(s, s.queue.popleft(), "stream closed before this frame was processed")
         summary = s.pipeline.close(stop_reason="stream closed")
         status = {**s.status(), "closed": True}
         directory = self.output_dir / "streams" / stream_id
@@ -659,6 +687,7 @@ class Node:
             self._control_worker.shutdown(wait=True)
             self._send_control_replies()
         self._drain(list(self.sessions.values()), self.cfg.drain_timeout_s)
+        self._answer_waiting()
         for sid in list(self.sessions):
             try:
                 self.close_stream(sid, drain=False)
@@ -667,7 +696,8 @@ class Node:
                 _logger.exception("could not flush stream %s", sid)
         if self.recording is not None:
             self.recording.close()
-        for sock in (self.ingest, self.results, self.control, *self.subs):
+        self.ingest.close(linger=SHUTDOWN_LINGER_MS)  # the last acks leave before the socket goes
+        for sock in (self.results, self.control, *self.subs):
             sock.close(linger=0)
         if self.auth is not None:
             self.auth.stop()

@@ -200,6 +200,10 @@ class BackgroundSink:
                 self._call(self.inner.on_probe, item)
             elif kind == "close":
                 self._call(self.inner.close, item)
+            elif kind == "flush":
+                on_flush = getattr(self.inner, "on_flush", None)
+                if on_flush is not None:
+                    self._call(lambda args, f=on_flush: f(*args), item)
             elif kind == "resume":
                 on_resume = getattr(self.inner, "on_resume", None)
                 if on_resume is not None:
@@ -227,6 +231,10 @@ class BackgroundSink:
     def on_resume(self, stamps: np.ndarray, poses: np.ndarray) -> None:
         """The stream continues from a snapshot: its trajectory so far (for sinks that keep one)."""
         self._put("resume", (stamps, poses), droppable=False)
+
+    def on_flush(self, summary: dict, map_files: Optional[tuple]) -> None:
+        """A periodic flush between frames (:meth:`StreamPipeline.flush_if_due`), for sinks that keep files."""
+        self._put("flush", (summary, map_files), droppable=False)
 
     def abandon(self) -> None:
         """Stop the worker after what is queued, without the final event (nothing more is written)."""

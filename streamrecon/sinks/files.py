@@ -141,13 +141,19 @@ class FileSink:
                 K_original=r.K_original, K_given=r.K_given if r.K_given is not None else _NAN_K, colors=r.colors,
                 stamp=np.float64(r.stamp), seq=np.int64(r.seq)))
             self.written.add("frames/")
-        if event.map_files is not None:  # a periodic map (the summary that comes with it says in_progress)
-            xyz, rgb, conf, poses = event.map_files
-            self.written.update(write_map_files(self._path("."), xyz, rgb, conf, poses))
-        if (self.flush_every and self._since_flush >= self.flush_every) or event.summary is not None:
+        if self.flush_every and self._since_flush >= self.flush_every and event.summary is None:
             self._sync_trajectory()
         if event.summary is not None:
-            self.write_summary({**event.summary, "outputs": sorted(self.written | {"summary.json"})})
+            self.on_flush(event.summary, event.map_files)
+
+    def on_flush(self, summary: dict[str, Any], map_files: Optional[tuple] = None) -> None:
+        """A periodic flush: the map when given (``(xyz, rgb, conf, poses)``), the trajectory fsynced,
+        the running summary (which says ``in_progress``)."""
+        if map_files is not None:
+            xyz, rgb, conf, poses = map_files
+            self.written.update(write_map_files(self._path("."), xyz, rgb, conf, poses))
+        self._sync_trajectory()
+        self.write_summary({**summary, "outputs": sorted(self.written | {"summary.json"})})
 
     def on_probe(self, p: ProbeResult) -> None:
         import cv2
