@@ -130,7 +130,8 @@ class Publisher:
                 if status == "rejected":
                     self.rejected += 1
                     _logger.warning("frame %s rejected: %s", seq, ack.get("error"))
-                self._resend_one()
+                if status == "processed":  # a frame left the node's queue: room for one refused frame
+                    self._resend_one()
 
     def _resend_one(self) -> None:
         """A frame done makes room in the node's queue: the oldest refused frame goes again now, one for
@@ -160,7 +161,8 @@ class Publisher:
                     continue  # taken by the node and waiting there: not sent again
                 try:
                     self.sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
-                except zmq.Again:  # the socket is full: the ack timeout resends everything
+                except zmq.Again:  # the socket is full: this one and the rest go at the next try, in order
+                    self._resend_from, self._resend_at = seq, time.monotonic() + self._backoff
                     break
 
     def _wait_step(self) -> None:

@@ -186,11 +186,15 @@ class ModelConfig:
             v = getattr(self, name)
             if _is_real(v) and type(v) not in (int, float):
                 object.__setattr__(self, name, float(v))
+        kind = type(self.rgb_head)
+        if kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"):  # numpy's bool
+            object.__setattr__(self, "rgb_head", bool(self.rgb_head))
         for name in ("depth_mode", "conf_mode", "pose_mode"):
             mode = getattr(self, name)
             if not isinstance(mode, (tuple, list)):
                 raise ConfigError(f"invalid model config: {name} must be (name, vmin, vmax), got {mode!r:.80}")
-            object.__setattr__(self, name, tuple(mode))
+            object.__setattr__(self, name, tuple(float(v) if _is_real(v) and type(v) not in (int, float) else v
+                                                 for v in mode))
         object.__setattr__(self, "dpt_layer_dims", _as_int_tuple("dpt_layer_dims", self.dpt_layer_dims))
         object.__setattr__(self, "img_size", _as_int_tuple("img_size", self.img_size))
         self.validate()

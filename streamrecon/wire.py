@@ -240,7 +240,6 @@ def _decode_imagezmq(h: dict, payload: Any, n: int, max_frame_bytes: int) -> Fra
 
 _MAGIC = {"jpeg": b"\xff\xd8\xff", "png": b"\x89PNG\r\n\x1a\n"}
 _PIL_FORMAT = {"jpeg": "JPEG", "png": "PNG"}
-_EXIF_ORIENTATION = 0x0112
 
 
 def compressed_size(payload: Any, encoding: str, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
@@ -261,9 +260,7 @@ def compressed_size(payload: Any, encoding: str, max_frame_bytes: int = DEFAULT_
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's own bomb warning: refused below with our budget
             with Image.open(io.BytesIO(buf), formats=[_PIL_FORMAT[encoding]]) as im:
-                w, h = im.size
-                if encoding == "jpeg" and im.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
-                    w, h = h, w  # OpenCV turns the image upright: it decodes to the other orientation
+                w, h = im.size  # as stored: decode_image ignores an EXIF orientation too
     except Image.DecompressionBombError:
         raise WireError("too_large", f"the {encoding} header declares a huge image", stream_id) from None
     except Exception as e:  # Pillow raises many types on a broken header
@@ -280,7 +277,9 @@ def decode_image(m: FrameMessage) -> np.ndarray:
     if ENCODINGS[m.encoding] == 0:
         import cv2
 
-        arr = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_COLOR)
+        # as stored, like a raw frame: an EXIF orientation is not applied (the header's size, K and the
+        # decompression-bomb check all refer to the stored image)
+        arr = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
         if arr is None:
             raise WireError("undecodable", f"{m.encoding} payload of {len(buf)} bytes does not decode", m.stream_id)
         if (m.width and arr.shape[1] != m.width) or (m.height and arr.shape[0] != m.height):

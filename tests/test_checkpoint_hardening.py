@@ -490,8 +490,11 @@ def test_numpy_numbers_in_a_config_are_taken_as_numbers():
     import numpy as np
 
     cfg = ModelConfig(dpt_feature_dim=np.int64(256), dpt_layer_dims=[np.int64(d) for d in (96, 192, 384, 768)],
-                      mlp_ratio=np.float32(4.0), enc_depth=np.int32(24))
+                      mlp_ratio=np.float32(4.0), enc_depth=np.int32(24), rgb_head=np.True_,
+                      depth_mode=("exp", np.float32(-1.0), np.float64(1.0)))
     assert type(cfg.dpt_feature_dim) is int and type(cfg.enc_depth) is int and type(cfg.mlp_ratio) is float
+    assert cfg.rgb_head is True and all(type(v) is float for v in cfg.depth_mode[1:])
+    json.loads(cfg.to_json())
     assert cfg.dpt_layer_dims == (96, 192, 384, 768)
     with pytest.raises(ConfigError, match="enc_depth"):
         ModelConfig(enc_depth=np.int64(5000))

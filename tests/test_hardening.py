@@ -253,19 +253,21 @@ def test_a_decompression_bomb_is_refused_from_its_header(encoding, payload):
         wire.decode_frame([zmq_header, payload])
 
 
-def test_a_jpeg_turned_by_its_exif_orientation_is_sized_as_it_decodes():
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_an_exif_orientation_is_not_applied_frames_are_read_as_stored(fmt):
     import io
 
     from PIL import Image
 
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 64, 3), dtype=np.uint8))
     exif = Image.Exif()
-    exif[0x0112] = 6  # "rotate 90": OpenCV decodes it upright, 32 wide and 64 high
+    exif[0x0112] = 6  # "rotate 90 to show it": the stored image is 64 wide, 32 high
     buf = io.BytesIO()
-    img.save(buf, "JPEG", exif=exif.tobytes())
-    assert wire.compressed_size(buf.getvalue(), "jpeg") == (32, 64)
-    header = {"v": 1, "stream_id": "cam", "seq": 0, "encoding": "jpeg", "width": 32, "height": 64}
-    assert wire.decode_frame([json.dumps(header).encode(), buf.getvalue()]).image().shape == (64, 32, 3)
+    img.save(buf, fmt, exif=exif.tobytes())
+    enc = fmt.lower()
+    assert wire.compressed_size(buf.getvalue(), enc) == (64, 32)
+    header = {"v": 1, "stream_id": "cam", "seq": 0, "encoding": enc, "width": 64, "height": 32}
+    assert wire.decode_frame([json.dumps(header).encode(), buf.getvalue()]).image().shape == (32, 64, 3)
 
 
 def test_compressed_frames_must_be_what_they_say():

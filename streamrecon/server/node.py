@@ -696,6 +696,7 @@ class Node:
                 _logger.exception("could not flush stream %s", sid)
         if self.recording is not None:
             self.recording.close()
+        self._answer_waiting()  # what came while the streams were closing (no session now: busy)
         self.ingest.close(linger=SHUTDOWN_LINGER_MS)  # the last acks leave before the socket goes
         for sock in (self.results, self.control, *self.subs):
             sock.close(linger=0)

@@ -233,8 +233,10 @@ class BackgroundSink:
         self._put("resume", (stamps, poses), droppable=False)
 
     def on_flush(self, summary: dict, map_files: Optional[tuple]) -> None:
-        """A periodic flush between frames (:meth:`StreamPipeline.flush_if_due`), for sinks that keep files."""
-        self._put("flush", (summary, map_files), droppable=False)
+        """A periodic flush between frames (:meth:`StreamPipeline.flush_if_due`), for sinks that keep files
+        (only those get it: a viewer's full queue must never hold up the caller)."""
+        if getattr(self.inner, "on_flush", None) is not None:
+            self._put("flush", (summary, map_files), droppable=True)
 
     def abandon(self) -> None:
         """Stop the worker after what is queued, without the final event (nothing more is written)."""
