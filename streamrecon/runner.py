@@ -120,7 +120,10 @@ def run(cfg: RunConfig, model=None, progress_stream: TextIO = sys.stderr,
     try:
         loaded = LoadedModel.wrap(model) if model is not None else load_resolved(cfg.pipeline.engine)
         claim_output_dir(out_dir, **claim)  # the source opens and the model loads: now the earlier run goes
-        pipeline = build_pipeline(cfg.pipeline, loaded, stream_id=cfg.source, on_result=on_result,
+        single = source.expected_frames() == 1 and not source.live  # one photo: DUSt3R-style outputs
+        if single:
+            _logger.info("%s is a single image: writing its pointmap (frames/000000.npz) and pointmap.ply", cfg.source)
+        pipeline = build_pipeline(cfg.pipeline, loaded, stream_id=cfg.source, on_result=on_result, single_image=single,
                                   describe={"source": cfg.source, "output_dir": cfg.pipeline.outputs.output_dir,
                                             "config": cfg.flat(), "checkpoint": loaded.info.describe()},
                                   snapshot_dir=snapshot_dir, snapshot_context=lambda: holder["loop"].position())

@@ -136,6 +136,9 @@ class OutputSettings:
     snapshot_every: Optional[str] = setting(None, help="snapshot the stream's whole state every N frames or Ns seconds "
                                                        "(run: into --snapshot, default OUTPUT_DIR/snapshots; serve: "
                                                        "OUTPUT_DIR/snapshots/<stream>); one is also written at the end")
+    export: list[str] = setting(help="also write the run in another format (repeatable): colmap = a COLMAP model "
+                                     "(binary + text), its images and a nerfstudio transforms.json in OUTPUT_DIR/colmap/",
+                                choices=("colmap",), factory=list, repeat=True)
     snapshot_keep: int = setting(2, help="automatic snapshots kept per stream (the newest; named ones are never pruned)")
 
     def validate(self) -> None:

@@ -36,6 +36,7 @@ def test_pyproject_metadata():
     extras = project["optional-dependencies"]
     assert {"torch", "rerun-sdk", "safetensors"} <= set(_names(extras["node"]))
     assert "streamrecon[node]" in extras["dev"]
+    assert "pycolmap" in _names(extras["export"]) and "streamrecon[export]" in extras["dev"]  # --export colmap, tested
     assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
     assert (REPO / "LICENSE").is_file()
 

@@ -273,3 +273,48 @@ def test_claim_output_dir_names_only_run_outputs(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(SettingsError, match="is a file"):
         claim_output_dir(tmp_path / "f")
+
+
+@pytest.mark.parametrize("as_folder", [False, True], ids=["photo.jpg", "folder-of-one"])
+def test_a_single_image_gives_its_pointmap_depth_focal_and_a_ply(tmp_path, shared, tiny_dpt, as_folder):
+    photo = sorted((shared / CLIP).iterdir())[0]
+    src = photo
+    if as_folder:
+        (tmp_path / "one").mkdir()
+        src = tmp_path / "one" / photo.name
+        shutil.copy(photo, src)
+    out = tmp_path / "o"
+    code = cli_main(["run", str(src), "--weights", tiny_dpt, "--size", "64", "--output-dir", str(out), "--no-progress",
+                     "--conf-thresh", "0"])
+    assert code == 0
+    f = np.load(out / "frames" / "000000.npz")  # written without --save-frames: a photo's outputs are this file
+    h, w = f["depth"].shape
+    assert f["points_cam"].shape == (h, w, 3) and f["conf_cam"].shape == (h, w) and f["K"][0, 0] > 0
+    ply = read_ply(out / "pointmap.ply")
+    assert len(ply["x"]) == int(np.isfinite(f["points_cam"]).all(-1).sum()) > 0.9 * h * w  # every pixel
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processed"] == 1 and "pointmap.ply" in summary["outputs"]
+
+
+def test_export_colmap_is_read_back_by_pycolmap(tmp_path, shared, tiny_dpt):
+    pycolmap = pytest.importorskip("pycolmap")
+    out = tmp_path / "o"
+    assert cli_main(["run", str(shared / CLIP), "--weights", tiny_dpt, "--size", "64", "--output-dir", str(out),
+                     "--no-progress", "--conf-thresh", "0", "--export", "colmap"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    _, T = read_tum(out / "trajectory.txt")
+    for sub in ("sparse/0", "sparse/0_text"):  # binary and text models, read back by COLMAP's own library
+        rec = pycolmap.Reconstruction(str(out / "colmap" / sub))
+        assert rec.num_cameras() == rec.num_images() == 4 and rec.num_points3D() == summary["map"]["points"] > 0
+        for i, img in sorted(rec.images.items()):
+            cam_from_world = img.cam_from_world() if callable(img.cam_from_world) else img.cam_from_world
+            T_cw = np.eye(4)
+            T_cw[:3] = cam_from_world.matrix()
+            assert np.allclose(np.linalg.inv(T_cw), T[i - 1], atol=1e-4)  # T_wc of the trajectory
+            cam = rec.cameras[img.camera_id]
+            assert (cam.width, cam.height) == (540, 720) and (out / "colmap" / "images" / img.name).is_file()
+    tf = json.loads((out / "colmap" / "transforms.json").read_text())
+    assert len(tf["frames"]) == 4 and (out / "colmap" / tf["ply_file_path"]).is_file()
+    M = np.array(tf["frames"][0]["transform_matrix"])
+    assert np.allclose(M @ np.diag([1.0, -1, -1, 1]), T[0], atol=1e-6)  # OpenGL axes for nerfstudio
+    assert "colmap/" in summary["outputs"]

@@ -46,7 +46,8 @@ def build_pipeline(cfg: PipelineConfig, loaded: LoadedModel, stream_id: str = ""
                    engine: Optional[StreamEngine] = None, files: bool = True,
                    snapshot_dir: Optional[str | Path] = None,
                    snapshot_context: Optional[Callable[[], dict]] = None,
-                   snapshot_at_close: bool = True, root: Optional[str | Path] = None) -> StreamPipeline:
+                   snapshot_at_close: bool = True, root: Optional[str | Path] = None,
+                   single_image: bool = False) -> StreamPipeline:
     """Engine + map + sinks for one stream.
 
     Args:
@@ -60,15 +61,22 @@ def build_pipeline(cfg: PipelineConfig, loaded: LoadedModel, stream_id: str = ""
         snapshot_at_close: write a last snapshot when the stream closes.
         root: the directory no file of this stream may leave (``serve``: the node's output directory;
             default: the stream's own output directory).
+        single_image: the source is one photo: its frame file (pointmap, depth, focal, confidence) is
+            always written, and ``pointmap.ply`` with every pixel.
     """
     o = cfg.outputs
     engine = engine or StreamEngine(loaded.model, engine_config(cfg.engine, loaded.model))
     gmap = GlobalMap(map_config(cfg.map, loaded))
     sinks: list[Sink] = list(extra_sinks)
     if files:
-        sink = FileSink(output_dir if output_dir is not None else o.output_dir, save_frames=o.save_frames,
-                        flush_every=o.flush_every, root=root)
+        sink = FileSink(output_dir if output_dir is not None else o.output_dir, save_frames=o.save_frames or single_image,
+                        flush_every=o.flush_every, root=root, dense_ply=single_image)
         sinks.append(BackgroundSink(sink, maxsize=o.sink_queue, drop=False))
+        if "colmap" in o.export:
+            from ..sinks.colmap_export import ColmapSink
+
+            sinks.append(BackgroundSink(ColmapSink(output_dir if output_dir is not None else o.output_dir, root=root),
+                                        maxsize=o.sink_queue, drop=False))
     if recording is not None or o.viewer != "none" or o.save_rrd:
         from ..sinks.rerun_sink import RerunSink
 

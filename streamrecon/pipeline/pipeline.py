@@ -107,6 +107,7 @@ class StreamPipeline:
         self.restored_frames = 0  # frames a resumed stream brought from its snapshot
         self._resend_map = False  # hand the whole map to the viewer with the next frame
         self._last_flush = self._last_map = time.monotonic()
+        self._wants_image = any(getattr(getattr(s, "inner", s), "wants_image", False) for s in self.sinks)
         self._unflushed = 0  # frames since the last periodic summary
         self._map_dirty = False  # frames since the last periodic map
 
@@ -193,6 +194,7 @@ class StreamPipeline:
             stream_id=self.opt.stream_id, result=result, new_points=integ.new_points, new_colors=integ.new_colors,
             map_points=len(self.gmap), summary=summary, context=dict(context or {}), map_snapshot=snapshot, loop=loop,
             preview=preview, map_files=map_files,
+            image=frame.image if frame is not None and self._wants_image else None,
             metrics={"fps": self.fps(), "map_points": len(self.gmap), "conf_mean": float(result.conf_cam.mean()),
                      "latency_ms/total": engine_ms + source_ms + 1e3 * (t1 - t0)})
         for sink in self.sinks:
@@ -514,13 +516,16 @@ class StreamPipeline:
         final = StreamClosed(stream_id=self.opt.stream_id, summary=summary.to_dict(), map_xyz=xyz, map_rgb=rgb,
                              map_conf=conf, stamps=stamps, poses=poses, keyframes=keyframes, refined=refined,
                              optimized=self.final_poses.get("optimized"))
-        for sink in self.sinks:
+        # the sink that writes summary.json closes last, so that its list of outputs holds the others' too
+        writes_summary = [s for s in self.sinks if hasattr(getattr(s, "inner", s), "write_summary")]
+        written: set[str] = set()
+        for sink in [s for s in self.sinks if s not in writes_summary] + writes_summary:
+            if sink in writes_summary:
+                final = replace(final, summary={**final.summary, "outputs": sorted(written)})
             try:
                 sink.close(final)
             except Exception as e:
                 self._sink_error(sink, e)
-        written: set[str] = set()
-        for sink in self.sinks:
             written |= getattr(getattr(sink, "inner", sink), "written", set())
         self.closed = replace(summary, sinks=self.sink_stats(),
                               extra={**summary.extra, "outputs": sorted(written | ({"summary.json"} if written else set()))})

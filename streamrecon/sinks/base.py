@@ -49,6 +49,8 @@ class FrameEvent:
         map_files: ``(xyz, rgb, conf, poses)`` the whole map and the trajectory so far (``(F, 4, 4)``
             ``T_wc``) when a periodic map write is due (``--map-every-s``), else ``None``; file sinks
             rewrite ``map.ply`` / ``map.glb`` from it, so a killed process leaves a recent map.
+        image: ``(H, W, 3)`` uint8 RGB, the frame at full resolution as the engine got it (undistorted with
+            a calibration) -- only when a sink asks for it (``wants_image``, e.g. ``--export colmap``).
         loop: when a loop closure was applied just before this frame (``--backend slam``):
             ``{"edges": (E, 2, 3) float32 keyframe positions of every loop edge so far,
             "keyframes": (K, 3) float32 corrected keyframe positions, "edge": (i, j, inliers)}``.
@@ -66,6 +68,7 @@ class FrameEvent:
     loop: Optional[dict[str, Any]] = None
     preview: Optional[np.ndarray] = None
     map_files: Optional[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = None
+    image: Optional[np.ndarray] = None
 
 
 #: long side (pixels) of the original frame handed to viewer sinks

@@ -8,6 +8,7 @@
 * ``frames/NNNNNN.npz`` (optional) -- per-frame pointmaps, confidences, pose, intrinsics (``K``
   estimated at model resolution, ``K_original`` in original pixels, ``K_given`` when the frame came
   with intrinsics, else an all-NaN 3x3), colours;
+* ``pointmap.ply`` (a single image) -- every pixel of its pointmap with colours and confidence;
 * ``probes/<name>_NNNNNN.npz|.png`` -- raymap probe predictions (names are sanitised to
   ``[A-Za-z0-9_.-]``: a probe name never leaves ``probes/``);
 * ``summary.json`` -- counters, fps, latency percentiles, memory, map statistics, config
@@ -83,6 +84,8 @@ class FileSink:
         out_dir: output directory (created).
         save_frames: also write one ``.npz`` per processed frame.
         flush_every: fsync the trajectory and rewrite ``summary.json`` every N frames (0 = only at the end).
+        dense_ply: also write ``pointmap.ply``: every pixel of the last frame (camera frame = world frame of
+            the first one), colours and confidence -- a single image's whole pointmap (DUSt3R-style).
         root: the directory no write may leave (default ``out_dir``; ``serve``: its output directory).
             Every file is checked against it with :func:`~streamrecon.fileio.confine` when written, so a
             symlink planted in the stream's folder never carries a write outside.
@@ -91,8 +94,10 @@ class FileSink:
     name = "files"
 
     def __init__(self, out_dir: str | Path, save_frames: bool = False, flush_every: int = 100,
-                 root: Optional[str | Path] = None) -> None:
+                 root: Optional[str | Path] = None, dense_ply: bool = False) -> None:
         self.dir = Path(out_dir)
+        self.dense_ply = dense_ply  # a single image: pointmap.ply with every pixel of the last frame
+        self._last = None
         self.root = Path(root) if root is not None else self.dir
         confine(self.root, self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -132,6 +137,8 @@ class FileSink:
 
     def on_frame(self, event: FrameEvent) -> None:
         r = event.result
+        if self.dense_ply:
+            self._last = r
         self._trajectory_file().write(tum_lines([r.stamp], r.T_wc[None]))
         self._since_flush += 1
         if self.save_frames:
@@ -203,8 +210,16 @@ class FileSink:
             write_ply(self._path("map_refined.ply"), ref["map_xyz"], ref["map_rgb"], ref["map_conf"])
             self.written.update({"trajectory_refined.txt", "map_refined.ply"})
 
+        def pointmap() -> None:
+            r = self._last
+            if r is None:
+                return
+            pts, keep = r.points_world_pose.reshape(-1, 3), np.isfinite(r.points_world_pose).all(-1).reshape(-1)
+            write_ply(self._path("pointmap.ply"), pts[keep], r.colors.reshape(-1, 3)[keep], r.conf_cam.reshape(-1)[keep])
+            self.written.add("pointmap.ply")
+
         for name, fn in (("trajectory", trajectory), ("map", map_files), ("keyframes", keyframes), ("optimized", optimized),
-                         ("refined", refined)):
+                         ("refined", refined), ("pointmap", pointmap)):
             try:
                 fn()
             except Exception as e:  # e.g. disk full: report, keep writing the others
@@ -212,5 +227,5 @@ class FileSink:
                 errors.append(f"{name}: {e}")
         if errors:
             summary["output_errors"] = errors
-        summary["outputs"] = sorted(self.written | {"summary.json"})
+        summary["outputs"] = sorted(self.written | set(summary.get("outputs", [])) | {"summary.json"})
         self.write_summary(summary)

@@ -24,7 +24,8 @@ _logger = logging.getLogger(__name__)
 
 #: what a run writes into its output folder (folders end in ``/``)
 RUN_OUTPUTS = ("trajectory.txt", "trajectory_optimized.txt", "trajectory_refined.txt", "keyframes.txt",
-               "map.ply", "map.glb", "map_refined.ply", "summary.json", "recording.rrd", "frames/", "probes/")
+               "map.ply", "map.glb", "map_refined.ply", "summary.json", "recording.rrd", "frames/", "probes/",
+               "pointmap.ply", "colmap/")
 #: what a resumed run rewrites in full; the rest of an earlier run's outputs is removed or trimmed
 _REWRITTEN_ON_RESUME = {"trajectory.txt", "map.ply", "map.glb", "summary.json", "recording.rrd"}
 _INDEX = re.compile(r"(\d{6,})$")

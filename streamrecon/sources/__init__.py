@@ -43,6 +43,6 @@ def open_source(spec: str, stride: int = 1, repeat: int = 1, fps: float = 30.0) 
         return ImageFolderSource(path, fps=fps, stride=stride, repeat=repeat)
     if not path.exists():
         raise SourceError(f"no such file, folder or camera: {spec}")
-    if path.suffix.lower() in IMAGE_EXTENSIONS:
-        raise SourceError(f"{spec} is a single image; give the folder that holds the sequence")
+    if path.suffix.lower() in IMAGE_EXTENSIONS:  # one photo (DUSt3R-style monocular use)
+        return ImageFolderSource(path, fps=fps, stride=stride, repeat=repeat)
     return VideoSource(path, stride=stride, repeat=repeat)

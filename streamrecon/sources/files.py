@@ -54,10 +54,11 @@ class ImageFolderSource(FrameSource):
     def __init__(self, folder: str | Path, fps: float = 30.0, stride: int = 1, repeat: int = 1) -> None:
         super().__init__()
         folder = Path(folder)
-        if not folder.is_dir():
+        single = folder.is_file() and folder.suffix.lower() in IMAGE_EXTENSIONS  # one photo: a one-frame sequence
+        if not (folder.is_dir() or single):
             raise SourceError(f"not a folder: {folder}")
-        images = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
-                        key=_natural_key)
+        images = [folder] if single else sorted(
+            (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()), key=_natural_key)
         # RGB-D layouts (7-Scenes, SUN3D/3DMatch: frame-000000.color.png beside frame-000000.depth.png):
         # the depth maps are not frames
         self.paths = [p for p in images if not _is_depth_map(p)]
@@ -69,7 +70,7 @@ class ImageFolderSource(FrameSource):
             _logger.info("%s: %d images read as frames, %d depth maps (*.depth.*) left out", folder, len(self.paths),
                          skipped)
         self.paths = self.paths[:: max(1, stride)]
-        self.name, self.fps, self.repeat = folder.name, fps, max(1, repeat)
+        self.name, self.fps, self.repeat = (folder.stem if single else folder.name), fps, max(1, repeat)
         self._closed = False
         stems = [p.stem for p in self.paths]
         self._ns_names = all(s.isdigit() and len(s) >= 10 for s in stems)
