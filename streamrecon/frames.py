@@ -138,6 +138,10 @@ class ProbeResult:
         conf: ``(H, W)`` confidence.
         rgb: ``(H, W, 3)`` uint8 predicted colours.
         pose_estimate: ``(4, 4)`` the model's own estimate of the virtual pose (global frame).
+        map_rgb, map_depth, map_mask: what the global map already knows from there (``(H, W, 3)`` uint8,
+            ``(H, W)`` float32 with NaN where empty, ``(H, W)`` bool coverage), rendered by
+            :func:`streamrecon.mapping.render.render_map`; ``None`` when the probe ran without a map.
+        disagreement: ``(H, W)`` float32 ``|depth - map depth| / map depth`` where both exist, else NaN.
     """
 
     name: str
@@ -149,3 +153,14 @@ class ProbeResult:
     conf: np.ndarray
     rgb: np.ndarray
     pose_estimate: np.ndarray
+    map_rgb: Optional[np.ndarray] = None
+    map_depth: Optional[np.ndarray] = None
+    map_mask: Optional[np.ndarray] = None
+    disagreement: Optional[np.ndarray] = None
+
+    def map_arrays(self) -> dict[str, np.ndarray]:
+        """The map rendering and the disagreement, by name (empty without a map)."""
+        if self.map_rgb is None:
+            return {}
+        return {"map_rgb": self.map_rgb, "map_depth": self.map_depth, "map_mask": self.map_mask,
+                "disagreement": self.disagreement}

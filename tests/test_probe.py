@@ -45,3 +45,23 @@ def test_look_at_and_orbit_geometry():
         assert np.allclose(c.T_wc[:3, 2], to_centre / np.linalg.norm(to_centre))  # looks at the centre
         assert np.isclose(c.T_wc[1, 3], -0.5)  # same height as the latest camera
         assert np.isclose(np.hypot(*(c.T_wc[[0, 2], 3] - centre[[0, 2]])), np.hypot(*(latest[[0, 2], 3] - centre[[0, 2]])))
+
+
+def test_the_map_is_rendered_from_the_probe_camera_nearest_point_first():
+    from streamrecon.mapping.render import depth_disagreement, render_map
+
+    K = np.array([[50.0, 0, 32], [0, 50.0, 24], [0, 0, 1]])
+    g = np.stack(np.meshgrid(np.linspace(-0.5, 0.5, 60), np.linspace(-0.4, 0.4, 50)), -1).reshape(-1, 2)
+    far = np.c_[g, np.full(len(g), 2.0)]  # a red wall 2 m ahead
+    near = np.c_[g[::7] * 0.2, np.full(len(g[::7]), 1.0)]  # a small green patch 1 m ahead, in front of it
+    xyz = np.r_[far, near]
+    rgb = np.r_[np.tile([255, 0, 0], (len(far), 1)), np.tile([0, 255, 0], (len(near), 1))].astype(np.uint8)
+    view = render_map(xyz, rgb, np.eye(4), K, (48, 64), voxel_size=0.02)
+    assert view.mask[24, 32] and np.isclose(view.depth[24, 32], 1.0) and tuple(view.rgb[24, 32]) == (0, 255, 0)
+    assert np.isclose(view.depth[16, 22], 2.0, atol=1e-3) and tuple(view.rgb[16, 22]) == (255, 0, 0)
+    assert 0.1 < view.coverage < 0.5 and not view.mask[0, 0]  # the wall's footprint (~25 x 20 px), not the corners
+    behind = render_map(xyz, rgb, np.diag([1.0, 1, -1, 1]) @ np.diag([-1.0, 1, 1, 1]), K, (48, 64))
+    assert behind.coverage == 0.0  # turned around: nothing of the map is in front of the camera
+    pred = np.full((48, 64), 2.2, np.float32)
+    d = depth_disagreement(pred, view)
+    assert np.isclose(d[16, 22], 0.1, atol=1e-3) and np.isnan(d[0, 0])

@@ -57,10 +57,12 @@ def test_cli_run_on_a_real_clip_writes_every_output(tmp_path, shared, tiny_dpt):
 
     assert len(trimesh.load(out / "map.glb").geometry) == 2  # map + camera path
     assert sorted(p.name for p in (out / "probes").iterdir()) == [
-        "orbit00_000003.npz", "orbit00_000003.png", "orbit01_000003.npz", "orbit01_000003.png",
-        "side_000001.npz", "side_000001.png"]  # numbered like frames/: the last frame the state has seen
+        "orbit00_000003.npz", "orbit00_000003.png", "orbit00_000003_map.png", "orbit01_000003.npz",
+        "orbit01_000003.png", "orbit01_000003_map.png", "side_000001.npz", "side_000001.png",
+        "side_000001_map.png"]  # numbered like frames/: the last frame the state has seen; _map: the map's view
     side = np.load(out / "probes" / "side_000001.npz")
     assert side["rgb"].shape == (32, 48, 3) and np.allclose(side["K"][0, 0], 40)
+    assert side["map_rgb"].shape == (32, 48, 3) and side["map_mask"].dtype == bool and side["disagreement"].shape == (32, 48)
     assert (out / "rec.rrd").stat().st_size > 0
     assert sorted(summary["outputs"]) == ["frames/", "map.glb", "map.ply", "probes/", "summary.json", "trajectory.txt"]
     assert summary["sinks"]["files"]["errors"] == 0 and summary["sinks"]["files"]["dropped"] == 0

@@ -390,9 +390,16 @@ class StreamPipeline:
         is taken now (:meth:`StreamEngine.probe_later`); the returned function computes the probe and
         hands it to the sinks (thread-safe: background sinks only enqueue it)."""
         compute = self.engine.probe_later(T_wc, K, hw, name=name)
+        xyz, rgb, _ = self.gmap.points()  # the map as of now (a copy: the frame loop goes on)
+        voxel = float(self.gmap.voxel_size)
 
         def run() -> ProbeResult:
+            from ..mapping.render import depth_disagreement, render_map
+
             p = compute()
+            view = render_map(xyz, rgb, p.T_wc, p.K, p.conf.shape, voxel_size=voxel)
+            p = replace(p, map_rgb=view.rgb, map_depth=view.depth, map_mask=view.mask,
+                        disagreement=depth_disagreement(p.points_cam[..., 2], view))
             for sink in self.sinks:
                 try:
                     sink.on_probe(p)

@@ -149,7 +149,8 @@ def _query_raymap(node: "Node", req: dict) -> list:
         probe = compute()
         return encode_reply(True, cmd="query_raymap", stream_id=s.stream_id, K=probe.K.reshape(-1).tolist(),
                             arrays={"points_cam": probe.points_cam, "points_world": probe.points_world,
-                                    "conf": probe.conf, "rgb": probe.rgb, "pose_estimate": probe.pose_estimate})
+                                    "conf": probe.conf, "rgb": probe.rgb, "pose_estimate": probe.pose_estimate,
+                                    **probe.map_arrays()})
 
     return Deferred("query_raymap", work)
 

@@ -168,10 +168,13 @@ class FileSink:
         stem = f"probes/{safe_name(p.name)}_{p.frame_index:06d}"
         atomic_write_bytes(self._path(f"{stem}.npz"), _npz_bytes(
             points_cam=p.points_cam, points_world=p.points_world, conf=p.conf, rgb=p.rgb, T_wc=p.T_wc, K=p.K,
-            pose_estimate=p.pose_estimate))
-        ok, png = cv2.imencode(".png", cv2.cvtColor(p.rgb, cv2.COLOR_RGB2BGR))
-        if ok:
-            atomic_write_bytes(self._path(f"{stem}.png"), png.tobytes())
+            pose_estimate=p.pose_estimate, **p.map_arrays()))
+        for suffix, image in (("", p.rgb), ("_map", p.map_rgb)):  # the network's view, and the map's
+            if image is None:
+                continue
+            ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+            if ok:
+                atomic_write_bytes(self._path(f"{stem}{suffix}.png"), png.tobytes())
         self.written.add("probes/")
 
     def write_summary(self, summary: dict[str, Any]) -> None:

@@ -319,6 +319,10 @@ class RerunSink:
         self.rec.log(f"{base}/image", self._image(probe.rgb))
         self.rec.log(f"{base}/points", rr.Points3D(probe.points_cam.reshape(-1, 3), colors=probe.rgb.reshape(-1, 3),
                                                    radii=-1.0))
+        if probe.map_rgb is not None:  # what the map already knows from there, and where the two disagree
+            self.rec.log(f"{self.p}probes/{probe.name}/map", self._image(probe.map_rgb))
+            self.rec.log(f"{self.p}probes/{probe.name}/disagreement",
+                         rr.DepthImage(np.nan_to_num(probe.disagreement, nan=0.0).astype(np.float32)))
 
     def log_text(self, text: str, level: str = "INFO") -> None:
         self.rec.log(f"{self.p}log", self.rr.TextLog(text, level=level))
