@@ -37,6 +37,9 @@ class RunConfig:
                                           "run refuses a folder that holds them)")
     relocalise: Optional[str] = setting(None, help="start inside a saved snapshot's map: localise against its keyframes, "
                                                    "then extend the same map in its world frame (needs --backend slam)")
+    revisit: bool = setting(False, help="files only: a first pass reads the whole sequence into the state; a second "
+                                        "reads every frame again against that final state (no update) and writes the "
+                                        "outputs (CUT3R's revisit evaluation; twice the model time)")
 
     @classmethod
     def of(cls, **values: Any) -> "RunConfig":
@@ -64,6 +67,10 @@ class RunConfig:
         if self.relocalise and self.pipeline.slam.resolved_backend() != "slam":
             raise SettingsError("--relocalise needs --backend slam (or known intrinsics with --backend auto): it matches "
                                 "frames against the snapshot's keyframes")
+        if self.revisit and (self.resume or self.relocalise or self.pipeline.outputs.snapshot_every
+                             or self.pipeline.engine.reset_every):
+            raise SettingsError("--revisit reads a whole sequence twice: not with --resume, --relocalise, "
+                                "--snapshot-every or --reset-every")
         self.pipeline.validate()
         for p in self.probe:
             try:

@@ -20,6 +20,7 @@ from .pipeline import LoadedModel, RunSummary, SourceCounts, StreamPipeline, bui
 from .probe import ProbeSpec, parse_probe
 from .progress import shown
 from .run_settings import RunConfig
+from .settings import SettingsError
 from .sinks.output_dir import claim_output_dir
 from .sources import FrameSource, open_source
 
@@ -133,12 +134,35 @@ def run(cfg: RunConfig, model=None, progress_stream: TextIO = sys.stderr,
             skip = _frames_to_skip(cfg, source, snap.manifest)
         elif cfg.relocalise:
             pipeline.relocalise_in(snap)
+        if cfg.revisit:
+            source = _first_pass(cfg, source, pipeline)
     except BaseException:
         source.close()
         raise
     loop = _Loop(cfg, source, pipeline, progress_stream, skip=skip)
     holder["loop"] = loop
     return loop.run()
+
+
+def _first_pass(cfg: RunConfig, source: FrameSource, pipeline: StreamPipeline) -> FrameSource:
+    """``--revisit``'s first pass: every frame (``--max-frames`` of them) into the state, nothing written;
+    then the engine is frozen and the source opened again for the pass that makes the outputs."""
+    if source.live:
+        raise SettingsError("--revisit needs a file source (an image folder or a video), not a camera")
+    n = 0
+    for frame in source:
+        try:
+            pipeline.engine.process(pipeline.prepare(frame))
+        except Exception as e:  # counted in the second pass, which meets the same frame
+            _logger.debug("revisit, first pass: frame %s: %s", frame.seq, e)
+            continue
+        n += 1
+        if cfg.max_frames and n >= cfg.max_frames:
+            break
+    source.close()
+    _logger.info("--revisit: %d frames read into the state; reading them again against it", n)
+    pipeline.engine.revisit()
+    return open_source(cfg.source, stride=cfg.stride, repeat=cfg.repeat, fps=cfg.fps)
 
 
 def _source_path(spec: str) -> Optional[str]:

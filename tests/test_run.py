@@ -320,3 +320,33 @@ def test_export_colmap_is_read_back_by_pycolmap(tmp_path, shared, tiny_dpt):
     M = np.array(tf["frames"][0]["transform_matrix"])
     assert np.allclose(M @ np.diag([1.0, -1, -1, 1]), T[0], atol=1e-6)  # OpenGL axes for nerfstudio
     assert "colmap/" in summary["outputs"]
+
+
+def test_revisit_reads_every_frame_again_against_the_final_state(tmp_path, shared, tiny_dpt, capsys):
+    import torch
+
+    from streamrecon.engine import EngineConfig, Frame, StreamEngine
+
+    from .node_helpers import tiny_model
+
+    e = StreamEngine(tiny_model(),
+                     EngineConfig(size=64))
+    imgs = [np.random.default_rng(i).integers(0, 255, (48, 64, 3), dtype=np.uint8) for i in range(3)]
+    for i, img in enumerate(imgs):
+        e.process(Frame(image=img, seq=i, stamp=float(i)))
+    final = e.state
+    e.revisit()
+    r = e.process(Frame(image=imgs[0], seq=0, stamp=0.0))
+    assert r.index == 0 and torch.equal(e.state.tokens, final.tokens) and torch.equal(e.state.mem, final.mem)
+    outs = {}
+    for flag in ((), ("--revisit",)):
+        out = tmp_path / ("revisit" if flag else "plain")
+        assert cli_main(["run", str(shared / CLIP), "--weights", tiny_dpt, "--size", "64", "--output-dir", str(out),
+                         "--no-progress", *flag]) == 0
+        outs[bool(flag)] = read_tum(out / "trajectory.txt")
+    assert len(outs[True][0]) == len(outs[False][0]) == 4 and np.allclose(outs[True][0], outs[False][0])
+    assert not np.allclose(outs[True][1][0], outs[False][1][0])  # frame 0 is read against the whole sequence now
+    live = f"live:{shared / 'data/cut3r_examples/lady-running.mp4'}"
+    capsys.readouterr()
+    assert cli_main(["run", live, "--revisit", "--weights", tiny_dpt, "--output-dir", str(tmp_path / "cam")]) == 2
+    assert "--revisit needs a file source" in capsys.readouterr().err

@@ -100,6 +100,7 @@ class StreamEngine:
         self.base = np.eye(4)  # T_global_segment: current segment's world -> global world
         self.segment = 0
         self.processed = 0
+        self.frozen = False  # True: frames are read against the state without writing it (revisit pass)
         self.last_K: Optional[np.ndarray] = None
         self.last_hw: Optional[tuple[int, int]] = None
         self.last_T_wc: Optional[np.ndarray] = None
@@ -138,7 +139,7 @@ class StreamEngine:
         result = self._postprocess(p.frame, out, p.u8, p.crop)
         t3 = time.perf_counter()
         self._last_input = p.x
-        if self.cfg.reset_every and (self.processed + 1) % self.cfg.reset_every == 0:
+        if self.cfg.reset_every and not self.frozen and (self.processed + 1) % self.cfg.reset_every == 0:
             self._restart_segment(result.T_wc)
         t4 = time.perf_counter()
         self.processed += 1
@@ -149,8 +150,10 @@ class StreamEngine:
         """Run one frame (or one already :meth:`prepare` d) through the model; the state advances."""
         p = frame if isinstance(frame, _Prepared) else self.prepare(frame)
         t1 = time.perf_counter()
+        # frozen (--revisit's second pass): read against the state, never write it
+        update = torch.zeros(p.x.shape[0], dtype=torch.bool, device=p.x.device) if self.frozen else None
         with torch.inference_mode(), _autocast(self.device, self.cfg.precision):
-            out, state = self.model.step(FrameInput(img=p.x), self.state, rule=self.rule)
+            out, state = self.model.step(FrameInput(img=p.x, update=update), self.state, rule=self.rule)
         return self.finish(p, out, state, 1e3 * (time.perf_counter() - t1))
 
     def _postprocess(self, frame: Frame, out: StepOutput, u8: np.ndarray, crop) -> FrameResult:
@@ -181,6 +184,11 @@ class StreamEngine:
         self.state = self._fresh_state()
         with torch.inference_mode(), _autocast(self.device, self.cfg.precision):
             _, self.state = self.model.step(FrameInput(img=self._last_input), self.state, rule=self.rule)
+
+    def revisit(self) -> None:
+        """After a first pass over a whole sequence: from now on every frame is read against the final
+        state without updating it (CUT3R's revisit evaluation), numbered from 0 again."""
+        self.frozen, self.processed = True, 0
 
     def reset(self, keep_trajectory: bool = True) -> None:
         """Start a new segment now.

@@ -70,6 +70,8 @@ def _run_backend(loaded, seq: EvalSequence, idx: list[int], backend: str, known_
     from ..pipeline import build_pipeline
     from ..settings import EngineSettings, MapSettings, PipelineConfig, SlamSettings
 
+    revisit = backend.endswith("+revisit")  # "none+revisit": a first pass builds the state, the second is scored
+    backend = backend.removesuffix("+revisit")
     declared = _declared_backends()
     if declared and backend not in declared:
         raise ValueError(f"unknown backend {backend!r} (the settings declare: {', '.join(declared)})")
@@ -80,6 +82,11 @@ def _run_backend(loaded, seq: EvalSequence, idx: list[int], backend: str, known_
     cfg.validate()
     pipe = build_pipeline(cfg, loaded, stream_id=seq.name, files=False)
     results, push_s = [], 0.0
+    if revisit:
+        for i in idx:  # pass 1: the whole sequence into the state, nothing scored
+            pipe.engine.process(pipe.prepare(Frame(image=seq.rgb(i), seq=i, stamp=float(seq.stamps[i]), source=seq.name,
+                                                   K=seq.K if known_intrinsics else None)))
+        pipe.engine.revisit()
     try:
         for i in idx:
             frame = Frame(image=seq.rgb(i), seq=i, stamp=float(seq.stamps[i]), source=seq.name,
