@@ -248,14 +248,18 @@ class StreamPipeline:
         summary, map_files = self._periodic()
         if summary is None:
             return False
+        self._tell_sinks("on_flush", summary, map_files)
+        return True
+
+    def _tell_sinks(self, method: str, *args) -> None:
+        """Call ``method`` on every sink that has it (optional sink methods); a failing sink is counted."""
         for sink in self.sinks:
-            fn = getattr(sink, "on_flush", None)
+            fn = getattr(sink, method, None)
             if fn is not None:
                 try:
-                    fn(summary, map_files)
+                    fn(*args)
                 except Exception as e:
                     self._sink_error(sink, e)
-        return True
 
     def restore(self, data) -> None:
         """Continue from a verified snapshot (:func:`streamrecon.snapshot.read_snapshot`); call before the
@@ -268,14 +272,7 @@ class StreamPipeline:
         restore(self, data)
         self.restored_frames = self.processed
         self._resend_map = True
-        stamps, poses = self.trajectory.arrays()
-        for sink in self.sinks:
-            fn = getattr(sink, "on_resume", None)
-            if fn is not None:
-                try:
-                    fn(stamps, poses)
-                except Exception as e:
-                    self._sink_error(sink, e)
+        self._tell_sinks("on_resume", *self.trajectory.arrays())
 
     def discard(self) -> None:
         """Stop this pipeline's threads without writing any output (a stream whose restore failed)."""
@@ -400,11 +397,7 @@ class StreamPipeline:
             view = render_map(xyz, rgb, p.T_wc, p.K, p.conf.shape, voxel_size=voxel)
             p = replace(p, map_rgb=view.rgb, map_depth=view.depth, map_mask=view.mask,
                         disagreement=depth_disagreement(p.points_cam[..., 2], view))
-            for sink in self.sinks:
-                try:
-                    sink.on_probe(p)
-                except Exception as e:
-                    self._sink_error(sink, e)
+            self._tell_sinks("on_probe", p)
             return p
 
         return run

@@ -91,9 +91,8 @@ def _export_dir(node: "Node", sid: str, relative: Any) -> Path:
     if not all(valid_name(c) for c in components):
         raise ControlError(f"path {relative[:80]!r}: each component must be 1-64 letters, digits, '_', '.', '-' "
                            "(no '..', no absolute paths); it is a folder under exports/<stream>/")
-    target = node.output_dir / "exports" / sid / Path(*components)
     try:
-        confine(node.output_dir, target)
+        target = confine(node.output_dir, node.output_dir / "exports" / sid / Path(*components))
     except UnsafePathError:
         raise ControlError(f"path {relative[:80]!r} leaves the output directory") from None
     if target.exists() and not target.is_dir():

@@ -328,8 +328,7 @@ class Node:
         Raises :class:`~streamrecon.fileio.UnsafePathError` when the stream's folder leads outside the
         output directory (a planted symlink)."""
         o = self.cfg.pipeline.outputs
-        directory = self.stream_dir(sid)
-        self.snapshot_root(sid)
+        directory, snapshot_dir = self.stream_dir(sid), self.snapshot_root(sid)  # both checked before anything
         self._set_aside_earlier_outputs(sid)
         publisher = ResultPublisher(lambda parts: self._send(self.results, parts), sid,
                                     geometry_stride=self.cfg.geometry_stride, map_points=self.cfg.pipeline.map.map_points)
@@ -339,7 +338,7 @@ class Node:
                                             "config": self.cfg.flat(), "checkpoint": self.loaded.info.describe()},
                                   # save_snapshot works on every stream; automatic ones (periodic, at close)
                                   # with --snapshot-every
-                                  snapshot_dir=self.snapshot_root(sid), snapshot_at_close=bool(o.snapshot_every),
+                                  snapshot_dir=snapshot_dir, snapshot_at_close=bool(o.snapshot_every),
                                   root=self.output_dir)
         if snapshot is not None:
             try:
