@@ -89,6 +89,10 @@ class FrameResult:
             ``K``, else the network's focal smoothed over the sequence); ``None`` without that stage.
         tracking: how the geometric backend found ``T_wc`` (``None`` with ``--backend none``).
         descriptor: ``(ed,)`` float32, the mean of the frame's encoder tokens (place recognition).
+        dynamic: ``(H, W)`` float32 in ``[0, 1]``, how likely each pixel is on a moving object
+            (``--dynamic-mask``; ``None`` when off or not yet known, e.g. the first frame of ``flow``).
+        dynamic_mask: ``(H, W)`` bool, the pixels kept out of the map (and of tracking, when known
+            before it): :mod:`streamrecon.dynamic`.
     """
 
     seq: int
@@ -112,15 +116,22 @@ class FrameResult:
     K_used: Optional[np.ndarray] = None
     tracking: Optional[TrackingInfo] = None
     descriptor: Optional[np.ndarray] = None
+    dynamic: Optional[np.ndarray] = None
+    dynamic_mask: Optional[np.ndarray] = None
 
-    def world_points(self, which: str = "pose") -> tuple[np.ndarray, np.ndarray]:
+    def world_points(self, which: str = "pose", static_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """``(points (H, W, 3), conf (H, W))`` in the global frame: ``"pose"`` = ``T_wc @ points_cam``
-        with ``conf_cam``; ``"head"`` = the model's world head with ``conf_world``."""
+        with ``conf_cam``; ``"head"`` = the model's world head with ``conf_world``. With
+        ``static_only``, the confidence is ``-inf`` on :attr:`dynamic_mask` (below any threshold: what the map takes)."""
         if which == "pose":
-            return self.points_world_pose, self.conf_cam
-        if which == "head":
-            return self.points_world_head, self.conf_world
-        raise ValueError(f"world points must be 'pose' or 'head', got {which!r}")
+            pts, conf = self.points_world_pose, self.conf_cam
+        elif which == "head":
+            pts, conf = self.points_world_head, self.conf_world
+        else:
+            raise ValueError(f"world points must be 'pose' or 'head', got {which!r}")
+        if static_only and self.dynamic_mask is not None and self.dynamic_mask.any():
+            conf = np.where(self.dynamic_mask, np.float32(-np.inf), conf)
+        return pts, conf
 
 
 @dataclass

@@ -105,6 +105,12 @@ class MapSettings:
     map_points: str = setting("pose", choices=("pose", "head"),
                               help="pose = T_wc x camera pointmap (the reference demo), head = the model's world head")
     pixel_stride: int = setting(2, help="integrate every n-th pixel into the map")
+    dynamic_mask: str = setting("off", choices=("off", "attention", "flow", "residual"),
+                                help="keep moving objects out of the map (and of tracking): attention = the network's "
+                                     "own attention (training-free), flow = dense optical flow the camera's motion "
+                                     "cannot explain (any weights), residual = depth in front of what the map holds "
+                                     "(map only); the score and mask are saved per frame (docs/ACCURACY.md)")
+    dynamic_thresh: float = setting(0.5, help="--dynamic-mask: score (0..1) above which a pixel is masked")
 
     def validate(self) -> None:
         if not self.voxel_size > 0:
@@ -113,6 +119,8 @@ class MapSettings:
             raise SettingsError("--max-points must be >= 1")
         if self.pixel_stride < 1:
             raise SettingsError("--pixel-stride must be >= 1")
+        if not (isinstance(self.dynamic_thresh, (int, float)) and 0.0 < self.dynamic_thresh < 1.0):
+            raise SettingsError(f"--dynamic-thresh must be between 0 and 1 (exclusive), got {self.dynamic_thresh!r}")
         if self.conf_thresh is not None and not math.isfinite(self.conf_thresh):
             raise SettingsError(f"--conf-thresh must be a finite number, got {self.conf_thresh!r}")
 

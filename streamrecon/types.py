@@ -158,6 +158,9 @@ class StepOutput:
         intermediates: reference intermediates (``enc_feat``, ``dec_state.l``, ...) when requested.
         global_feat: ``(B, ed)`` the mean of the view's encoder tokens (what the pose memory is
             keyed by; the SLAM backend's place-recognition descriptor).
+        token_attention: ``name -> (B, D, N)`` attention statistics of the image tokens at each of the
+            ``D`` decoder levels (only when asked: ``Cut3r.step(token_attention=True)``; names in
+            :func:`streamrecon.models.cut3r._token_attention`), for dynamic-object masks.
     """
 
     points_cam: Tensor
@@ -169,6 +172,7 @@ class StepOutput:
     state_attention: Optional[Tensor] = None
     intermediates: dict = field(default_factory=dict)
     global_feat: Optional[Tensor] = None
+    token_attention: Optional[dict] = None
 
     def select(self, i: int) -> "StepOutput":
         """Row ``i`` of the batch (keeps the batch dimension; intermediates are dropped)."""
@@ -177,7 +181,9 @@ class StepOutput:
 
         return StepOutput(points_cam=row(self.points_cam), conf_cam=row(self.conf_cam), points_world=row(self.points_world),
                           conf_world=row(self.conf_world), pose=row(self.pose), rgb=row(self.rgb),
-                          state_attention=row(self.state_attention), global_feat=row(self.global_feat))
+                          state_attention=row(self.state_attention), global_feat=row(self.global_feat),
+                          token_attention=None if self.token_attention is None else
+                          {k: row(v) for k, v in self.token_attention.items()})
 
     def T_wc(self) -> Tensor:
         """``(B, 4, 4)`` camera-to-world matrices from :attr:`pose`."""

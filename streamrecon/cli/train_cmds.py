@@ -34,7 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", action="append", default=None, metavar="NAME",
                    help="pose backend to score (repeatable, e.g. --backend none --backend track); given, or on "
                         "SUN3D / KITTI / APC data, the per-backend report with identity / random-walk / constant-"
-                        "depth baselines is printed (default backend: none)")
+                        "depth baselines is printed (default backend: none); modifiers: NAME+revisit (the revisit "
+                        "pass), NAME+dynamic-mask=METHOD (attention, flow or residual masks; mask IoU on sets with "
+                        "motion masks)")
     p.add_argument("--known-intrinsics", action=argparse.BooleanOptionalAction, default=True,
                    help="per-backend report: give the pipeline the dataset's intrinsics (default: on)")
     p.add_argument("--size", type=int, default=None)

@@ -48,6 +48,11 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+def _attention_kw(cfg: "EngineConfig") -> dict:
+    """``step`` keyword for the attention statistics, only when asked (model stand-ins need not know it)."""
+    return {"token_attention": True} if cfg.token_attention else {}
+
+
 @dataclass
 class _Prepared:
     frame: Frame
@@ -67,6 +72,8 @@ class EngineConfig:
             LANCZOS (faster on GPU; not bit-exact).
         precision: ``fp32`` (checkpoint-exact), or ``bf16`` / ``fp16`` autocast of the trunk (heads and
             pose stay float32); see docs/PERFORMANCE.md for the measured drift.
+        token_attention: also compute the decoder's attention statistics of the image tokens and, from
+            them, ``FrameResult.dynamic`` (``--dynamic-mask attention``; the outputs are unchanged).
     """
 
     size: int = 512
@@ -74,6 +81,7 @@ class EngineConfig:
     reset_every: int = 0
     fast_preprocess: bool = False
     precision: str = "fp32"
+    token_attention: bool = False
 
     def __post_init__(self) -> None:
         get_policy(self.policy)
@@ -134,9 +142,16 @@ class StreamEngine:
 
     def finish(self, p: "_Prepared", out: StepOutput, new_state: StreamState, model_ms: float) -> FrameResult:
         """Adopt the new state and turn the model output into a :class:`FrameResult`."""
+        was_fresh = bool(self.state.fresh[0])  # the state held nothing of this segment yet
         self.state = new_state
         t2 = time.perf_counter()
         result = self._postprocess(p.frame, out, p.u8, p.crop)
+        if out.token_attention is not None and not was_fresh:
+            from ..dynamic.attention import attention_score
+
+            grid = (p.u8.shape[0] // self.model.cfg.patch_size, p.u8.shape[1] // self.model.cfg.patch_size)
+            rows = {k: v[0].float().cpu().numpy() for k, v in out.token_attention.items()}
+            result = replace(result, dynamic=attention_score(rows, grid, p.u8.shape[:2]))
         t3 = time.perf_counter()
         self._last_input = p.x
         if self.cfg.reset_every and not self.frozen and (self.processed + 1) % self.cfg.reset_every == 0:
@@ -153,7 +168,8 @@ class StreamEngine:
         # frozen (--revisit's second pass): read against the state, never write it
         update = torch.zeros(p.x.shape[0], dtype=torch.bool, device=p.x.device) if self.frozen else None
         with torch.inference_mode(), _autocast(self.device, self.cfg.precision):
-            out, state = self.model.step(FrameInput(img=p.x, update=update), self.state, rule=self.rule)
+            out, state = self.model.step(FrameInput(img=p.x, update=update), self.state, rule=self.rule,
+                                         **_attention_kw(self.cfg))
         return self.finish(p, out, state, 1e3 * (time.perf_counter() - t1))
 
     def _postprocess(self, frame: Frame, out: StepOutput, u8: np.ndarray, crop) -> FrameResult:
@@ -266,7 +282,7 @@ def process_batch(engines: list[StreamEngine], frames: list[Frame]) -> list["Fra
         except Exception as e:  # one bad frame must not sink the others
             results[i] = e
             continue
-        key = (id(engine.model), engine.rule, engine.cfg.precision, tuple(p.x.shape))
+        key = (id(engine.model), engine.rule, engine.cfg.precision, engine.cfg.token_attention, tuple(p.x.shape))
         groups.setdefault(key, []).append((i, p))
     for members in groups.values():
         idx = [i for i, _ in members]
@@ -276,7 +292,8 @@ def process_batch(engines: list[StreamEngine], frames: list[Frame]) -> list["Fra
         try:
             with torch.inference_mode(), _autocast(lead.device, lead.cfg.precision):
                 x = torch.cat([p.x for _, p in members])
-                out, state = model.step(FrameInput(img=x), StreamState.stack([engines[i].state for i in idx]), rule=rule)
+                out, state = model.step(FrameInput(img=x), StreamState.stack([engines[i].state for i in idx]), rule=rule,
+                                        **_attention_kw(lead.cfg))
         except Exception as e:
             for i in idx:
                 results[i] = e

@@ -46,6 +46,7 @@ class EvalSequence:
         name: sequence name; fmt: one of :data:`FORMATS`.
         T_wc: ``(N, 4, 4)`` ground-truth camera-to-world; K: ``(3, 3)``; stamps: ``(N,)`` seconds.
         has_depth: ``False`` when the dataset has no depth ground truth (the depth loader gives zeros).
+        dynamic_loader: ``i -> (H, W)`` bool ground-truth motion mask (synthetic sets with movers), or ``None``.
     """
 
     name: str
@@ -57,6 +58,7 @@ class EvalSequence:
     K: np.ndarray
     stamps: np.ndarray
     has_depth: bool = True
+    dynamic_loader: Optional[Callable[[int], np.ndarray]] = None
 
     def __len__(self) -> int:
         return self.n
@@ -75,6 +77,10 @@ class EvalSequence:
         """``(H, W)`` metres, 0 where invalid."""
         return self.depth_loader(i)
 
+    def dynamic(self, i: int) -> Optional[np.ndarray]:
+        """``(H, W)`` bool: pixels on moving objects (``None`` without that ground truth)."""
+        return None if self.dynamic_loader is None else self.dynamic_loader(i)
+
     def there_and_back(self) -> "EvalSequence":
         """The camera goes the path and returns: frames ``0, 2, 4, ...`` then the odd frames backwards
         (``..., 3, 1``), so no image is seen twice but the return revisits every place -- a loop for
@@ -84,7 +90,8 @@ class EvalSequence:
         dt = float(np.median(np.diff(self.stamps))) if self.n > 1 else 1.0
         return EvalSequence(f"{self.name} (there and back)", self.fmt, lambda i: self.rgb_loader(int(idx[i])), len(idx),
                             lambda i: self.depth_loader(int(idx[i])), self.T_wc[idx], self.K,
-                            np.arange(len(idx)) * 2 * dt, self.has_depth)
+                            np.arange(len(idx)) * 2 * dt, self.has_depth,
+                            None if self.dynamic_loader is None else lambda i: self.dynamic_loader(int(idx[i])))
 
 
 def _image_loader(paths: list[Path]) -> Callable[[int], np.ndarray]:
@@ -126,8 +133,18 @@ def _synthetic(d: Path) -> EvalSequence:
     if len(rgb) != len(T):
         raise ValueError(f"{d}: {len(rgb)} images but {len(T)} poses")
     depth = [d / "depth" / f"{p.stem}.npy" for p in rgb]
+    dynamic = None
+    if (d / "dynamic").is_dir():  # ground-truth motion masks (tools/make_synth_eval.py dynamic)
+        masks = [d / "dynamic" / f"{p.stem}.png" for p in rgb]
+
+        def dynamic(i: int) -> np.ndarray:
+            from PIL import Image
+
+            with Image.open(masks[i]) as im:
+                return np.array(im.convert("L")) > 127
+
     return EvalSequence(d.name, "synthetic", _image_loader(rgb), len(rgb), lambda i: np.load(depth[i]), T,
-                        np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1]]), stamps)
+                        np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1]]), stamps, dynamic_loader=dynamic)
 
 
 def _read_list(path: Path) -> list[tuple[float, list[str]]]:

@@ -4,7 +4,12 @@ Per sequence: depth AbsRel and delta<1.25 (per-frame median scaling, and metric)
 SE(3) Umeyama alignment; RMSE and % of the GT path length), RPE (delta 1 frame), and the map against
 the GT cloud of the scored frames (accuracy, completeness, precision / coverage / F-score within
 ``MAP_TAU``; see :func:`~streamrecon.eval.metrics.map_metrics`), after a Sim(3) fitted on per-pixel
-correspondences (predicted and true world point of the same pixel).
+correspondences (predicted and true world point of the same pixel). On sequences with ground-truth
+motion masks (synthetic sets with movers) the map is scored against the *static* scene (moving pixels
+left out of the ground-truth cloud and of the alignment), the predicted cloud is what the map keeps
+(``--dynamic-mask`` pixels left out), ``map_dynamic_fraction`` is the share of it that came from moving
+pixels, and the masks get IoU / precision / recall (pixel counts summed over the frames; a frame
+without a mask counts as nothing masked).
 Baselines: the same architecture untrained (seeded random weights) and constant depth (1 m) with
 identity poses.
 """
@@ -19,6 +24,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..dynamic.masks import mask_metrics, ratios
 from ..frames import Frame
 from ..pipeline.resolve import LoadedModel, resolve_conf_thresh
 from ..progress import bar
@@ -64,9 +70,14 @@ def _pixels_to_world(u: np.ndarray, v: np.ndarray, z: np.ndarray, K: np.ndarray,
 
 
 def _gt_cloud(seq: EvalSequence, idx: list[int], stride: int) -> np.ndarray:
+    """The ground-truth cloud of frames ``idx`` (every ``stride``-th pixel; moving pixels left out)."""
     pts = []
     for i in idx:
-        d = seq.depth(i)[::stride, ::stride]
+        d = seq.depth(i)
+        moving = seq.dynamic(i)
+        if moving is not None:
+            d = np.where(moving, 0, d)
+        d = d[::stride, ::stride]
         v, u = np.nonzero(d > 0)
         pts.append(_pixels_to_world(u * stride, v * stride, d[v, u], seq.K, seq.T_wc[i]))
     return np.concatenate(pts) if pts else np.zeros((0, 3))
@@ -92,9 +103,12 @@ def _summarise(depth_rows: list[dict], pred_T: np.ndarray, gt_T: np.ndarray, pre
     return out
 
 
-def _gt_world_at_model(seq: EvalSequence, i: int, r, gt_depth: np.ndarray, stride: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(pred, gt)`` world points ``(M, 3)`` of the pixels (every ``stride``-th) with valid ground truth."""
-    v, u = np.nonzero(gt_depth[::stride, ::stride] > 0)
+def _gt_world_at_model(seq: EvalSequence, i: int, r, gt_depth: np.ndarray, stride: int,
+                       moving: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(pred, gt)`` world points ``(M, 3)`` of the pixels (every ``stride``-th) with valid ground truth
+    (and not on a moving object, given ``moving`` at model resolution)."""
+    ok_gt = gt_depth > 0 if moving is None else (gt_depth > 0) & ~moving
+    v, u = np.nonzero(ok_gt[::stride, ::stride])
     v, u = v * stride, u * stride
     gt = _pixels_to_world(u, v, gt_depth[v, u], r.crop.K_to_model(seq.K), seq.T_wc[i])
     pred = r.points_world_pose[v, u]
@@ -105,18 +119,38 @@ def _gt_world_at_model(seq: EvalSequence, i: int, r, gt_depth: np.ndarray, strid
 def score_results(seq: EvalSequence, idx: list[int], results: list, cfg: EvalConfig = EvalConfig()) -> dict:
     """Metrics of already computed :class:`FrameResult` s for frames ``idx`` of ``seq``."""
     depth_rows, cloud, pred_pairs, gt_pairs = [], [], [], []
+    counts = np.zeros(3, np.int64)  # mask tp, fp, fn
+    from_moving = kept = 0
+    thresh = resolve_conf_thresh(None, cfg.conf_thresh)
     for i, r in zip(idx, results):
         gt = gt_depth_at_model(seq.depth(i), r.crop)
         depth_rows.append(depth_metrics(r.depth, gt, gt > 0))
+        moving = seq.dynamic(i)
+        if moving is not None:
+            moving = gt_depth_at_model(moving.astype(np.uint8), r.crop) > 0
+            pred = r.dynamic_mask if r.dynamic_mask is not None else np.zeros_like(moving)
+            m = mask_metrics(pred, moving, gt > 0)
+            counts += (m["tp"], m["fp"], m["fn"])
         s = cfg.map_pixel_stride
-        pts, conf = r.points_world_pose[::s, ::s].reshape(-1, 3), r.conf_cam[::s, ::s].reshape(-1)
-        cloud.append(pts[(conf > resolve_conf_thresh(None, cfg.conf_thresh)) & np.isfinite(pts).all(1)])
-        p, g = _gt_world_at_model(seq, i, r, gt, 2 * s)
+        pts = r.points_world_pose[::s, ::s].reshape(-1, 3)
+        conf = r.world_points("pose", static_only=True)[1][::s, ::s].reshape(-1)  # what the map keeps
+        keep = (conf > thresh) & np.isfinite(pts).all(1)
+        cloud.append(pts[keep])
+        if moving is not None:
+            from_moving += int((keep & moving[::s, ::s].reshape(-1)).sum())
+            kept += int(keep.sum())
+        p, g = _gt_world_at_model(seq, i, r, gt, 2 * s, moving)
         pred_pairs.append(p)
         gt_pairs.append(g)
     out = _summarise(depth_rows, np.stack([r.T_wc for r in results]), seq.T_wc[idx], np.concatenate(cloud),
                      _gt_cloud(seq, idx, cfg.map_pixel_stride), (np.concatenate(pred_pairs), np.concatenate(gt_pairs)))
     out.update(name=seq.name, frames=len(idx))
+    if any(r.dynamic_mask is not None for r in results):  # on a static scene: the false-positive rate
+        out["masked_fraction"] = float(np.mean([0.0 if r.dynamic_mask is None else r.dynamic_mask.mean() for r in results]))
+    if seq.dynamic_loader is not None:
+        out.update({f"mask_{k}": v for k, v in ratios(*counts.tolist()).items()},
+                   mask_tp=int(counts[0]), mask_fp=int(counts[1]), mask_fn=int(counts[2]),
+                   map_dynamic_fraction=from_moving / kept if kept else math.nan)
     return out
 
 

@@ -39,6 +39,8 @@ __all__ = ["evaluate_backends", "format_real_report"]
 
 _logger = logging.getLogger(__name__)
 
+_MASK_KEYS = ("masked_fraction", "mask_iou", "mask_precision", "mask_recall", "mask_tp", "mask_fp", "mask_fn",
+              "map_dynamic_fraction")
 _TRAJ_KEYS = ("ate_sim3", "ate_sim3_pct", "sim3_scale", "ate_se3", "ate_se3_pct", "rpe_trans", "rpe_rot_deg")
 _DEPTH_KEYS = ("abs_rel", "delta1", "abs_rel_metric", "delta1_metric")
 
@@ -62,6 +64,18 @@ def _declared_backends() -> Optional[tuple]:
     return None
 
 
+def _parse_label(label: str) -> tuple[str, dict[str, str]]:
+    """``"track+revisit+dynamic-mask=flow"`` -> ``("track", {"revisit": "", "dynamic-mask": "flow"})``."""
+    backend, *parts = label.split("+")
+    mods: dict[str, str] = {}
+    for part in parts:
+        key, _, value = part.partition("=")
+        if key not in ("revisit", "dynamic-mask") or (key == "dynamic-mask") != bool(value):
+            raise ValueError(f"unknown backend modifier {part!r} in {label!r} (known: +revisit, +dynamic-mask=METHOD)")
+        mods[key] = value
+    return backend, mods
+
+
 def _run_backend(loaded, seq: EvalSequence, idx: list[int], backend: str, known_intrinsics: bool,
                  size, state_policy: str, reset_every: int, refine: bool = False,
                  on_frame: Optional[Callable[[], None]] = None) -> tuple[dict, list]:
@@ -70,13 +84,13 @@ def _run_backend(loaded, seq: EvalSequence, idx: list[int], backend: str, known_
     from ..pipeline import build_pipeline
     from ..settings import EngineSettings, MapSettings, PipelineConfig, SlamSettings
 
-    revisit = backend.endswith("+revisit")  # "none+revisit": a first pass builds the state, the second is scored
-    backend = backend.removesuffix("+revisit")
+    backend, mods = _parse_label(backend)
+    revisit = "revisit" in mods  # "none+revisit": a first pass builds the state, the second is scored
     declared = _declared_backends()
     if declared and backend not in declared:
         raise ValueError(f"unknown backend {backend!r} (the settings declare: {', '.join(declared)})")
     cfg = PipelineConfig(engine=EngineSettings(size=size, state_policy=state_policy, reset_every=reset_every),
-                         map=MapSettings(),
+                         map=MapSettings(dynamic_mask=mods.get("dynamic-mask", "off")),
                          slam=SlamSettings(backend=backend, refine=refine and backend != "none",
                                            intrinsics=_intrinsics_text(seq.K) if known_intrinsics else None))
     cfg.validate()
@@ -147,6 +161,7 @@ def _evaluate_sequence(loaded, seq: EvalSequence, backends: Sequence[str], known
         T = np.stack([r.T_wc for r in results])
         final = timing.pop("final_poses", {})
         row.update({k: scores[k] for k in _TRAJ_KEYS + _DEPTH_KEYS + MAP_KEYS}, **timing)
+        row.update({k: scores[k] for k in _MASK_KEYS if k in scores})
         if not seq.has_depth:
             row.update(_nan_row(_DEPTH_KEYS + MAP_KEYS))
         same = [name for name, (T_other, _) in runs.items() if np.array_equal(T_other, T)]
@@ -227,23 +242,31 @@ def _cell(v, digits: int) -> str:
     return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
 
 
+_MASK_COLUMNS = (("masked_fraction", "masked", 3), ("mask_iou", "mask IoU", 3), ("mask_precision", "mask P", 3),
+                 ("mask_recall", "mask R", 3), ("map_dynamic_fraction", "map from movers", 3))
+
+
 def format_real_report(report: dict) -> str:
-    """A markdown table per sequence: rows = backends, then baselines."""
+    """A markdown table per sequence: rows = backends, then baselines (mask columns where masks ran)."""
     blocks = []
     for s in report["sequences"]:
+        has_masks = any("masked_fraction" in r for r in s["rows"])
+        columns = _COLUMNS + (_MASK_COLUMNS if has_masks else ())
         head = (f"### {s['name']} ({s['fmt']}): {s['frames']} frames, GT path {s['path_length']:.3f} m, "
                 f"GT rotation {s['rotation_sum_deg']:.1f} deg" + ("" if s["has_depth"] else ", no depth GT"))
-        lines = [head, "", "| | " + " | ".join(name for _, name, _ in _COLUMNS) + " |",
-                 "|---|" + "---:|" * len(_COLUMNS)]
+        lines = [head, "", "| | " + " | ".join(name for _, name, _ in columns) + " |",
+                 "|---|" + "---:|" * len(columns)]
         notes = []
         for r in s["rows"]:
             if "error" in r:
                 msg = r["error"].replace("|", "/").replace("\n", " ")
-                lines.append(f"| {r['label']} | error: {msg[:120]} |" + " – |" * (len(_COLUMNS) - 1))
+                lines.append(f"| {r['label']} | error: {msg[:120]} |" + " – |" * (len(columns) - 1))
                 continue
-            lines.append(f"| {r['label']} | " + " | ".join(_cell(r.get(k), d) for k, _, d in _COLUMNS) + " |")
-            if r.get("same_as"):
-                why = "no loop closed" if r.get("loop_closures") == 0 else "backend not acted on?"
+            lines.append(f"| {r['label']} | " + " | ".join(_cell(r.get(k), d) for k, _, d in columns) + " |")
+            masks_only = "dynamic-mask=" in r.get("backend", "")
+            if r.get("same_as") and not (masks_only and r["backend"].startswith("none+")):
+                why = ("the masks did not change tracking" if masks_only else
+                       "no loop closed" if r.get("loop_closures") == 0 else "backend not acted on?")
                 notes.append(f"{r['label']}: trajectory identical to {r['same_as']} ({why})")
         if notes:
             lines += [""] + [f"note: {n}" for n in notes]

@@ -76,8 +76,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, **dd)
         self.proj = nn.Linear(dim, dim, **dd)
 
-    def forward(self, x: Tensor, rope: Optional[RopeTables] = None) -> Tensor:
-        """``x`` ``(B, N, dim)`` -> ``(B, N, dim)``; ``rope`` tables for the N positions or None."""
+    def forward(self, x: Tensor, rope: Optional[RopeTables] = None, probs: Optional[list] = None) -> Tensor:
+        """``x`` ``(B, N, dim)`` -> ``(B, N, dim)``; ``rope`` tables for the N positions or None.
+
+        ``probs``: a list to append the scaled attention logits ``(B, heads, N, N)`` (before the softmax)
+        to (computed beside the output, which stays exactly what it is without it)."""
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if rope is not None:
@@ -87,6 +90,8 @@ class Attention(nn.Module):
                 k = _round_fp16(apply_rope(_round_fp16(k), rope)).to(dtype)
             else:
                 q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if probs is not None:
+            probs.append(((q @ k.transpose(-2, -1)) * self.scale).float())
         x = attention(q, k, v, self.scale)
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
@@ -120,8 +125,10 @@ class CrossAttention(nn.Module):
         rope_x: Optional[RopeTables] = None,
         rope_y: Optional[RopeTables] = None,
         logit_mean: bool = False,
+        probs: Optional[list] = None,
     ) -> tuple[Tensor, Optional[Tensor]]:
-        """Attend from ``x`` ``(B, Nq, dim)`` to ``y`` ``(B, Nk, dim)``.
+        """Attend from ``x`` ``(B, Nq, dim)`` to ``y`` ``(B, Nk, dim)`` (``probs``: a list to append the
+        scaled logits ``(B, heads, Nq, Nk)``, before the softmax, to; computed beside the unchanged output).
 
         Returns:
             ``(out, mean_logits)``: ``out`` ``(B, Nq, dim)``; with ``logit_mean=True``,
@@ -138,5 +145,7 @@ class CrossAttention(nn.Module):
         if logit_mean:
             # mean_n (q . k_n) * s == (q . mean_n k_n) * s: one matvec instead of the full logits
             mean_logits = (q @ k.mean(dim=2).unsqueeze(-1)).squeeze(-1) * self.scale
+        if probs is not None:
+            probs.append(((q @ k.transpose(-2, -1)) * self.scale).float())
         out = attention(q, k, v, self.scale)
         return self.proj(out.transpose(1, 2).reshape(b, nq, c)), mean_logits

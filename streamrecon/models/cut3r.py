@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from typing import Callable, ContextManager, Iterable, Optional
 
 import torch
@@ -40,6 +41,31 @@ __all__ = ["Cut3r"]
 _logger = logging.getLogger(__name__)
 _MISSING = object()
 _ROPE_CACHE_SIZE = 64
+
+
+def _token_attention(state_reads: Tensor, reads_state: Tensor, self_attn: Tensor) -> dict[str, Tensor]:
+    """Per-image-token statistics of one decoder level (the pose token, position 0, left out).
+
+    Args:
+        state_reads: ``(B, h, S, 1+N)`` scaled logits of the state branch's cross-attention (state
+            tokens read the image).
+        reads_state: ``(B, h, 1+N, S)`` ... of the image branch's cross-attention (image tokens read the state).
+        self_attn: ``(B, h, 1+N, 1+N)`` ... of the image branch's self-attention.
+
+    Returns ``(B, N)`` each: ``state_logit`` (mean pre-softmax score the state tokens give the token,
+    as Easi3R records), ``state_logit_std`` (its spread over heads), ``state_reads`` (mean attention
+    probability the state tokens pay it), ``reads_state_entropy`` (entropy of the token's attention
+    over the state, over ``log S``), ``self_received`` (mean attention the other image tokens pay it)
+    and ``pose_reads`` (the pose token's attention to it).
+    """
+    logit = state_reads[..., 1:].mean(dim=2)  # (B, h, N)
+    recv = state_reads.softmax(-1)[..., 1:].mean(dim=2)
+    p = reads_state[:, :, 1:].softmax(-1)
+    ent = -(p * p.clamp_min(1e-12).log()).sum(-1).mean(1) / math.log(p.shape[-1])
+    sa = self_attn.softmax(-1)
+    return {"state_logit": logit.mean(1), "state_logit_std": logit.std(1, unbiased=False), "state_reads": recv.mean(1),
+            "reads_state_entropy": ent, "self_received": sa[:, :, 1:, 1:].mean(dim=2).mean(1),
+            "pose_reads": sa[:, :, 0, 1:].mean(1)}
 
 
 def _no_autocast(device_type: str) -> ContextManager:
@@ -187,8 +213,10 @@ class Cut3r(nn.Module):
         return feat
 
     def _decode(self, feat: Tensor, pose_in: Tensor, state_tokens: Tensor, grid: tuple[int, int],
-                want_attention: bool, keep: Optional[dict]) -> tuple[list[Tensor], Tensor, Optional[Tensor]]:
-        """Run both decoder branches.
+                want_attention: bool, keep: Optional[dict], tokens: Optional[dict] = None
+                ) -> tuple[list[Tensor], Tensor, Optional[Tensor]]:
+        """Run both decoder branches (``tokens``: a dict to fill with :func:`_token_attention`'s
+        per-layer statistics of the image tokens).
 
         Returns:
             ``(head_layers, candidate_state (B,S,dd), state_attention (B,S) or None)``.
@@ -205,8 +233,12 @@ class Cut3r(nn.Module):
         if keep is not None:
             keep["dec_state"], keep["dec_img"] = [s], [x]
         for layer, (blk_s, blk_i) in enumerate(zip(self.dec_blocks_state, self.dec_blocks), start=1):
-            s_next, mean_logits = blk_s(s, x, rope_state_s, rope_img_s, logit_mean=want_attention)
-            x_next, _ = blk_i(x, s, rope_img_i, rope_state_i)
+            probs_s, probs_i = ({}, {}) if tokens is not None else (None, None)
+            s_next, mean_logits = blk_s(s, x, rope_state_s, rope_img_s, logit_mean=want_attention, probs=probs_s)
+            x_next, _ = blk_i(x, s, rope_img_i, rope_state_i, probs=probs_i)
+            if tokens is not None:
+                for name, value in _token_attention(probs_s["cross"][0], probs_i["cross"][0], probs_i["self"][0]).items():
+                    tokens.setdefault(name, []).append(value)
             s, x = s_next, x_next
             if mean_logits is not None:
                 attn_sum = mean_logits.mean(dim=1) if attn_sum is None else attn_sum + mean_logits.mean(dim=1)
@@ -223,7 +255,7 @@ class Cut3r(nn.Module):
         return head_layers, s, state_attention
 
     def _predict(self, inp: FrameInput, state: StreamState, memory_pose_only: bool, want_attention: bool,
-                 intermediates: bool) -> tuple[StepOutput, Tensor, Tensor, Tensor]:
+                 intermediates: bool, token_attention: bool = False) -> tuple[StepOutput, Tensor, Tensor, Tensor]:
         """Shared body of :meth:`step` and :meth:`query_raymap`.
 
         Returns:
@@ -240,9 +272,10 @@ class Cut3r(nn.Module):
             if not memory_pose_only:
                 token = self.pose_token.expand(feat.shape[0], -1, -1)
                 pose_in = torch.where(state.fresh.view(-1, 1, 1), token, pose_in)
+        tokens: Optional[dict] = {} if token_attention else None
         with self._stage("decoders"):
             head_layers, cand_tokens, state_attention = self._decode(
-                feat, pose_in, state.tokens, grid, want_attention, keep
+                feat, pose_in, state.tokens, grid, want_attention, keep, tokens
             )
         # Heads and pose arithmetic always run in float32, also under a bf16/fp16 autocast of the trunk.
         with self._stage("heads"), _no_autocast(feat.device.type):
@@ -254,11 +287,12 @@ class Cut3r(nn.Module):
             keep.update(enc_feat=feat, enc_pos=grid_positions(*grid, device=feat.device).unsqueeze(0),
                         global_feat=global_feat, pose_in=pose_in)
         out = StepOutput(**heads, state_attention=state_attention, intermediates=keep or {},
-                         global_feat=global_feat[:, 0])
+                         global_feat=global_feat[:, 0],
+                         token_attention=None if tokens is None else {k: torch.stack(v, 1) for k, v in tokens.items()})
         return out, cand_tokens, head_layers[-1][:, :1], key
 
     def step(self, inp: FrameInput, state: StreamState, rule: UpdateRule = CUT3R_RULE,
-             intermediates: bool = False) -> tuple[StepOutput, StreamState]:
+             intermediates: bool = False, token_attention: bool = False) -> tuple[StepOutput, StreamState]:
         """Process one view per stream and return its outputs and the next state.
 
         Args:
@@ -269,6 +303,8 @@ class Cut3r(nn.Module):
                 ``enc_feat`` (B,N,ed), ``enc_pos`` (1,N,2), ``global_feat`` (B,1,ed), ``pose_in``
                 (B,1,dd), ``dec_state`` / ``dec_img`` (lists over levels 0..D: input, after each
                 block, level D after the final norm), ``new_state`` and ``new_mem`` (candidates).
+            token_attention: also return :attr:`StepOutput.token_attention`, per-layer attention
+                statistics of the image tokens (dynamic-object masks); the outputs are unchanged by it.
 
         Returns:
             ``(StepOutput, StreamState)``. Outputs are computed with the state *before* the view;
@@ -277,7 +313,8 @@ class Cut3r(nn.Module):
         if inp.batch_size != state.batch_size:
             raise ValueError(f"input batch {inp.batch_size} != state batch {state.batch_size}")
         want_attention = rule.wants_state_attention or intermediates
-        out, cand_tokens, pose_token_out, key = self._predict(inp, state, False, want_attention, intermediates)
+        out, cand_tokens, pose_token_out, key = self._predict(inp, state, False, want_attention, intermediates,
+                                                              token_attention)
         has_img = inp.img is not None
         cand_mem = None
         if has_img or intermediates:

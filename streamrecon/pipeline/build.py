@@ -21,9 +21,10 @@ if TYPE_CHECKING:
 __all__ = ["engine_config", "map_config", "build_pipeline", "rerun_config"]
 
 
-def engine_config(es: EngineSettings, model) -> EngineConfig:
+def engine_config(es: EngineSettings, model, ms: Optional[MapSettings] = None) -> EngineConfig:
     return EngineConfig(size=es.model_size() or default_size(model), policy=es.state_policy,
-                        reset_every=es.reset_every, fast_preprocess=es.fast_preprocess, precision=es.precision)
+                        reset_every=es.reset_every, fast_preprocess=es.fast_preprocess, precision=es.precision,
+                        token_attention=ms is not None and ms.dynamic_mask == "attention")
 
 
 def map_config(ms: MapSettings, loaded: Optional[LoadedModel]) -> MapConfig:
@@ -65,7 +66,7 @@ def build_pipeline(cfg: PipelineConfig, loaded: LoadedModel, stream_id: str = ""
             always written, and ``pointmap.ply`` with every pixel.
     """
     o = cfg.outputs
-    engine = engine or StreamEngine(loaded.model, engine_config(cfg.engine, loaded.model))
+    engine = engine or StreamEngine(loaded.model, engine_config(cfg.engine, loaded.model, cfg.map))
     gmap = GlobalMap(map_config(cfg.map, loaded))
     sinks: list[Sink] = list(extra_sinks)
     if files:
@@ -92,7 +93,12 @@ def build_pipeline(cfg: PipelineConfig, loaded: LoadedModel, stream_id: str = ""
         map_cfg = gmap.cfg
         stage = GeometryStage(replace(cfg.slam, backend=cfg.slam.resolved_backend()),
                               map_factory=lambda: GlobalMap(map_cfg))
-    pipe = StreamPipeline(engine, gmap, sinks, options, on_result=on_result, stage=stage)
+    masker = None
+    if cfg.map.dynamic_mask != "off":
+        from ..dynamic import DynamicMasker, DynamicOptions
+
+        masker = DynamicMasker(DynamicOptions(cfg.map.dynamic_mask, cfg.map.dynamic_thresh))
+    pipe = StreamPipeline(engine, gmap, sinks, options, on_result=on_result, stage=stage, masker=masker)
     if snapshot_dir is not None:
         from ..snapshot.state import prefetch_fingerprint
         from ..snapshot.writer import SnapshotPolicy, Snapshotter

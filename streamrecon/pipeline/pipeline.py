@@ -2,12 +2,15 @@
 
 One pipeline per stream (``run`` has one; ``serve`` one per ``stream_id``)::
 
-    Frame --prepare--> engine --FrameResult--> consume: geometry stage --> global map, trajectory --FrameEvent--> sinks
+    Frame --prepare--> engine --FrameResult--> consume: [masks] geometry stage [masks] --> map, trajectory --FrameEvent--> sinks
     (serve: the node prepares frames, steps many engines in one batch, then calls consume(result) for each)
 
 The geometry stage (:class:`~streamrecon.slam.GeometryStage`, optional) undistorts frames and
 attaches known intrinsics before the engine, and after it replaces the network's pose and
-pointmaps with tracked ones (``--backend track``) before anything reaches the map.
+pointmaps with tracked ones (``--backend track``) before anything reaches the map. The dynamic-object
+masker (:class:`~streamrecon.dynamic.DynamicMasker`, ``--dynamic-mask``, optional) marks moving pixels
+before the stage (attention, flow: kept out of tracking too) or after it (residual); the map takes only
+the unmasked pixels.
 
 The pipeline owns the map, the trajectory, the counters and the timings (in its own structure: the
 engine's ``FrameResult`` is never modified) and hands frozen events to its sinks. ``close()`` sends
@@ -69,9 +72,10 @@ class StreamPipeline:
     """
 
     def __init__(self, engine, gmap: GlobalMap, sinks: Sequence[Sink] = (), options: PipelineOptions = PipelineOptions(),
-                 on_result: Optional[Callable[[FrameResult], None]] = None, stage=None) -> None:
+                 on_result: Optional[Callable[[FrameResult], None]] = None, stage=None, masker=None) -> None:
         self.engine, self.gmap, self.sinks, self.opt = engine, gmap, list(sinks), options
         self.stage = stage if stage is not None and stage.active else None
+        self.masker = masker
         self.on_result = on_result
         self.trajectory = Trajectory()
         self.stats = LatencyStats()
@@ -147,6 +151,10 @@ class StreamPipeline:
         and hand it to the sinks. ``frame`` is the prepared frame (the tracker needs its image)."""
         t_stage = time.perf_counter()
         swapped, loop = False, None
+        mask_ms = 0.0
+        if self.masker is not None:
+            result = self.masker.before_stage(result, frame)
+            mask_ms = 1e3 * (time.perf_counter() - t_stage)
         if self.stage is not None:
             result = self.stage.process(result, frame)
             swapped = self._swap_map()
@@ -154,9 +162,13 @@ class StreamPipeline:
                 self.stage.just_localised = False
                 self._map_epoch = self.stage.epoch
             loop = self.stage.take_loop() if getattr(self.stage, "loop", None) is not None else None
-        stage_ms = 1e3 * (time.perf_counter() - t_stage)
+        t_after = time.perf_counter()
+        if self.masker is not None:
+            result = self.masker.after_stage(result, self.gmap)
+        mask_ms += 1e3 * (time.perf_counter() - t_after)
+        stage_ms = 1e3 * (time.perf_counter() - t_stage) - mask_ms
         t0 = time.perf_counter()
-        pts, conf = result.world_points(self.opt.map_points)
+        pts, conf = result.world_points(self.opt.map_points, static_only=True)
         if self.stage is not None and self.stage.localised is False:  # a provisional world: kept aside
             if len(self._unlocalised) == self._unlocalised.maxlen:
                 self.unlocalised_dropped += 1
@@ -207,6 +219,8 @@ class StreamPipeline:
         timings = {"source": source_ms, **result.timings_ms, "map": 1e3 * (t1 - t0), "sinks": 1e3 * (t2 - t1)}
         if self.stage is not None:
             timings["geometry"] = stage_ms
+        if self.masker is not None:
+            timings["dynamic_mask"] = mask_ms
         timings["frame"] = sum(v for k, v in timings.items() if k != "source")  # the frame loop's own time
         self.stats.add(timings)
         if self.rss_start is None and result.index >= 10:
@@ -292,7 +306,7 @@ class StreamPipeline:
 
     def _map_chunk(self, r: FrameResult) -> tuple:
         """``(epoch, index, points, colours, conf)`` of a frame as the map takes it (strided, confident)."""
-        pts, conf = r.world_points(self.opt.map_points)
+        pts, conf = r.world_points(self.opt.map_points, static_only=True)
         st = self.gmap.cfg.pixel_stride
         pts, col, conf = pts[::st, ::st].reshape(-1, 3), r.colors[::st, ::st].reshape(-1, 3), conf[::st, ::st].reshape(-1)
         keep = conf > self.gmap.cfg.conf_thresh
@@ -474,7 +488,8 @@ class StreamPipeline:
             memory_mb={"peak_rss": round(peak_rss_mb(), 1), "rss_at_frame_10": self.rss_start,
                        "rss_now": round(rss_mb(), 1), "rss_samples": list(self.rss_samples),
                        "device_peak": device_peak_mb(self.engine.device)},
-            map={**self.gmap.stats(), "confidence_max": round(self.conf_max, 4), "rebuilds": self.map_rebuilds},
+            map={**self.gmap.stats(), "confidence_max": round(self.conf_max, 4), "rebuilds": self.map_rebuilds,
+                 **({"dynamic_mask": self.masker.stats()} if self.masker is not None else {})},
             segments=self.segments_seen,
             frames_with_K_given=self.k_given, sinks=self.sink_stats(), in_progress=stop_reason == "running",
             slam=self._slam_summary(),

@@ -7,7 +7,9 @@
   stream runs (GLB also holds the camera path; atomic);
 * ``frames/NNNNNN.npz`` (optional) -- per-frame pointmaps, confidences, pose, intrinsics (``K``
   estimated at model resolution, ``K_original`` in original pixels, ``K_given`` when the frame came
-  with intrinsics, else an all-NaN 3x3), colours;
+  with intrinsics, else an all-NaN 3x3), colours; with ``--dynamic-mask``, ``dynamic`` (float16 score
+  0..1, how likely the pixel moves) and ``dynamic_mask`` (bool, the pixels kept out of the map) on the
+  frames that were scored;
 * ``pointmap.ply`` (a single image) -- every pixel of its pointmap with colours and confidence;
 * ``probes/<name>_NNNNNN.npz|.png`` -- raymap probe predictions (names are sanitised to
   ``[A-Za-z0-9_.-]``: a probe name never leaves ``probes/``);
@@ -146,7 +148,9 @@ class FileSink:
                 points_cam=r.points_cam, points_world=r.points_world_pose, points_world_head=r.points_world_head,
                 conf_cam=r.conf_cam, conf_world=r.conf_world, depth=r.depth, T_wc=r.T_wc, K=r.K,
                 K_original=r.K_original, K_given=r.K_given if r.K_given is not None else _NAN_K, colors=r.colors,
-                stamp=np.float64(r.stamp), seq=np.int64(r.seq)))
+                stamp=np.float64(r.stamp), seq=np.int64(r.seq),
+                **({} if r.dynamic is None else {"dynamic": r.dynamic.astype(np.float16)}),
+                **({} if r.dynamic_mask is None else {"dynamic_mask": r.dynamic_mask})))
             self.written.add("frames/")
         if self.flush_every and self._since_flush >= self.flush_every and event.summary is None:
             self._sync_trajectory()

@@ -8,6 +8,8 @@ Entity layout (OpenCV world, ``RIGHT_HAND_Y_DOWN``)::
     world/cam/image             Pinhole + the model's input image (model resolution)
     world/cam/image/depth       DepthImage (z of the camera-frame pointmap, metres)
     world/cam/image/confidence  confidence image
+    world/cam/image/dynamic     --dynamic-mask: the moving-object score (0..1)
+    world/cam/image/dynamic_mask  ... and its mask as a segmentation (1 = kept out of the map)
     world/map/points            only the map points created by this frame (the 3D view accumulates)
     world/map/global            the whole voxel map, re-logged every ``consolidate_every`` frames
     world/trajectory            camera path, one segment per frame (accumulated)
@@ -268,6 +270,10 @@ class RerunSink:
         self.rec.log(f"{self.p}world/cam/image", self._image(result.colors))
         self.rec.log(f"{self.p}world/cam/image/depth", rr.DepthImage(result.depth, meter=1.0))
         self.rec.log(f"{self.p}world/cam/image/confidence", rr.Image(result.conf_cam.astype(np.float32)))
+        if result.dynamic is not None:
+            self.rec.log(f"{self.p}world/cam/image/dynamic", rr.Image(result.dynamic.astype(np.float32)))
+        if result.dynamic_mask is not None:
+            self.rec.log(f"{self.p}world/cam/image/dynamic_mask", rr.SegmentationImage(result.dynamic_mask.astype(np.uint8)))
         if len(new_points):
             if len(new_points) > self.cfg.max_points_per_frame:
                 pick = self._rng.choice(len(new_points), self.cfg.max_points_per_frame, replace=False)

@@ -101,6 +101,7 @@ class GeometryStage:
         self.reloc = None  # a Relocaliser while not localised
         self.reloc_info: dict[str, Any] = {}
         self._last_Kt: Optional[np.ndarray] = None
+        self._excl_key, self._excl_index = None, None  # cached tracking-pixel -> model-pixel lookup
         self.just_localised = False  # set by the frame that localised, cleared by the pipeline
 
     @property
@@ -255,7 +256,8 @@ class GeometryStage:
         cloud = out.points_cam[::st, ::st].reshape(-1, 3)
         self.loop.submit(KeyframeInput(
             kid=out.index, epoch=self.epoch, T_wc=out.T_wc.copy(), grey=grey, K=Kt, cloud=cloud,
-            colors=out.colors[::st, ::st].reshape(-1, 3), conf=out.conf_cam[::st, ::st].reshape(-1),
+            colors=out.colors[::st, ::st].reshape(-1, 3),
+            conf=out.world_points("pose", static_only=True)[1][::st, ::st].reshape(-1),  # movers: -inf, left out
             descriptor=out.descriptor, lm_px=tr.cur.copy(), lm_X=lm_X, lm_ids=tr.tid.copy()))
 
     def _rays(self, hw: tuple[int, int], K: np.ndarray) -> np.ndarray:
@@ -267,6 +269,24 @@ class GeometryStage:
             self._rays_cache = np.stack([u, v, np.ones_like(u)], -1).astype(np.float64) @ np.linalg.inv(K).T
             self._rays_key = key
         return self._rays_cache
+
+    def _exclusion(self, mask: np.ndarray, crop, shape: tuple[int, int], f: float) -> np.ndarray:
+        """The model-resolution dynamic ``mask`` at tracking resolution ``shape`` (``f``: tracking / original
+        scale); pixels outside the model's crop are never excluded."""
+        key = (shape, f, crop)
+        if self._excl_key != key:
+            h, w = shape
+            v, u = np.mgrid[0:h, 0:w]
+            orig = (np.c_[u.ravel(), v.ravel()] + 0.5) / f - 0.5
+            m = np.rint(crop.to_model(orig)).astype(np.int64)
+            hh, ww = crop.output_hw
+            ok = (m[:, 0] >= 0) & (m[:, 0] < ww) & (m[:, 1] >= 0) & (m[:, 1] < hh)
+            self._excl_index = (np.flatnonzero(ok), m[ok, 1], m[ok, 0])
+            self._excl_key = key
+        flat, my, mx = self._excl_index
+        out = np.zeros(shape[0] * shape[1], bool)
+        out[flat] = mask[my, mx]
+        return out.reshape(shape)
 
     def _track(self, r: FrameResult, frame: Frame, K0: np.ndarray) -> tuple[np.ndarray, float, TrackingInfo, Optional[tuple]]:
         import cv2
@@ -303,7 +323,8 @@ class GeometryStage:
             rel[:3, 3] *= self.tracker.scale or 1.0
             fallback = self._T_prev @ rel
         self._last_Kt = Kt
-        res = self.tracker.track(grey, Kt, depth_at, fallback)
+        exclude = None if r.dynamic_mask is None else self._exclusion(r.dynamic_mask, crop, grey.shape, f)
+        res = self.tracker.track(grey, Kt, depth_at, fallback, exclude=exclude)
         self._net_prev, self._T_prev = net, res.T_wc
         self.states[res.state] += 1
         ms = 1e3 * (time.perf_counter() - t0)
@@ -337,7 +358,8 @@ class GeometryStage:
                        keyframes_kept=len(self.tracker.keyframes), depth_scale=self.tracker.scale,
                        track_ms_p50=round(float(np.percentile(ms, 50)), 3),
                        track_ms_p99=round(float(np.percentile(ms, 99)), 3),
-                       local_ba=dict(getattr(self.tracker, "ba_stats", {}) or {}))
+                       local_ba=dict(getattr(self.tracker, "ba_stats", {}) or {}),
+                       tracks_on_movers_dropped=int(getattr(self.tracker, "dynamic_dropped", 0)))
         if self.loop is not None:
             out["loop_closure"] = self.loop.to_dict() | {"corrections_applied": self.epoch}
         if self.reloc_info:

@@ -154,6 +154,8 @@ class Tracker:
         self.keyframes: deque[KeyframeRecord] = deque(maxlen=config.max_keyframes)
         self.n_keyframes = 0
         self._prev: Optional[np.ndarray] = None  # previous grey image
+        self._exclude: Optional[np.ndarray] = None  # this frame's moving pixels (set by track())
+        self.dynamic_dropped = 0  # tracks dropped because they landed on a moving object
         self._reset_tracks()
         self.T_prev: Optional[np.ndarray] = None
         self.kf_T: Optional[np.ndarray] = None
@@ -208,6 +210,8 @@ class Tracker:
         if n <= 0:
             return np.zeros((0, 2), np.float32)
         mask = np.full(grey.shape, 255, np.uint8)
+        if self._exclude is not None:  # no new corners on moving objects
+            mask[self._exclude] = 0
         for x, y in existing.astype(int):
             cv2.circle(mask, (int(x), int(y)), self.cfg.min_distance, 0, -1)
         pts = cv2.goodFeaturesToTrack(grey, maxCorners=n, qualityLevel=self.cfg.quality,
@@ -508,7 +512,7 @@ class Tracker:
         return self.kf_T @ _inv(T_ba), int(n)
 
     def track(self, grey: np.ndarray, K: np.ndarray, depth_at: Callable[[np.ndarray], np.ndarray],
-              fallback_T: np.ndarray) -> TrackResult:
+              fallback_T: np.ndarray, exclude: Optional[np.ndarray] = None) -> TrackResult:
         """Track one frame.
 
         Args:
@@ -516,11 +520,15 @@ class Tracker:
             K: ``(3, 3)`` intrinsics in the same pixels.
             depth_at: ``(N, 2)`` pixels -> ``(N,)`` the network's depth there (NaN where unknown).
             fallback_T: the pose to use when tracking fails (the network's, chained).
+            exclude: ``(h, w)`` bool, pixels on moving objects (``--dynamic-mask``): tracks that land
+                there are dropped and no corner is detected there.
         """
         self._idle.clear()  # the bundle-adjustment thread waits while we track (see local_ba)
+        self._exclude = exclude if exclude is not None and exclude.shape == grey.shape and exclude.any() else None
         try:
             return self._track(grey, K, depth_at, fallback_T)
         finally:
+            self._exclude = None
             self._idle.set()
 
     def _track(self, grey: np.ndarray, K: np.ndarray, depth_at: Callable[[np.ndarray], np.ndarray],
@@ -541,6 +549,11 @@ class Tracker:
             return TrackResult(T_wc=T.copy(), state=state, method="first", tracked=len(self.cur), inliers=len(self.cur),
                                keyframe=True, depth_scale=self.scale, ms=1e3 * (time.perf_counter() - t0))
         p1, ok = self._flow(self._prev, grey, self.cur)
+        if self._exclude is not None and len(p1):
+            h, w = grey.shape
+            on = self._exclude[np.clip(np.rint(p1[:, 1]).astype(int), 0, h - 1), np.clip(np.rint(p1[:, 0]).astype(int), 0, w - 1)]
+            self.dynamic_dropped += int((ok & on).sum())
+            ok &= ~on
         self.cur, self.kf_px, self.X, self.geo = p1[ok], self.kf_px[ok], self.X[ok], self.geo[ok]
         self.tid, self.refined = self.tid[ok], self.refined[ok]
         tracked = len(self.cur)

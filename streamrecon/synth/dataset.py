@@ -7,6 +7,7 @@ Folder format of one sequence (``write_sequence`` / ``read_sequence``; ``streamr
     <seq>/poses.txt             TUM: t tx ty tz qx qy qz qw, camera-to-world (OpenCV axes), t = index / fps
     <seq>/intrinsics.txt        fx fy cx cy (pixels, same for every frame)
     <seq>/virtual/rgb|depth|poses.txt   held-out virtual views (never in the stream) for raymap queries
+    <seq>/dynamic/000000.png    uint8 ground-truth motion mask, 255 on moving objects (scenes with movers only)
     <seq>/meta.json             seed, trajectory kind, size, fps, scene summary
 
 Training batches (:class:`SyntheticStream`) are rendered in memory and never touch the disk.
@@ -40,6 +41,9 @@ class SynthConfig:
         hfov: range of horizontal fields of view (degrees).
         kinds: trajectory kinds to draw from.
         moving: number of moving objects per scene.
+        speed: range of a moving object's speed (metres per frame).
+        movers_in_view: place each moving object where the camera looks at some frame, crossing the
+            view (evaluation sets for motion masks; otherwise movers are placed like any object).
         virtual: held-out virtual views per sequence.
         supersample: colour sub-pixel rays per axis.
         step: camera step per frame (metres) for moving trajectories.
@@ -51,6 +55,8 @@ class SynthConfig:
     hfov: tuple = (55.0, 75.0)
     kinds: tuple = KINDS
     moving: int = 0
+    speed: tuple = (0.01, 0.03)
+    movers_in_view: bool = False
     virtual: int = 4
     supersample: int = 2
     step: float = 0.08
@@ -63,16 +69,19 @@ def render_sequence(seed: int, cfg: SynthConfig = SynthConfig(), frames: Optiona
 
     Returns:
         ``rgb`` ``(N, H, W, 3)`` uint8, ``depth`` ``(N, H, W)`` float32, ``valid`` ``(N, H, W)`` bool,
+        ``dynamic`` ``(N, H, W)`` bool (pixels on a moving object: the ground-truth motion mask),
         ``T_wc`` ``(N, 4, 4)`` float64, ``K`` ``(3, 3)`` float64, ``kind``, ``seed``, and ``virtual``
         (the same keys for held-out views near the path).
     """
     n = frames or cfg.frames
     g = torch.Generator().manual_seed(seed)
-    scene = random_scene(seed, moving=cfg.moving)
+    scene = random_scene(seed, moving=cfg.moving, speed=cfg.speed)
     kind = cfg.kinds[int(torch.randint(len(cfg.kinds), (1,), generator=g))]
     hfov = cfg.hfov[0] + (cfg.hfov[1] - cfg.hfov[0]) * float(torch.rand(1, generator=g))
     K = intrinsics(cfg.height, cfg.width, hfov)
     T = make_trajectory(scene, kind, n, seed=seed + 1, step=cfg.step)
+    if cfg.moving and cfg.movers_in_view:
+        _place_movers(scene, T, cfg.moving, torch.Generator().manual_seed(seed + 2))
     def view(T_wc, frame: int) -> dict:
         v = render(scene, T_wc, K, cfg.height, cfg.width, frame=frame, supersample=cfg.supersample)
         if on_view is not None:
@@ -81,7 +90,8 @@ def render_sequence(seed: int, cfg: SynthConfig = SynthConfig(), frames: Optiona
 
     views = [view(T[i], i) for i in range(n)]
     out = {"rgb": torch.stack([v["rgb"] for v in views]).numpy(), "depth": torch.stack([v["depth"] for v in views]).numpy(),
-           "valid": torch.stack([v["valid"] for v in views]).numpy(), "T_wc": T.numpy(), "K": K.numpy(), "kind": kind,
+           "valid": torch.stack([v["valid"] for v in views]).numpy(),
+           "dynamic": torch.stack([v["dynamic"] for v in views]).numpy(), "T_wc": T.numpy(), "K": K.numpy(), "kind": kind,
            "seed": seed, "hfov": hfov}
     vT = []
     for _ in range(cfg.virtual):  # off the path: sideways / up-down shift and a turn
@@ -107,6 +117,42 @@ def render_sequence(seed: int, cfg: SynthConfig = SynthConfig(), frames: Optiona
     return out
 
 
+def _place_movers(scene, T: Tensor, moving: int, g: torch.Generator, tries: int = 30) -> None:
+    """Move the first ``moving`` objects of ``scene`` (in place) so each crosses the camera's view.
+
+    For each mover a frame ``i`` of the trajectory ``T`` ``(N, 4, 4)`` (camera-to-world) is drawn; the
+    object is put 1.5-3 m ahead of that camera (on its floor height) and given the same speed, moving
+    sideways across the view; positions that come too close to the camera at any frame or leave the
+    room are drawn again (after ``tries`` the object stays where it was).
+    """
+    n = len(T)
+    lo, hi = scene.bounds()
+    cams = T[:, :3, 3].float()
+
+    def u(a: float, b: float) -> float:
+        return a + (b - a) * torch.rand(1, generator=g).item()
+
+    for prim in scene.objects[:moving]:
+        speed = float(prim.velocity.norm()) or 0.02
+        reach = float(prim.size.max()) * (1.5 if prim.kind == "box" else 1.0)
+        for _ in range(tries):
+            i = int(torch.randint(n // 4, max(n // 4 + 1, 3 * n // 4), (1,), generator=g))
+            fwd = T[i, :3, 2].float() * torch.tensor([1.0, 0.0, 1.0])
+            if float(fwd.norm()) < 1e-3:
+                continue
+            fwd = fwd / fwd.norm()
+            right = torch.tensor([-fwd[2], 0.0, fwd[0]])
+            centre = cams[i] + fwd * u(1.5, 3.0) + right * u(-0.5, 0.5)
+            centre[1] = prim.center[1]
+            vel = right * speed * (1 if u(0, 1) < 0.5 else -1)
+            path = centre[None] + (torch.arange(n, dtype=torch.float32) - i)[:, None] * vel[None]
+            inside = bool(((path - lo) > reach).all() and ((hi - path) > reach)[:, [0, 2]].all())
+            gap = ((path - cams) * torch.tensor([1.0, 0.0, 1.0])).norm(dim=1).min()
+            if inside and float(gap) > reach + 0.6:
+                prim.center, prim.velocity = path[0].clone(), vel
+                break
+
+
 def _write_views(d: Path, rgb: np.ndarray, depth: np.ndarray, T: np.ndarray, fps: float) -> None:
     import cv2
 
@@ -124,6 +170,12 @@ def write_sequence(seq: dict, out_dir: str | Path, fps: float = 30.0) -> Path:
     """Write a rendered sequence in the folder format above."""
     d = Path(out_dir)
     _write_views(d, seq["rgb"], np.where(seq["valid"], seq["depth"], 0), seq["T_wc"], fps)
+    if seq["scene"].get("moving"):
+        import cv2
+
+        (d / "dynamic").mkdir(exist_ok=True)
+        for i, m in enumerate(seq["dynamic"]):
+            cv2.imwrite(str(d / "dynamic" / f"{i:06d}.png"), m.astype(np.uint8) * 255)
     if len(seq["virtual"]["rgb"]):
         _write_views(d / "virtual", seq["virtual"]["rgb"], seq["virtual"]["depth"], seq["virtual"]["T_wc"], fps)
     K = seq["K"]
@@ -135,7 +187,8 @@ def write_sequence(seq: dict, out_dir: str | Path, fps: float = 30.0) -> Path:
 
 
 def read_sequence(d: str | Path) -> dict:
-    """Read a sequence folder: ``rgb``, ``depth``, ``valid``, ``T_wc``, ``K``, ``stamps``, ``meta``."""
+    """Read a sequence folder: ``rgb``, ``depth``, ``valid``, ``T_wc``, ``K``, ``stamps``, ``meta``, and
+    ``dynamic`` ``(N, H, W)`` bool where the folder has motion masks (else ``None``)."""
     from PIL import Image
 
     from ..mapping import read_tum
@@ -148,7 +201,11 @@ def read_sequence(d: str | Path) -> dict:
     fx, fy, cx, cy = (float(v) for v in (d / "intrinsics.txt").read_text().split())
     K = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1]])
     meta = json.loads((d / "meta.json").read_text()) if (d / "meta.json").exists() else {}
+    dynamic = None
+    if (d / "dynamic").is_dir():
+        dynamic = np.stack([np.array(Image.open(d / "dynamic" / f"{n}.png")) > 127 for n in names])
     return {"rgb": rgb, "depth": depth, "valid": depth > 0, "T_wc": T, "K": K, "stamps": stamps, "meta": meta,
+            "dynamic": dynamic,
             "rgb_paths": [d / "rgb" / f"{n}.png" for n in names]}
 
 

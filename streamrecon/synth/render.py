@@ -200,7 +200,8 @@ def render(scene: Scene, T_wc: Tensor, K: Tensor, h: int, w: int, frame: int = 0
         supersample: sub-pixel rays per axis for the colour.
 
     Returns:
-        ``rgb`` ``(H, W, 3)`` uint8, ``depth`` ``(H, W)`` float32 camera z (metres), ``valid`` ``(H, W)`` bool.
+        ``rgb`` ``(H, W, 3)`` uint8, ``depth`` ``(H, W)`` float32 camera z (metres), ``valid`` ``(H, W)`` bool,
+        ``dynamic`` ``(H, W)`` bool: the pixel-centre ray hits an object that moves (non-zero velocity).
     """
     T = T_wc.to(dtype)
     Kd = K.to(dtype)
@@ -208,7 +209,10 @@ def render(scene: Scene, T_wc: Tensor, K: Tensor, h: int, w: int, frame: int = 0
     grid = (torch.arange(s, dtype=dtype) + 0.5) / s - 0.5
     offsets = torch.stack(torch.meshgrid(grid, grid, indexing="xy"), -1).reshape(-1, 2)
     o, centre = pixel_rays(T, Kd, h, w, torch.zeros(1, 2, dtype=dtype))
-    t, *_ = _cast(scene, o, centre[0], frame)  # depth: the pixel-centre ray
+    t, _, _, hit = _cast(scene, o, centre[0], frame)  # depth and object: the pixel-centre ray
+    movers = torch.tensor([k for k, prim in enumerate(scene.objects) if bool((prim.velocity != 0).any())],
+                          dtype=hit.dtype)
+    dynamic = torch.isin(hit, movers) if len(movers) else torch.zeros_like(hit, dtype=torch.bool)
     if s == 1:
         _, p, n, obj = _cast(scene, o, centre[0], frame)
         rgb = _shade(scene, p, n, obj, frame)
@@ -219,4 +223,4 @@ def render(scene: Scene, T_wc: Tensor, K: Tensor, h: int, w: int, frame: int = 0
     depth = t.reshape(h, w)
     valid = torch.isfinite(depth) & (depth > 0)
     return {"rgb": (rgb.reshape(h, w, 3) * 255).round().to(torch.uint8), "depth": depth.float().nan_to_num(0.0, 0.0, 0.0),
-            "valid": valid}
+            "valid": valid, "dynamic": dynamic.reshape(h, w) & valid}

@@ -84,8 +84,10 @@ def _palette(g: torch.Generator) -> Tensor:
     return torch.stack([base * lo, base * hi]).clamp(0, 1)
 
 
-def random_scene(seed: int, n_objects: tuple[int, int] = (4, 10), moving: int = 0) -> Scene:
-    """A random room with objects on the floor (and a few floating), ``moving`` of them in motion."""
+def random_scene(seed: int, n_objects: tuple[int, int] = (4, 10), moving: int = 0,
+                 speed: tuple[float, float] = (0.01, 0.03)) -> Scene:
+    """A random room with objects on the floor (and a few floating), ``moving`` of them in motion
+    (horizontally, ``speed`` metres per frame)."""
     g = torch.Generator().manual_seed(seed)
 
     def u(a: float, b: float) -> float:
@@ -118,7 +120,7 @@ def random_scene(seed: int, n_objects: tuple[int, int] = (4, 10), moving: int = 
         vel = torch.zeros(3)
         if i < moving:
             ang = u(0, 2 * math.pi)
-            vel = torch.tensor([math.cos(ang), 0.0, math.sin(ang)]) * u(0.01, 0.03)
+            vel = torch.tensor([math.cos(ang), 0.0, math.sin(ang)]) * u(*speed)
         objects.append(Primitive(kind, center, size, u(0, math.pi), _palette(g), choice(PATTERNS), u(2.0, 10.0), vel))
     n_lights = int(torch.randint(1, 3, (1,), generator=g))
     lights = torch.tensor([[u(-w / 3, w / 3), -h + 0.3, u(-d / 3, d / 3)] for _ in range(n_lights)])
