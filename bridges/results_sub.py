@@ -124,6 +124,9 @@ class _RerunView:
         elif kind == "geometry":
             pts = arrays["points"].reshape(-1, 3).astype(np.float32)
             cols = arrays["colors"].reshape(-1, 3) if "colors" in arrays else None
+            if "dynamic_mask" in arrays:  # moving objects: left out, as the node's own map does
+                keep = arrays["dynamic_mask"].reshape(-1) == 0
+                pts, cols = pts[keep], None if cols is None else cols[keep]
             self.rec.log(f"streams/{sid}/points", rr.Points3D(pts, colors=cols, radii=-1.0))
 
     def close(self) -> None:

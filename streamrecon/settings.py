@@ -112,7 +112,13 @@ class MapSettings:
                                      "(map only); the score and mask are saved per frame (docs/ACCURACY.md)")
     dynamic_thresh: float = setting(0.5, help="--dynamic-mask: score (0..1) above which a pixel is masked")
 
+    def __post_init__(self) -> None:
+        if self.dynamic_mask is False:  # YAML reads a bare ``off`` as false
+            object.__setattr__(self, "dynamic_mask", "off")
+
     def validate(self) -> None:
+        if self.dynamic_mask not in ("off", "attention", "flow", "residual"):
+            raise SettingsError(f"--dynamic-mask must be off, attention, flow or residual, got {self.dynamic_mask!r}")
         if not self.voxel_size > 0:
             raise SettingsError("--voxel-size must be > 0")
         if self.max_points < 1:

@@ -3,6 +3,8 @@ of the map and of tracking, the outputs, and the evaluation's mask figures."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -71,11 +73,22 @@ def test_the_generator_marks_exactly_the_pixels_of_moving_objects(tmp_path):
     assert read_sequence(write_sequence(still, tmp_path / "still"))["dynamic"] is None  # no masks written for it
 
 
-def test_movers_in_view_changes_only_the_movers():
-    base = SynthConfig(height=32, width=48, frames=5, virtual=0, supersample=1, moving=2)
-    a = render_sequence(7, base)
-    b = render_sequence(7, SynthConfig(**{**base.__dict__, "movers_in_view": True}))
-    assert np.array_equal(a["T_wc"], b["T_wc"])  # same trajectory and scene otherwise
+def test_movers_in_view_moves_only_the_movers_into_the_view():
+    from streamrecon.synth.dataset import _place_movers
+    from streamrecon.synth.scene import random_scene
+    from streamrecon.synth.trajectory import make_trajectory
+
+    scene = random_scene(11, moving=2)
+    before = [(o.center.clone(), o.velocity.clone()) for o in scene.objects]
+    T = make_trajectory(scene, "walk", 20, seed=12, step=0.08)
+    _place_movers(scene, T, 2, torch.Generator().manual_seed(13))
+    for o, (c, v) in zip(scene.objects[2:], before[2:]):  # static objects stay where they were
+        assert torch.equal(o.center, c) and torch.equal(o.velocity, v)
+    moved = [not torch.equal(o.center, c) for o, (c, _) in zip(scene.objects[:2], before[:2])]
+    assert any(moved)
+    for o, (_, v) in zip(scene.objects[:2], before[:2]):
+        assert float(o.velocity.norm()) == pytest.approx(float(v.norm()), rel=1e-5)  # same speed
+        assert float(o.velocity[1]) == 0.0  # on the floor: horizontal motion
 
 
 # ---------------------------------------------------------------------------------------------- masks and metrics
@@ -218,7 +231,7 @@ class _MaskLeftHalf(DynamicMasker):
     def before_stage(self, r, frame):
         s = np.zeros(r.depth.shape, np.float32)
         s[:, : s.shape[1] // 2] = 1.0
-        return self._with(r, s, 0.0)
+        return self._with(r, s, time.perf_counter())
 
 
 def test_masked_pixels_stay_out_of_the_map_but_are_returned(tmp_path):
@@ -261,6 +274,45 @@ def test_masked_pixels_stay_out_of_the_map_but_are_returned(tmp_path):
     assert "dynamic" not in np.load(tmp_path / "plain" / "frames" / "000001.npz").files
 
 
+class _ResidualLeftHalf(DynamicMasker):
+    """A residual-kind masker (run by the stage, after the pose) whose mask is the left half."""
+
+    def __init__(self) -> None:
+        super().__init__(DynamicOptions("residual"))
+
+    def after_stage(self, r, gmap):
+        s = np.zeros(r.depth.shape, np.float32)
+        s[:, : s.shape[1] // 2] = 1.0
+        return self._with(r, s, time.perf_counter())
+
+
+def test_keyframe_clouds_of_the_slam_backend_leave_out_masked_pixels():
+    from streamrecon.models import Cut3r
+    from streamrecon.pipeline import build_pipeline
+    from streamrecon.pipeline.resolve import LoadedModel
+    from streamrecon.settings import PipelineConfig, SlamSettings
+
+    torch.manual_seed(0)
+    model = Cut3r(tiny_config()).eval()
+    seq = render_sequence(3, SynthConfig(height=96, width=128, frames=4, virtual=0, supersample=1))
+    K = seq["K"]
+    cfg = PipelineConfig(map=MapSettings(dynamic_mask="residual", conf_thresh=0.0),
+                         slam=SlamSettings(backend="slam", intrinsics=f"{K[0, 0]},{K[1, 1]},{K[0, 2]},{K[1, 2]}",
+                                           deterministic=True))
+    pipe = build_pipeline(cfg, LoadedModel.wrap(model), files=False)
+    pipe.masker = _ResidualLeftHalf()
+    sent = []
+    pipe.stage.loop.submit = sent.append
+    results = [pipe.push(Frame(image=seq["rgb"][i], seq=i, stamp=0.1 * i)) for i in range(4)]
+    pipe.close()
+    assert sent, "no keyframe was submitted"
+    st = pipe.stage._cloud_stride
+    for kf in sent:
+        r = next(r for r in results if r.index == kf.kid)
+        assert np.isneginf(kf.conf).sum() == r.dynamic_mask[::st, ::st].sum() > 0
+    assert pipe.masker.scored == 4  # once per frame: by the stage, not again by the pipeline
+
+
 def test_the_tracker_drops_tracks_on_moving_pixels():
     from streamrecon.slam.tracker import Tracker, TrackerConfig
 
@@ -293,6 +345,30 @@ def test_dynamic_settings_are_checked():
             MapSettings(dynamic_thresh=bad).validate()
     with pytest.raises(ValueError, match="dynamic mask method"):
         DynamicOptions("optical")
+    with pytest.raises(SettingsError, match="--dynamic-mask must be"):
+        MapSettings(dynamic_mask="flo").validate()  # YAML bypasses the flag's choices
+    import yaml
+
+    assert MapSettings(dynamic_mask=yaml.safe_load("off")).dynamic_mask == "off"  # YAML's bare off is False
+
+
+def test_batched_streams_get_the_same_attention_scores_as_one_by_one(tiny_model):
+    from streamrecon.engine import process_batch
+
+    rng = np.random.default_rng(0)
+    frames = [[Frame(image=rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), seq=i, stamp=0.1 * i) for i in range(3)]
+              for _ in range(2)]
+    cfg = EngineConfig(size=64, token_attention=True)
+    together = [StreamEngine(tiny_model, cfg) for _ in range(2)]
+    alone = [StreamEngine(tiny_model, cfg) for _ in range(2)]
+    for i in range(3):
+        batched = process_batch(together, [frames[0][i], frames[1][i]])
+        for k in range(2):
+            single = alone[k].process(frames[k][i])
+            if i == 0:
+                assert batched[k].dynamic is None and single.dynamic is None
+            else:
+                np.testing.assert_allclose(batched[k].dynamic, single.dynamic, atol=1e-4)
 
 
 def test_run_with_dynamic_masks_from_the_command_line(tmp_path, shared):
@@ -355,6 +431,6 @@ def test_eval_backend_modifiers_are_parsed():
 
     assert _parse_label("track+dynamic-mask=flow") == ("track", {"dynamic-mask": "flow"})
     assert _parse_label("none+revisit") == ("none", {"revisit": ""})
-    for bad in ("none+mask=flow", "none+dynamic-mask", "none+revisit=1"):
-        with pytest.raises(ValueError, match="modifier"):
+    for bad in ("none+mask=flow", "none+dynamic-mask", "none+revisit=1", "none+dynamic-mask=optical"):
+        with pytest.raises(ValueError, match="modifier|dynamic mask"):
             _parse_label(bad)

@@ -25,8 +25,9 @@ def main() -> None:
 
     from streamrecon.synth.dataset import SynthConfig, make_dataset, render_sequence, write_sequence
 
+    seed0 = {"heldout": 90_000_000, "dynamic": 91_000_000, "loops": 92_000_000}[args.which] if args.seed is None else args.seed
     if args.which == "heldout":
-        make_dataset(args.out, args.n or 10, args.seed or 90_000_000, SynthConfig(height=240, width=320, frames=30))
+        make_dataset(args.out, args.n or 10, seed0, SynthConfig(height=240, width=320, frames=30))
         return
     if args.which == "dynamic":
         # movers placed where the camera looks; a sequence is kept when they are seen in a third of its
@@ -34,7 +35,7 @@ def main() -> None:
         from pathlib import Path
 
         cfg = SynthConfig(height=240, width=320, frames=30, moving=3, speed=(0.02, 0.04), movers_in_view=True)
-        kept, seed = 0, args.seed or 91_000_000
+        kept, seed = 0, seed0
         while kept < (args.n or 12):
             seq = render_sequence(seed, cfg)
             seen = seq["dynamic"].reshape(len(seq["dynamic"]), -1).any(1).mean()
@@ -47,7 +48,7 @@ def main() -> None:
     # an orbit's angular step is (0.5..1.5) * step / radius (radius <= 1.5 m): 1.2 turns of the slowest
     # possible orbit at step 0.06 m is 1.2 * 2 pi * 1.5 / (0.5 * 0.06) frames; keep it bounded instead
     frames = int(1.2 * 2 * math.pi / (0.06 / 1.0))
-    make_dataset(args.out, args.n or 4, args.seed or 92_000_000, SynthConfig(height=240, width=320, frames=frames,
+    make_dataset(args.out, args.n or 4, seed0, SynthConfig(height=240, width=320, frames=frames,
                                                                 kinds=("orbit",), step=0.06))
 
 

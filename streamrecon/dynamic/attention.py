@@ -9,8 +9,8 @@ heads disagree about it. Per frame, from :attr:`StepOutput.token_attention`
 
 1. ``a`` = the mean pre-softmax score the state tokens give each image token (over state tokens and
    heads), averaged over the decoder levels; ``sd`` = its spread over the heads, averaged the same way;
-2. both are standardised across the frame's tokens (z-scores), and the token score is
-   ``z = (-z(a) + z(sd)) / 2`` (low received attention, high spread: dynamic);
+2. both are standardised across the frame's tokens (z-scores), and the token score is the z-score of
+   ``z(sd) - z(a)`` (low received attention, high spread: dynamic);
 3. ``score = sigmoid(2 (z - 2))`` (0.5 at two standard deviations out: a frame always has outliers,
    only strong ones count), upsampled bilinearly from the token grid to the pixels.
 
@@ -50,6 +50,6 @@ def attention_score(token_attention: Optional[dict], grid: tuple[int, int], hw: 
     a = np.asarray(token_attention["state_logit"], np.float64).mean(0)
     sd = np.asarray(token_attention.get("state_logit_std", np.zeros_like(a)), np.float64)
     sd = sd.mean(0) if sd.ndim == 2 else sd
-    z = -_z(a) if not sd.any() else 0.5 * (-_z(a) + _z(sd))
+    z = -_z(a) if not sd.any() else _z(_z(sd) - _z(a))  # standardised again: a z-score of the combination
     tok = (1.0 / (1.0 + np.exp(-_SLOPE * (z - Z_AT_HALF)))).reshape(grid).astype(np.float32)
     return cv2.resize(tok, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)

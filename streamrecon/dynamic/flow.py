@@ -7,12 +7,16 @@ Per frame, against the frame ``gap`` frames earlier (both seen like the model in
 1. dense flow both ways (OpenCV DIS); a pixel whose flow does not come back within
    :data:`FB_PX` is occluded or unreliable and gets no score;
 2. the camera's motion as a robust two-view model fitted on a grid of reliable pixels with
-   texture: a fundamental matrix (RANSAC), or a homography when it explains :data:`H_SHARE` of the
-   pixels the fundamental matrix does (pure rotation, a plane, little parallax: the fundamental matrix
-   is then not determined, and its RANSAC can fit a mover's motion together with the camera's);
+   texture: a fundamental matrix (RANSAC), or a homography when :data:`H_QUANTILE` of the pixels
+   the fundamental matrix calls static fit it within ``tau`` (pure rotation, a plane, little parallax:
+   the fundamental matrix is then not determined, and its RANSAC can fit a mover's motion together
+   with the camera's);
 3. every pixel's residual: its Sampson distance to the epipolar geometry (or its homography
    transfer error), in pixels;
-4. score ``= clip(residual / (2 tau), 0, 1)`` with ``tau`` = :data:`TAU_PX`: 0.5 at ``tau``.
+4. score ``= clip(residual / (2 tau), 0, 1)``, 0.5 at ``tau`` = the larger of :data:`TAU_PX` and
+   :data:`NOISE_K` times the median residual of the pair (its own flow noise), and 0 where the flow is
+   not reliable or the image has no structure in two directions (uniform areas, single edges), then
+   spread :data:`SPREAD_PX` pixels.
 
 Limits: a mover whose image motion runs along its epipolar line (e.g. straight towards the camera
 while it moves forward) is not seen; the first frame (and the first ``gap``) has no score.
@@ -34,7 +38,7 @@ TAU_PX = 0.75  # residual (WORK_WIDTH pixels) at which the score is 0.5
 FB_PX = 1.0  # forward-backward flow disagreement beyond which a pixel is not judged
 GRID_PX = 6  # spacing of the pixels the camera's motion is fitted on
 MIN_FIT = 40  # fewer reliable grid pixels: no score for this frame
-H_SHARE = 0.85  # the homography is used when it explains this share of the fundamental matrix's inliers
+H_QUANTILE = 0.8  # the homography is used when this share of the epipolar inliers fit it within tau
 MIN_EIGEN = 1e-5  # smallest structure-tensor eigenvalue (grey in [0, 1]) where a pixel's flow counts
 SPREAD_PX = 1  # model pixels a judged pixel's score spreads to
 NOISE_K = 4.0  # tau is at least this many times the median residual (the pair's flow noise)
@@ -92,8 +96,14 @@ class FlowScorer:
         self._dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
         self.model_used: Optional[str] = None  # "fundamental" / "homography" for the last frame
 
-    def reset(self) -> None:
-        self._prev.clear()
+    @staticmethod
+    def _homography_enough(H: np.ndarray, x: np.ndarray, xp: np.ndarray, f_in: np.ndarray, thr: float) -> bool:
+        """Whether the homography explains the pixels the fundamental matrix calls static: the
+        :data:`H_QUANTILE` quantile of their transfer error within ``thr`` (no parallax to speak of)."""
+        static = f_in.reshape(-1).astype(bool)
+        if static.sum() < MIN_FIT:
+            return True
+        return float(np.quantile(_transfer(H, x[static], xp[static]), H_QUANTILE)) <= thr
 
     def score(self, image: np.ndarray, crop: CropInfo) -> Optional[np.ndarray]:
         """``(H, W)`` float32 score at model resolution for the original ``image`` ``(H0, W0, 3)``
@@ -135,7 +145,7 @@ class FlowScorer:
         nh = int(h_in.sum()) if H is not None else -1
         all_x = np.c_[u.ravel(), v.ravel()].astype(np.float64)
         all_xp = np.c_[px.ravel(), py.ravel()].astype(np.float64)
-        if nh >= 0 and nh >= H_SHARE * nf:
+        if nh >= 0 and (nf < 0 or self._homography_enough(H, x, xp, f_in, thr)):
             res, self.model_used = _transfer(H, all_x, all_xp), "homography"
         elif nf >= 0:
             res, self.model_used = _sampson(F[:3], all_x, all_xp), "fundamental"

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
 from ..frames import Frame, FrameResult
 from .masks import score_to_mask
+
+if TYPE_CHECKING:
+    from ..mapping import GlobalMap
 
 __all__ = ["DynamicOptions", "DynamicMasker", "METHODS"]
 
@@ -96,13 +99,16 @@ class DynamicMasker:
             score = r.dynamic
         return self._with(r, score, t0)
 
-    def after_stage(self, r: FrameResult, gmap) -> FrameResult:
-        """``residual``: the frame (with its final pose and depth) against the map before it enters it."""
+    def after_stage(self, r: FrameResult, gmap: Optional["GlobalMap"]) -> FrameResult:
+        """``residual``: the frame (with its final pose and depth) against the map before it enters it
+        (``gmap=None``: no map to compare with in this frame's world; the frame is not scored)."""
         if self.opt.method != "residual":
             return r
         from .residual import residual_score
 
         t0 = time.perf_counter()
+        if gmap is None:
+            return self._with(r, None, t0)
         xyz, rgb, _ = gmap.points()
         K = r.crop.K_to_model(r.K_used) if r.K_used is not None else r.K
         return self._with(r, residual_score(xyz, rgb, r.depth, r.T_wc, K, float(gmap.voxel_size)), t0)

@@ -72,6 +72,8 @@ def _parse_label(label: str) -> tuple[str, dict[str, str]]:
         key, _, value = part.partition("=")
         if key not in ("revisit", "dynamic-mask") or (key == "dynamic-mask") != bool(value):
             raise ValueError(f"unknown backend modifier {part!r} in {label!r} (known: +revisit, +dynamic-mask=METHOD)")
+        if key == "dynamic-mask" and value not in ("attention", "flow", "residual"):
+            raise ValueError(f"unknown dynamic mask {value!r} in {label!r} (attention, flow or residual)")
         mods[key] = value
     return backend, mods
 

@@ -77,16 +77,16 @@ class DecoderBlock(nn.Module):
     ) -> tuple[Tensor, Optional[Tensor]]:
         """``x`` ``(B, Nx, dim)`` reads ``y`` ``(B, Ny, dim)`` (unchanged).
 
-        ``probs``: a dict whose lists ``self`` and ``cross`` get this block's scaled attention logits
-        ``(B, heads, Nx, Nx)`` and ``(B, heads, Nx, Ny)`` (the outputs are unchanged by it).
+        ``probs``: a dict whose lists ``self`` / ``cross`` (those present) get this block's scaled
+        attention logits ``(B, heads, Nx, Nx)`` / ``(B, heads, Nx, Ny)`` (the outputs are unchanged by it).
 
         Returns:
             ``(x', mean_logits)`` with ``mean_logits`` ``(B, heads, Nx)`` from the cross-attention
             when ``logit_mean`` (see :class:`CrossAttention`), else ``None``.
         """
-        x = x + self.attn(self.norm1(x), rope_x, None if probs is None else probs.setdefault("self", []))
+        x = x + self.attn(self.norm1(x), rope_x, None if probs is None else probs.get("self"))
         ca, mean_logits = self.cross_attn(self.norm2(x), self.norm_y(y), rope_x, rope_y, logit_mean,
-                                          None if probs is None else probs.setdefault("cross", []))
+                                          None if probs is None else probs.get("cross"))
         x = x + ca
         return x + self.mlp(self.norm3(x)), mean_logits
 

@@ -233,7 +233,7 @@ class Cut3r(nn.Module):
         if keep is not None:
             keep["dec_state"], keep["dec_img"] = [s], [x]
         for layer, (blk_s, blk_i) in enumerate(zip(self.dec_blocks_state, self.dec_blocks), start=1):
-            probs_s, probs_i = ({}, {}) if tokens is not None else (None, None)
+            probs_s, probs_i = ({"cross": []}, {"self": [], "cross": []}) if tokens is not None else (None, None)
             s_next, mean_logits = blk_s(s, x, rope_state_s, rope_img_s, logit_mean=want_attention, probs=probs_s)
             x_next, _ = blk_i(x, s, rope_img_i, rope_state_i, probs=probs_i)
             if tokens is not None:

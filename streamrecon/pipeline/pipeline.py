@@ -76,6 +76,9 @@ class StreamPipeline:
         self.engine, self.gmap, self.sinks, self.opt = engine, gmap, list(sinks), options
         self.stage = stage if stage is not None and stage.active else None
         self.masker = masker
+        if self.stage is not None and masker is not None:
+            # the residual cue needs the final pose, and the keyframe clouds must not take what it masks
+            self.stage.after_pose = self._residual_mask
         self.on_result = on_result
         self.trajectory = Trajectory()
         self.stats = LatencyStats()
@@ -117,6 +120,13 @@ class StreamPipeline:
 
     # ------------------------------------------------------------------------------------------
 
+    def _residual_mask(self, r: FrameResult) -> FrameResult:
+        """The stage's hook between the pose and the keyframe: the residual cue against the current map
+        (not while a relocalising stream's world is provisional: the map is the saved one's)."""
+        if self.stage.localised is False:
+            return self.masker.after_stage(r, None)
+        return self.masker.after_stage(r, self.gmap)
+
     def record_error(self, message: str) -> None:
         """Count a frame that could not be used (kept: the first 20 messages)."""
         self.n_errors += 1
@@ -151,10 +161,9 @@ class StreamPipeline:
         and hand it to the sinks. ``frame`` is the prepared frame (the tracker needs its image)."""
         t_stage = time.perf_counter()
         swapped, loop = False, None
-        mask_ms = 0.0
+        mask_ms0 = self.masker.ms if self.masker is not None else 0.0
         if self.masker is not None:
             result = self.masker.before_stage(result, frame)
-            mask_ms = 1e3 * (time.perf_counter() - t_stage)
         if self.stage is not None:
             result = self.stage.process(result, frame)
             swapped = self._swap_map()
@@ -162,10 +171,9 @@ class StreamPipeline:
                 self.stage.just_localised = False
                 self._map_epoch = self.stage.epoch
             loop = self.stage.take_loop() if getattr(self.stage, "loop", None) is not None else None
-        t_after = time.perf_counter()
-        if self.masker is not None:
+        elif self.masker is not None:  # with a stage, it runs the residual cue itself (before its keyframes)
             result = self.masker.after_stage(result, self.gmap)
-        mask_ms += 1e3 * (time.perf_counter() - t_after)
+        mask_ms = self.masker.ms - mask_ms0 if self.masker is not None else 0.0
         stage_ms = 1e3 * (time.perf_counter() - t_stage) - mask_ms
         t0 = time.perf_counter()
         pts, conf = result.world_points(self.opt.map_points, static_only=True)

@@ -223,6 +223,7 @@ class RerunSink:
         self._last_position: Optional[np.ndarray] = None
         self._rng = np.random.default_rng(0)
         self._frames = 0
+        self._dynamic_shown = False  # a dynamic score was logged for the last frame
 
     # sink protocol ------------------------------------------------------------------------------
 
@@ -272,8 +273,12 @@ class RerunSink:
         self.rec.log(f"{self.p}world/cam/image/confidence", rr.Image(result.conf_cam.astype(np.float32)))
         if result.dynamic is not None:
             self.rec.log(f"{self.p}world/cam/image/dynamic", rr.Image(result.dynamic.astype(np.float32)))
-        if result.dynamic_mask is not None:
             self.rec.log(f"{self.p}world/cam/image/dynamic_mask", rr.SegmentationImage(result.dynamic_mask.astype(np.uint8)))
+            self._dynamic_shown = True
+        elif self._dynamic_shown:  # a frame without a score: no stale mask from an earlier one
+            for name in ("dynamic", "dynamic_mask"):
+                self.rec.log(f"{self.p}world/cam/image/{name}", rr.Clear(recursive=False))
+            self._dynamic_shown = False
         if len(new_points):
             if len(new_points) > self.cfg.max_points_per_frame:
                 pick = self._rng.choice(len(new_points), self.cfg.max_points_per_frame, replace=False)

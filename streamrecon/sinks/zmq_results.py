@@ -63,7 +63,8 @@ class ResultPublisher:
             self.send(encode_result(
                 self.stream_id, "geometry", {"seq": r.seq, "stamp_ns": stamp_ns, "stride": g, "frame": "world"},
                 {"points": pts[::g, ::g].astype(np.float16), "conf": conf[::g, ::g].astype(np.float16),
-                 "colors": r.colors[::g, ::g]}))
+                 "colors": r.colors[::g, ::g],
+                 **({} if r.dynamic_mask is None else {"dynamic_mask": r.dynamic_mask[::g, ::g].astype(np.uint8)})}))
 
     def on_probe(self, probe: ProbeResult) -> None:
         pass  # probes are answered on the control channel

@@ -28,7 +28,7 @@ import logging
 import time
 from collections import Counter, deque
 from dataclasses import fields, replace
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -103,6 +103,7 @@ class GeometryStage:
         self._last_Kt: Optional[np.ndarray] = None
         self._excl_key, self._excl_index = None, None  # cached tracking-pixel -> model-pixel lookup
         self.just_localised = False  # set by the frame that localised, cleared by the pipeline
+        self.after_pose: Optional[Callable[[FrameResult], FrameResult]] = None  # set by the pipeline (masks)
 
     @property
     def active(self) -> bool:
@@ -153,6 +154,8 @@ class GeometryStage:
         R, t = T_wc[:3, :3].astype(np.float32), T_wc[:3, 3].astype(np.float32)
         out = replace(r, T_wc=T_wc, points_cam=pts_cam, points_world_pose=pts_cam @ R.T + t, depth=depth,
                       K_used=K0, tracking=info)
+        if self.after_pose is not None:  # the pipeline's residual dynamic mask: before the keyframe takes the cloud
+            out = self.after_pose(out)
         if kf is not None and self.loop is not None and self.localised is not False:
             self._submit_keyframe(out, kf)  # (not in a provisional world: the database is the saved map's)
         return out
