@@ -3,6 +3,7 @@ of the map and of tracking, the outputs, and the evaluation's mask figures."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -311,6 +312,29 @@ def test_keyframe_clouds_of_the_slam_backend_leave_out_masked_pixels():
         r = next(r for r in results if r.index == kf.kid)
         assert np.isneginf(kf.conf).sum() == r.dynamic_mask[::st, ::st].sum() > 0
     assert pipe.masker.scored == 4  # once per frame: by the stage, not again by the pipeline
+
+
+def test_published_geometry_carries_the_mask():
+    from streamrecon import wire
+    from streamrecon.sinks.base import FrameEvent
+    from streamrecon.sinks.zmq_results import ResultPublisher
+
+    torch.manual_seed(0)
+    from streamrecon.models import Cut3r
+
+    engine = StreamEngine(Cut3r(tiny_config()).eval(), EngineConfig(size=64))
+    r = engine.process(Frame(image=np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8), seq=0, stamp=0.0))
+    mask = np.zeros(r.depth.shape, bool)
+    mask[:, :32] = True
+    sent = []
+    pub = ResultPublisher(sent.append, "cam", geometry_stride=2)
+    for res in (r, dataclasses.replace(r, dynamic=mask.astype(np.float32), dynamic_mask=mask)):
+        pub.on_frame(FrameEvent(stream_id="cam", result=res, new_points=np.zeros((0, 3)), new_colors=np.zeros((0, 3)),
+                                map_points=0))
+    plain, masked = (wire.decode_result(m)[2] for m in sent if wire.decode_result(m)[0].endswith("geometry"))
+    assert "dynamic_mask" not in plain
+    assert np.array_equal(masked["dynamic_mask"], mask[::2, ::2].astype(np.uint8))
+    assert np.isfinite(masked["conf"].astype(np.float32)).all()  # the points are still all there
 
 
 def test_the_tracker_drops_tracks_on_moving_pixels():

@@ -125,15 +125,17 @@ def score_results(seq: EvalSequence, idx: list[int], results: list, cfg: EvalCon
     for i, r in zip(idx, results):
         gt = gt_depth_at_model(seq.depth(i), r.crop)
         depth_rows.append(depth_metrics(r.depth, gt, gt > 0))
+        masked = getattr(r, "dynamic_mask", None)  # --dynamic-mask: the pixels the map left out
         moving = seq.dynamic(i)
         if moving is not None:
             moving = gt_depth_at_model(moving.astype(np.uint8), r.crop) > 0
-            pred = r.dynamic_mask if r.dynamic_mask is not None else np.zeros_like(moving)
+            pred = masked if masked is not None else np.zeros_like(moving)
             m = mask_metrics(pred, moving, gt > 0)
             counts += (m["tp"], m["fp"], m["fn"])
         s = cfg.map_pixel_stride
         pts = r.points_world_pose[::s, ::s].reshape(-1, 3)
-        conf = r.world_points("pose", static_only=True)[1][::s, ::s].reshape(-1)  # what the map keeps
+        conf = r.conf_cam if masked is None else np.where(masked, -np.inf, r.conf_cam)  # what the map keeps
+        conf = conf[::s, ::s].reshape(-1)
         keep = (conf > thresh) & np.isfinite(pts).all(1)
         cloud.append(pts[keep])
         if moving is not None:
@@ -145,8 +147,9 @@ def score_results(seq: EvalSequence, idx: list[int], results: list, cfg: EvalCon
     out = _summarise(depth_rows, np.stack([r.T_wc for r in results]), seq.T_wc[idx], np.concatenate(cloud),
                      _gt_cloud(seq, idx, cfg.map_pixel_stride), (np.concatenate(pred_pairs), np.concatenate(gt_pairs)))
     out.update(name=seq.name, frames=len(idx))
-    if any(r.dynamic_mask is not None for r in results):  # on a static scene: the false-positive rate
-        out["masked_fraction"] = float(np.mean([0.0 if r.dynamic_mask is None else r.dynamic_mask.mean() for r in results]))
+    masks = [getattr(r, "dynamic_mask", None) for r in results]
+    if any(m is not None for m in masks):  # on a static scene: the false-positive rate
+        out["masked_fraction"] = float(np.mean([0.0 if m is None else m.mean() for m in masks]))
     if seq.dynamic_loader is not None:
         out.update({f"mask_{k}": v for k, v in ratios(*counts.tolist()).items()},
                    mask_tp=int(counts[0]), mask_fp=int(counts[1]), mask_fn=int(counts[2]),
