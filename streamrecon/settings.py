@@ -80,6 +80,9 @@ class EngineSettings:
                              help="fp32 (checkpoint-exact) or bf16/fp16 autocast of the trunk (heads stay fp32)")
     fast_preprocess: bool = setting(False, help="resize on the model's device with torch (faster on a GPU; "
                                                 "not bit-exact with the reference loader)")
+    heads: str = setting("full", choices=("full", "minimal"),
+                         help="minimal: frames skip the world-frame and colour heads (the map uses T_wc x the "
+                              "camera pointmap; probes still run every head); what is computed is identical")
 
     def model_size(self) -> Optional[int]:
         return parse_size(self.size)
@@ -88,6 +91,8 @@ class EngineSettings:
         parse_size(self.size)
         if self.reset_every < 0:
             raise SettingsError("--reset-every must be >= 0")
+        if self.heads not in ("full", "minimal"):
+            raise SettingsError(f"--heads must be full or minimal, got {self.heads!r}")
         if not (self.device in ("auto", "cpu") or self.device.startswith(("cuda", "mps"))):
             raise SettingsError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
@@ -226,6 +231,9 @@ class PipelineConfig:
         self.map.validate()
         self.outputs.validate()
         self.slam.validate()
+        if self.engine.heads == "minimal" and self.map.map_points == "head":
+            raise SettingsError("--heads minimal does not compute the world-frame head that --map-points head "
+                                "uses: use --map-points pose or --heads full")
 
 
 SECTIONS: dict[str, type] = {"engine": EngineSettings, "map": MapSettings, "outputs": OutputSettings,

@@ -149,8 +149,8 @@ class StepOutput:
             up to the model's scale).
         conf_cam: ``(B, H, W)`` confidence of ``points_cam`` (``> 1``).
         points_world: ``(B, H, W, 3)`` pointmap in the world frame, predicted directly by the
-            model's world head (not ``T_wc @ points_cam``).
-        conf_world: ``(B, H, W)`` confidence of ``points_world``.
+            model's world head (not ``T_wc @ points_cam``); ``None`` with ``heads="minimal"``.
+        conf_world: ``(B, H, W)`` confidence of ``points_world`` (``None`` likewise).
         pose: ``(B, 7)`` camera-to-world pose encoding ``[tx, ty, tz, qw, qx, qy, qz]``.
         rgb: ``(B, H, W, 3)`` predicted colour in ``(-1, 1)``, or ``None`` for models without it.
         state_attention: ``(B, S)`` mean pre-softmax cross-attention logit of each state token
@@ -165,8 +165,8 @@ class StepOutput:
 
     points_cam: Tensor
     conf_cam: Tensor
-    points_world: Tensor
-    conf_world: Tensor
+    points_world: Optional[Tensor]
+    conf_world: Optional[Tensor]
     pose: Tensor
     rgb: Optional[Tensor] = None
     state_attention: Optional[Tensor] = None

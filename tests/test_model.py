@@ -180,3 +180,30 @@ def test_constant_memory_over_300_steps(tiny_model):
     assert early[1] == late[1], "RoPE cache grew"
     assert early[3] == late[3]
     assert late[2][0] <= early[2][0] and late[2][1] <= early[2][1], f"live tensors grew: {early[2]} -> {late[2]}"
+
+
+@pytest.mark.parametrize("head", ["dpt", "linear"])
+def test_minimal_heads_compute_the_same_pose_pointmap_and_state(head):
+    """--heads minimal skips the world-frame and colour heads; everything it computes is identical."""
+    from streamrecon.models import Cut3r
+    from streamrecon.types import FrameInput
+
+    from .conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = Cut3r(tiny_config(head)).eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    st = model.init_state(2)
+    with torch.inference_mode():
+        full, s_full = model.step(FrameInput(img=x), st)
+        full2, _ = model.step(FrameInput(img=x), s_full)
+        mini, s_mini = model.step(FrameInput(img=x), st, heads="minimal")
+        mini2, _ = model.step(FrameInput(img=x), s_mini, heads="minimal")
+    for a, b in ((full, mini), (full2, mini2)):
+        for name in ("points_cam", "conf_cam", "pose"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert b.points_world is None and b.conf_world is None and b.rgb is None
+        assert a.points_world is not None
+    assert torch.equal(s_full.tokens, s_mini.tokens) and torch.equal(s_full.mem, s_mini.mem)
+    with pytest.raises(ValueError, match="heads"):
+        model.step(FrameInput(img=x), st, heads="some")

@@ -294,3 +294,29 @@ def test_loaded_model_wrap_keeps_info():
     info = CheckpointInfo(path="x", format="pth", meta={"conf_thresh": "1.2"})
     assert LoadedModel.wrap(m).info.conf_thresh is None
     assert LoadedModel.wrap(LoadedModel(m, info)).info.conf_thresh == 1.2
+
+
+def test_minimal_heads_give_the_same_map_and_trajectory(tmp_path):
+    """--heads minimal: the map (T_wc x camera points) and the poses are those of --heads full; the head's
+    world points are then the pose-based ones; --map-points head is refused with it."""
+    from streamrecon.settings import EngineSettings, MapSettings, PipelineConfig, SettingsError
+
+    model = tiny_model()
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(3)]
+    runs = {}
+    for heads in ("full", "minimal"):
+        pipe = StreamPipeline(StreamEngine(model, EngineConfig(size=64, heads=heads)), GlobalMap(MapConfig(conf_thresh=1.0)))
+        results = [pipe.push(Frame(image=im, seq=i, stamp=0.1 * i)) for i, im in enumerate(images)]
+        pipe.close()
+        runs[heads] = (results, pipe.gmap.points())
+    (full, map_full), (mini, map_mini) = runs["full"], runs["minimal"]
+    for a, b in zip(full, mini):
+        assert np.array_equal(a.T_wc, b.T_wc) and np.array_equal(a.points_world_pose, b.points_world_pose)
+        assert np.array_equal(b.points_world_head, b.points_world_pose) and np.array_equal(b.conf_world, b.conf_cam)
+        assert not np.array_equal(a.points_world_head, a.points_world_pose)  # full: the head's own points
+    assert all(np.array_equal(x, y) for x, y in zip(map_full, map_mini))
+    with pytest.raises(SettingsError, match="--heads minimal"):
+        PipelineConfig(engine=EngineSettings(heads="minimal"), map=MapSettings(map_points="head")).validate()
+    with pytest.raises(SettingsError, match="--heads"):
+        EngineSettings(heads="half").validate()

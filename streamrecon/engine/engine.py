@@ -49,8 +49,10 @@ def _autocast(device: torch.device, precision: str):
 
 
 def _attention_kw(cfg: "EngineConfig") -> dict:
-    """``step`` keyword for the attention statistics, only when asked (model stand-ins need not know it)."""
-    return {"token_attention": True} if cfg.token_attention else {}
+    """``step`` keywords for the attention statistics and the minimal heads, only when asked (model
+    stand-ins need not know them)."""
+    return {**({"token_attention": True} if cfg.token_attention else {}),
+            **({"heads": "minimal"} if cfg.heads == "minimal" else {})}
 
 
 @dataclass
@@ -74,6 +76,9 @@ class EngineConfig:
             pose stay float32); see docs/PERFORMANCE.md for the measured drift.
         token_attention: also compute the decoder's attention statistics of the image tokens and, from
             them, ``FrameResult.dynamic`` (``--dynamic-mask attention``; the outputs are unchanged).
+        heads: ``full``, or ``minimal`` (``--heads minimal``): frames skip the world-frame and colour
+            heads; ``points_world_head`` / ``conf_world`` are then the pose-based points and ``conf_cam``
+            (probes still run every head).
     """
 
     size: int = 512
@@ -82,8 +87,11 @@ class EngineConfig:
     fast_preprocess: bool = False
     precision: str = "fp32"
     token_attention: bool = False
+    heads: str = "full"
 
     def __post_init__(self) -> None:
+        if self.heads not in ("full", "minimal"):
+            raise ValueError(f"heads must be 'full' or 'minimal', got {self.heads!r}")
         get_policy(self.policy)
         if self.precision not in _AUTOCAST:
             raise ValueError(f"precision must be one of {sorted(_AUTOCAST)}, got {self.precision!r}")
@@ -180,14 +188,20 @@ class StreamEngine:
         focal = float(estimate_focal(pts_cam[None], principal_point(h, w))[0])
         K = intrinsics_matrix(torch.tensor([focal], dtype=torch.float64), principal_point(h, w, dtype=torch.float64))[0].numpy()
         pts_cam = pts_cam.numpy()
-        pts_head = out.points_world[0].float().cpu().numpy()
         R, t = T_wc[:3, :3].astype(np.float32), T_wc[:3, 3].astype(np.float32)
         Rb, tb = self.base[:3, :3].astype(np.float32), self.base[:3, 3].astype(np.float32)
+        conf_cam = out.conf_cam[0].float().cpu().numpy()
+        pts_pose = pts_cam @ R.T + t
+        if out.points_world is None:  # --heads minimal: the world head was not computed
+            pts_head, conf_world = pts_pose, conf_cam
+        else:
+            pts_head = out.points_world[0].float().cpu().numpy() @ Rb.T + tb
+            conf_world = out.conf_world[0].float().cpu().numpy()
         self.last_K, self.last_hw, self.last_T_wc = K, (h, w), T_wc
         return FrameResult(
             seq=frame.seq, stamp=frame.stamp, source=frame.source, index=self.processed, segment=self.segment,
-            T_wc=T_wc, points_cam=pts_cam, points_world_pose=pts_cam @ R.T + t, points_world_head=pts_head @ Rb.T + tb,
-            conf_cam=out.conf_cam[0].float().cpu().numpy(), conf_world=out.conf_world[0].float().cpu().numpy(),
+            T_wc=T_wc, points_cam=pts_cam, points_world_pose=pts_pose, points_world_head=pts_head,
+            conf_cam=conf_cam, conf_world=conf_world,
             depth=pts_cam[..., 2].copy(), K=K, K_original=crop.K_to_original(K), colors=u8, crop=crop,
             K_given=None if frame.K is None else np.array(frame.K, dtype=np.float64).reshape(3, 3),
             descriptor=None if out.global_feat is None else out.global_feat[0].float().cpu().numpy(),
@@ -282,7 +296,8 @@ def process_batch(engines: list[StreamEngine], frames: list[Frame]) -> list["Fra
         except Exception as e:  # one bad frame must not sink the others
             results[i] = e
             continue
-        key = (id(engine.model), engine.rule, engine.cfg.precision, engine.cfg.token_attention, tuple(p.x.shape))
+        key = (id(engine.model), engine.rule, engine.cfg.precision, engine.cfg.token_attention, engine.cfg.heads,
+               tuple(p.x.shape))
         groups.setdefault(key, []).append((i, p))
     for members in groups.values():
         idx = [i for i, _ in members]

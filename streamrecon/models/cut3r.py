@@ -255,7 +255,8 @@ class Cut3r(nn.Module):
         return head_layers, s, state_attention
 
     def _predict(self, inp: FrameInput, state: StreamState, memory_pose_only: bool, want_attention: bool,
-                 intermediates: bool, token_attention: bool = False) -> tuple[StepOutput, Tensor, Tensor, Tensor]:
+                 intermediates: bool, token_attention: bool = False,
+                 minimal_heads: bool = False) -> tuple[StepOutput, Tensor, Tensor, Tensor]:
         """Shared body of :meth:`step` and :meth:`query_raymap`.
 
         Returns:
@@ -282,6 +283,7 @@ class Cut3r(nn.Module):
             heads = self.downstream_head(
                 [t.float() for t in head_layers], grid,
                 self._rope("grid", grid, self.cfg.dec_embed_dim // self.cfg.dec_num_heads, feat.device),
+                **({"minimal": True} if minimal_heads else {}),
             )
         if keep is not None:
             keep.update(enc_feat=feat, enc_pos=grid_positions(*grid, device=feat.device).unsqueeze(0),
@@ -292,7 +294,8 @@ class Cut3r(nn.Module):
         return out, cand_tokens, head_layers[-1][:, :1], key
 
     def step(self, inp: FrameInput, state: StreamState, rule: UpdateRule = CUT3R_RULE,
-             intermediates: bool = False, token_attention: bool = False) -> tuple[StepOutput, StreamState]:
+             intermediates: bool = False, token_attention: bool = False,
+             heads: str = "full") -> tuple[StepOutput, StreamState]:
         """Process one view per stream and return its outputs and the next state.
 
         Args:
@@ -305,6 +308,9 @@ class Cut3r(nn.Module):
                 block, level D after the final norm), ``new_state`` and ``new_mem`` (candidates).
             token_attention: also return :attr:`StepOutput.token_attention`, per-layer attention
                 statistics of the image tokens (dynamic-object masks); the outputs are unchanged by it.
+            heads: ``full`` (every head), or ``minimal``: the pose and the self-view pointmap only
+                (``points_world``, ``conf_world`` and ``rgb`` are ``None``); the state update and what is
+                computed are the same (the world and colour heads feed nothing else).
 
         Returns:
             ``(StepOutput, StreamState)``. Outputs are computed with the state *before* the view;
@@ -313,8 +319,10 @@ class Cut3r(nn.Module):
         if inp.batch_size != state.batch_size:
             raise ValueError(f"input batch {inp.batch_size} != state batch {state.batch_size}")
         want_attention = rule.wants_state_attention or intermediates
+        if heads not in ("full", "minimal"):
+            raise ValueError(f"heads must be 'full' or 'minimal', got {heads!r}")
         out, cand_tokens, pose_token_out, key = self._predict(inp, state, False, want_attention, intermediates,
-                                                              token_attention)
+                                                              token_attention, heads == "minimal")
         has_img = inp.img is not None
         cand_mem = None
         if has_img or intermediates:

@@ -45,12 +45,16 @@ class _Pts3dPoseBase(nn.Module):
     def _make_modulation(self, cfg: ModelConfig, dd: dict) -> nn.ModuleList:
         return nn.ModuleList([ModulationBlock(cfg.dec_embed_dim, cfg.dec_num_heads, 4.0, **dd) for _ in range(2)])
 
-    def _pose_and_cross_tokens(self, x_last: Tensor, rope: Optional[RopeTables]) -> tuple[Tensor, Tensor, Tensor]:
+    def _pose_and_cross_tokens(self, x_last: Tensor, rope: Optional[RopeTables],
+                               minimal: bool = False) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """``(pose, image tokens, pose-modulated tokens for the world head)``; the last is ``None`` when
+        ``minimal`` (the world head is not computed)."""
         pose_token = x_last[:, 0]
         tokens = x_last[:, 1:]
-        cross = tokens
-        for blk in self.final_transform:
-            cross = blk(cross, pose_token, rope)
+        cross = None if minimal else tokens
+        if cross is not None:
+            for blk in self.final_transform:
+                cross = blk(cross, pose_token, rope)
         return pose_activation(self.pose_head(pose_token), self.cfg.pose_mode), tokens, cross
 
     def _pointmap(self, raw: Tensor) -> tuple[Tensor, Tensor]:
@@ -74,13 +78,19 @@ class DPTPts3dPose(_Pts3dPoseBase):
         self.dpt_rgb = DPTAdapter(in_dims, 3, **kw) if cfg.rgb_head else None
         self.pose_head = PoseHead(cfg.dec_embed_dim, **dd)
 
-    def forward(self, layers: Sequence[Tensor], grid_hw: tuple[int, int], rope: Optional[RopeTables]) -> HeadOutput:
-        """``layers`` = ``[feat (B,N,ed), x_{D/2} (B,N,dd), x_{3D/4} (B,N,dd), x_D (B,1+N,dd)]``."""
+    def forward(self, layers: Sequence[Tensor], grid_hw: tuple[int, int], rope: Optional[RopeTables],
+                minimal: bool = False) -> HeadOutput:
+        """``layers`` = ``[feat (B,N,ed), x_{D/2} (B,N,dd), x_{3D/4} (B,N,dd), x_D (B,1+N,dd)]``;
+        ``minimal``: only the pose and the self-view pointmap (world pointmap, its confidence and the
+        colours are ``None``; what is computed is the same)."""
         feat, mid1, mid2, x_last = layers
-        pose, tokens, cross = self._pose_and_cross_tokens(x_last, rope)
+        pose, tokens, cross = self._pose_and_cross_tokens(x_last, rope, minimal)
         points_cam, conf_cam = self._pointmap(self.dpt_self([feat, mid1, mid2, tokens], grid_hw))
-        points_world, conf_world = self._pointmap(self.dpt_cross([feat, mid1, mid2, cross], grid_hw))
-        rgb = rgb_activation(self.dpt_rgb([feat, mid1, mid2, tokens], grid_hw)) if self.dpt_rgb is not None else None
+        points_world = conf_world = rgb = None
+        if not minimal:
+            points_world, conf_world = self._pointmap(self.dpt_cross([feat, mid1, mid2, cross], grid_hw))
+            if self.dpt_rgb is not None:
+                rgb = rgb_activation(self.dpt_rgb([feat, mid1, mid2, tokens], grid_hw))
         return dict(points_cam=points_cam, conf_cam=conf_cam, rgb=rgb, pose=pose,
                     points_world=points_world, conf_world=conf_world)
 
@@ -108,16 +118,20 @@ class LinearPts3dPose(_Pts3dPoseBase):
         x = mlp(tokens).transpose(1, 2).reshape(tokens.shape[0], -1, hp, wp)
         return F.pixel_shuffle(x, self.cfg.patch_size).permute(0, 2, 3, 1)
 
-    def forward(self, layers: Sequence[Tensor], grid_hw: tuple[int, int], rope: Optional[RopeTables]) -> HeadOutput:
+    def forward(self, layers: Sequence[Tensor], grid_hw: tuple[int, int], rope: Optional[RopeTables],
+                minimal: bool = False) -> HeadOutput:
         """Same inputs as :meth:`DPTPts3dPose.forward` (only ``x_D`` is used)."""
         x_last = layers[-1]
-        pose, tokens, cross = self._pose_and_cross_tokens(x_last, rope)
+        pose, tokens, cross = self._pose_and_cross_tokens(x_last, rope, minimal)
         raw_self = self._dense(self.proj, tokens, grid_hw)
         xyz = raw_self[..., :3] * torch.sign(raw_self[..., 2:3])  # pos_z
         points_cam = pointmap_activation(xyz, self.cfg.depth_mode)
         conf_cam = confidence_activation(raw_self[..., 3], self.cfg.conf_mode)
-        points_world, conf_world = self._pointmap(self._dense(self.cross_proj, cross, grid_hw))
-        rgb = rgb_activation(self._dense(self.rgb_proj, tokens, grid_hw)) if self.rgb_proj is not None else None
+        points_world = conf_world = rgb = None
+        if not minimal:
+            points_world, conf_world = self._pointmap(self._dense(self.cross_proj, cross, grid_hw))
+            if self.rgb_proj is not None:
+                rgb = rgb_activation(self._dense(self.rgb_proj, tokens, grid_hw))
         return dict(points_cam=points_cam, conf_cam=conf_cam, rgb=rgb, pose=pose,
                     points_world=points_world, conf_world=conf_world)
 
