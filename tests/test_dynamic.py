@@ -223,6 +223,13 @@ def test_engine_gives_no_attention_score_on_a_fresh_state(tiny_model):
 # ---------------------------------------------------------------------------------------------- the pipeline
 
 
+def _left_half(masker: DynamicMasker, r):
+    """``r`` scored 1 on the left half of the frame, 0 elsewhere (counted by ``masker``)."""
+    s = np.zeros(r.depth.shape, np.float32)
+    s[:, : s.shape[1] // 2] = 1.0
+    return masker._with(r, s, time.perf_counter())
+
+
 class _MaskLeftHalf(DynamicMasker):
     """A masker whose mask is the left half of every frame (what the map and the outputs do with it)."""
 
@@ -230,9 +237,7 @@ class _MaskLeftHalf(DynamicMasker):
         super().__init__(DynamicOptions("flow"))
 
     def before_stage(self, r, frame):
-        s = np.zeros(r.depth.shape, np.float32)
-        s[:, : s.shape[1] // 2] = 1.0
-        return self._with(r, s, time.perf_counter())
+        return _left_half(self, r)
 
 
 def test_masked_pixels_stay_out_of_the_map_but_are_returned(tmp_path):
@@ -282,9 +287,7 @@ class _ResidualLeftHalf(DynamicMasker):
         super().__init__(DynamicOptions("residual"))
 
     def after_stage(self, r, gmap):
-        s = np.zeros(r.depth.shape, np.float32)
-        s[:, : s.shape[1] // 2] = 1.0
-        return self._with(r, s, time.perf_counter())
+        return _left_half(self, r)
 
 
 def test_keyframe_clouds_of_the_slam_backend_leave_out_masked_pixels():
