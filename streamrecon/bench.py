@@ -31,7 +31,8 @@ from .threads import report as thread_report
 
 __all__ = ["BenchConfig", "run_benchmark", "format_bench", "precision_drift"]
 
-_PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # bench dtype -> EngineConfig.precision
+_PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16",  # bench dtype -> EngineConfig.precision
+              "fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "int8": "int8"}
 
 _logger = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ class BenchConfig:
         size: model input ``"HxW"`` (frames are generated at that size, so preprocessing is a no-op
             resize) -- or an int long side applied to ``images``.
         batch: streams stepped together.
-        dtype: ``float32``, ``bfloat16`` or ``float16`` (autocast; heads and pose stay float32).
+        dtype: ``float32``, ``bfloat16`` or ``float16`` (autocast; heads and pose stay float32), or a
+            ``--precision`` name (``fp32``, ``bf16``, ``fp16``, ``int8``).
         images: ``random`` or a video/folder whose frames are used (repeated).
         memory_every: sample memory every N frames.
         stage_timing: time the model stages (synchronises CUDA between them; off for pure throughput).
@@ -63,6 +65,7 @@ class BenchConfig:
     compile: bool = False
     stage_timing: bool = True
     seed: int = 0
+    heads: str = "full"
 
 
 class _StageTimer:
@@ -118,9 +121,11 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         size = int(cfg.size)
         frames_hw = (3 * size // 4, size)
     images = _frames(cfg, frames_hw, cfg.frames)
-    engines = [StreamEngine(model, EngineConfig(size=size, precision=_PRECISION[cfg.dtype])) for _ in range(cfg.batch)]
+    engines = [StreamEngine(model, EngineConfig(size=size, precision=_PRECISION[cfg.dtype], heads=cfg.heads))
+               for _ in range(cfg.batch)]
     maps = [GlobalMap(MapConfig()) for _ in range(cfg.batch)]
     timer = _StageTimer(device)
+    model = engines[0].model  # int8: the quantised copy the engines share
     model.stage_timer = timer if cfg.stage_timing else None
     # per-stage timings as float32 columns: 4 bytes per stage and frame, so a 10k-frame memory proof
     # measures the node, not the benchmark's own bookkeeping

@@ -93,6 +93,9 @@ class FrameResult:
             (``--dynamic-mask``; ``None`` when off or not yet known, e.g. the first frame of ``flow``).
         dynamic_mask: ``(H, W)`` bool, the pixels kept out of the map (and of tracking, when known
             before it): :mod:`streamrecon.dynamic`.
+        network: whether the network saw this frame. ``False`` (``--network-every``: a frame that
+            was only tracked): ``T_wc``, ``K``, ``K_original``, ``K_used``, ``crop`` and ``tracking`` are
+            set, every per-pixel array is empty (``(0, 0, ...)``); see :meth:`pose_only`.
     """
 
     seq: int
@@ -118,6 +121,18 @@ class FrameResult:
     descriptor: Optional[np.ndarray] = None
     dynamic: Optional[np.ndarray] = None
     dynamic_mask: Optional[np.ndarray] = None
+    network: bool = True
+
+    @classmethod
+    def pose_only(cls, seq: int, stamp: float, source: str, index: int, segment: int, T_wc: np.ndarray,
+                  K: np.ndarray, K_original: np.ndarray, crop: CropInfo, tracking: Optional[TrackingInfo] = None,
+                  K_given: Optional[np.ndarray] = None, timings_ms: Optional[dict[str, float]] = None) -> "FrameResult":
+        """A frame the network did not see: its pose (and the intrinsics in use), no pixels."""
+        e3, e2, e0 = np.zeros((0, 0, 3), np.float32), np.zeros((0, 0), np.float32), np.zeros((0, 0, 3), np.uint8)
+        return cls(seq=seq, stamp=stamp, source=source, index=index, segment=segment, T_wc=T_wc, points_cam=e3,
+                   points_world_pose=e3, points_world_head=e3, conf_cam=e2, conf_world=e2, depth=e2, K=K,
+                   K_original=K_original, colors=e0, crop=crop, timings_ms=dict(timings_ms or {}), K_given=K_given,
+                   K_used=K_original, tracking=tracking, network=False)
 
     def world_points(self, which: str = "pose", static_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """``(points (H, W, 3), conf (H, W))`` in the global frame: ``"pose"`` = ``T_wc @ points_cam``

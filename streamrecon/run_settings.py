@@ -71,6 +71,8 @@ class RunConfig:
                              or self.pipeline.engine.reset_every):
             raise SettingsError("--revisit reads a whole sequence twice: not with --resume, --relocalise, "
                                 "--snapshot-every or --reset-every")
+        if self.pipeline.engine.network_schedule() != 1 and (self.resume or self.relocalise or self.revisit):
+            raise SettingsError("--network-every does not work with --resume, --relocalise or --revisit yet")
         self.pipeline.validate()
         for p in self.probe:
             try:

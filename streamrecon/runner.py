@@ -128,6 +128,7 @@ def run(cfg: RunConfig, model=None, progress_stream: TextIO = sys.stderr,
                                   describe={"source": cfg.source, "output_dir": cfg.pipeline.outputs.output_dir,
                                             "config": cfg.flat(), "checkpoint": loaded.info.describe()},
                                   snapshot_dir=snapshot_dir, snapshot_context=lambda: holder["loop"].position())
+        pipeline.network_blocking = not source.live  # a camera never waits for the network
         skip = 0
         if cfg.resume:
             pipeline.restore(snap)

@@ -76,10 +76,15 @@ class EngineSettings:
                                              "crop (linear models), HxW = read as its long side")
     state_policy: str = setting("cut3r", choices=("cut3r", "ttt3r"), help="state update rule")
     reset_every: int = setting(0, help="reset the state every N frames, chaining the poses (0 = never)")
-    precision: str = setting("fp32", choices=("fp32", "bf16", "fp16"),
-                             help="fp32 (checkpoint-exact) or bf16/fp16 autocast of the trunk (heads stay fp32)")
+    precision: str = setting("fp32", choices=("fp32", "bf16", "fp16", "int8"),
+                             help="fp32 (checkpoint-exact), bf16/fp16 autocast of the trunk, or int8 (CPU: the "
+                                  "trunk's Linear layers quantised); the heads stay fp32")
     fast_preprocess: bool = setting(False, help="resize on the model's device with torch (faster on a GPU; "
                                                 "not bit-exact with the reference loader)")
+    network_every: str = setting("1", help="1 = the network sees every frame, in the frame loop; N or auto = the "
+                                         "network runs on a worker thread on every N-th frame (auto: keyframes, and "
+                                         "at least every 10th) while tracking gives every frame its pose (needs "
+                                         "--backend track or slam; a live source never waits for the network)")
     heads: str = setting("full", choices=("full", "minimal"),
                          help="minimal: frames skip the world-frame and colour heads (the map uses T_wc x the "
                               "camera pointmap; probes still run every head); what is computed is identical")
@@ -87,14 +92,30 @@ class EngineSettings:
     def model_size(self) -> Optional[int]:
         return parse_size(self.size)
 
+    def network_schedule(self) -> "int | str":
+        """``--network-every`` as ``1`` (every frame, in the loop), ``N`` or ``"auto"``."""
+        v = str(self.network_every).strip().lower()
+        if v == "auto":
+            return "auto"
+        try:
+            n = int(v)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise SettingsError(f"--network-every must be auto or a whole number >= 1, got {self.network_every!r}")
+        return n
+
     def validate(self) -> None:
         parse_size(self.size)
+        self.network_schedule()
         if self.reset_every < 0:
             raise SettingsError("--reset-every must be >= 0")
         if self.heads not in ("full", "minimal"):
             raise SettingsError(f"--heads must be full or minimal, got {self.heads!r}")
         if not (self.device in ("auto", "cpu") or self.device.startswith(("cuda", "mps"))):
             raise SettingsError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.precision == "int8" and self.device not in ("auto", "cpu"):
+            raise SettingsError(f"--precision int8 runs on the CPU only (--device {self.device}: use bf16 or fp16)")
 
 
 @dataclass(frozen=True)
@@ -231,6 +252,14 @@ class PipelineConfig:
         self.map.validate()
         self.outputs.validate()
         self.slam.validate()
+        if self.engine.network_schedule() != 1:
+            if self.slam.resolved_backend() not in ("track", "slam"):
+                raise SettingsError("--network-every needs the tracking backend for the frames the network skips: "
+                                    "add --backend track or slam")
+            for bad, flag in ((self.map.dynamic_mask != "off", "--dynamic-mask"),
+                              (bool(self.outputs.snapshot_every), "--snapshot-every")):
+                if bad:
+                    raise SettingsError(f"--network-every does not work with {flag} yet: use one or the other")
         if self.engine.heads == "minimal" and self.map.map_points == "head":
             raise SettingsError("--heads minimal does not compute the world-frame head that --map-points head "
                                 "uses: use --map-points pose or --heads full")

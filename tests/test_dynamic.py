@@ -349,7 +349,7 @@ def test_the_tracker_drops_tracks_on_moving_pixels():
     exclude = np.zeros((240, 320), bool)
     exclude[:, :160] = True
 
-    def depth_at(px):
+    def depth_at(px, T_wc=None):
         return np.full(len(px), 2.0)
 
     import cv2

@@ -210,7 +210,7 @@ def _run(seq, cfg, spy=None):
     for i in range(len(seq["rgb"])):
         d = seq["depth"][i]
 
-        def depth_at(px, d=d):
+        def depth_at(px, T_wc=None, d=d):
             u = np.clip(np.rint(px[:, 0]).astype(int), 0, d.shape[1] - 1)
             v = np.clip(np.rint(px[:, 1]).astype(int), 0, d.shape[0] - 1)
             return d[v, u].astype(np.float64)

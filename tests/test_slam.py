@@ -133,7 +133,7 @@ def test_triangulation_and_depth_scale_alignment():
     assert good.sum() >= 95 and np.abs(Xt[good] - X[good]).max() < 1e-6
     # the network's depth at 0.5x the truth: the tracker's scale makes it metric again
     tr.X, tr.geo, tr.cur = X, np.ones(len(X), bool), pb.astype(np.float32)
-    tr._update_scale(Tb, lambda px: 0.5 * zb)
+    tr._update_scale(Tb, lambda px, T_wc=None: 0.5 * zb)
     assert tr.scale == pytest.approx(2.0, rel=1e-6)
 
 
@@ -151,7 +151,7 @@ def _track(seq, prior):
     for i in range(len(seq["rgb"])):
         d = seq["depth"][i]
 
-        def depth_at(px, d=d):
+        def depth_at(px, T_wc=None, d=d):
             if prior == "constant":
                 return np.full(len(px), 2.0)
             u = np.clip(np.rint(px[:, 0]).astype(int), 0, d.shape[1] - 1)
@@ -186,7 +186,7 @@ def test_degenerate_frames_go_lost_and_tracking_recovers():
     tr = Tracker(TrackerConfig(ba_sync=True))
     states = []
     for g in frames:
-        r = tr.track(g, seq["K"], lambda px: np.full(len(px), 2.0), np.eye(4))
+        r = tr.track(g, seq["K"], lambda px, T_wc=None: np.full(len(px), 2.0), np.eye(4))
         assert np.isfinite(r.T_wc).all()
         states.append(r.state)
     assert states[5:8] == ["lost", "lost", "lost"]

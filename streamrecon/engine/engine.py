@@ -40,7 +40,7 @@ def default_size(model: Cut3r) -> int:
     return max(model.cfg.img_size)
 
 
-_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": None}  # int8: quantised layers, no autocast
 
 
 def _autocast(device: torch.device, precision: str):
@@ -53,6 +53,20 @@ def _attention_kw(cfg: "EngineConfig") -> dict:
     stand-ins need not know them)."""
     return {**({"token_attention": True} if cfg.token_attention else {}),
             **({"heads": "minimal"} if cfg.heads == "minimal" else {})}
+
+
+def validate_frame(frame: Frame) -> None:
+    """Raise ``ValueError`` naming what is wrong with a frame the model cannot take."""
+    img = frame.image
+    if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        raise ValueError(f"frame {frame.seq}: expected an (H, W, 3) uint8 RGB image, got "
+                         f"{getattr(img, 'shape', None)} {getattr(img, 'dtype', type(img).__name__)}")
+    if min(img.shape[:2]) < 16:
+        raise ValueError(f"frame {frame.seq}: image {img.shape[1]}x{img.shape[0]} is too small")
+    if frame.K is not None:
+        K = np.asarray(frame.K, dtype=np.float64)
+        if K.shape != (3, 3) or not np.isfinite(K).all() or K[0, 0] <= 0 or K[1, 1] <= 0:
+            raise ValueError(f"frame {frame.seq}: K must be a finite 3x3 matrix with positive focal lengths")
 
 
 @dataclass
@@ -72,8 +86,9 @@ class EngineConfig:
         reset_every: reset and re-anchor after every N frames (0 = never).
         fast_preprocess: resize on the model's device with torch instead of the reference Pillow
             LANCZOS (faster on GPU; not bit-exact).
-        precision: ``fp32`` (checkpoint-exact), or ``bf16`` / ``fp16`` autocast of the trunk (heads and
-            pose stay float32); see docs/PERFORMANCE.md for the measured drift.
+        precision: ``fp32`` (checkpoint-exact), ``bf16`` / ``fp16`` autocast of the trunk (heads and
+            pose stay float32), or ``int8`` (CPU: the trunk's Linear layers dynamically quantised,
+            :mod:`streamrecon.engine.quant`); see docs/PERFORMANCE.md for the measured drift.
         token_attention: also compute the decoder's attention statistics of the image tokens and, from
             them, ``FrameResult.dynamic`` (``--dynamic-mask attention``; the outputs are unchanged).
         heads: ``full``, or ``minimal`` (``--heads minimal``): frames skip the world-frame and colour
@@ -108,6 +123,10 @@ class StreamEngine:
     """
 
     def __init__(self, model: Cut3r, config: EngineConfig = EngineConfig()) -> None:
+        if config.precision == "int8":  # one quantised copy per model, shared by its streams
+            from .quant import int8_model
+
+            model = int8_model(model)
         self.model = model.eval()
         self.cfg = config
         self.rule = get_policy(config.policy)
@@ -130,16 +149,8 @@ class StreamEngine:
 
     def prepare(self, frame: Frame) -> "_Prepared":
         """Validate and preprocess a frame (no model call)."""
+        validate_frame(frame)
         img = frame.image
-        if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-            raise ValueError(f"frame {frame.seq}: expected an (H, W, 3) uint8 RGB image, got "
-                             f"{getattr(img, 'shape', None)} {getattr(img, 'dtype', type(img).__name__)}")
-        if min(img.shape[:2]) < 16:
-            raise ValueError(f"frame {frame.seq}: image {img.shape[1]}x{img.shape[0]} is too small")
-        if frame.K is not None:
-            K = np.asarray(frame.K, dtype=np.float64)
-            if K.shape != (3, 3) or not np.isfinite(K).all() or K[0, 0] <= 0 or K[1, 1] <= 0:
-                raise ValueError(f"frame {frame.seq}: K must be a finite 3x3 matrix with positive focal lengths")
         t0 = time.perf_counter()
         if self.cfg.fast_preprocess:
             x, u8, crop = preprocess_torch(img, self.cfg.size, self.device)

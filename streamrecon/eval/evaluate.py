@@ -123,6 +123,8 @@ def score_results(seq: EvalSequence, idx: list[int], results: list, cfg: EvalCon
     from_moving = kept = 0
     thresh = resolve_conf_thresh(None, cfg.conf_thresh)
     for i, r in zip(idx, results):
+        if not getattr(r, "network", True):  # --network-every: a tracked-only frame has a pose, no pixels
+            continue
         gt = gt_depth_at_model(seq.depth(i), r.crop)
         depth_rows.append(depth_metrics(r.depth, gt, gt > 0))
         masked = getattr(r, "dynamic_mask", None)  # --dynamic-mask: the pixels the map left out

@@ -65,13 +65,15 @@ def _declared_backends() -> Optional[tuple]:
 
 
 def _parse_label(label: str) -> tuple[str, dict[str, str]]:
-    """``"track+revisit+dynamic-mask=flow"`` -> ``("track", {"revisit": "", "dynamic-mask": "flow"})``."""
+    """``"track+revisit+dynamic-mask=flow"`` -> ``("track", {"revisit": "", "dynamic-mask": "flow"})``;
+    ``+network-every=N|auto`` too."""
     backend, *parts = label.split("+")
     mods: dict[str, str] = {}
     for part in parts:
         key, _, value = part.partition("=")
-        if key not in ("revisit", "dynamic-mask") or (key == "dynamic-mask") != bool(value):
-            raise ValueError(f"unknown backend modifier {part!r} in {label!r} (known: +revisit, +dynamic-mask=METHOD)")
+        if key not in ("revisit", "dynamic-mask", "network-every") or (key != "revisit") != bool(value):
+            raise ValueError(f"unknown backend modifier {part!r} in {label!r} (known: +revisit, +dynamic-mask=METHOD, "
+                             "+network-every=N|auto)")
         if key == "dynamic-mask" and value not in ("attention", "flow", "residual"):
             raise ValueError(f"unknown dynamic mask {value!r} in {label!r} (attention, flow or residual)")
         mods[key] = value
@@ -91,12 +93,15 @@ def _run_backend(loaded, seq: EvalSequence, idx: list[int], backend: str, known_
     declared = _declared_backends()
     if declared and backend not in declared:
         raise ValueError(f"unknown backend {backend!r} (the settings declare: {', '.join(declared)})")
-    cfg = PipelineConfig(engine=EngineSettings(size=size, state_policy=state_policy, reset_every=reset_every),
+    every = mods.get("network-every", "1")
+    cfg = PipelineConfig(engine=EngineSettings(size=size, state_policy=state_policy, reset_every=reset_every,
+                                               network_every=every),
                          map=MapSettings(dynamic_mask=mods.get("dynamic-mask", "off")),
                          slam=SlamSettings(backend=backend, refine=refine and backend != "none",
                                            intrinsics=_intrinsics_text(seq.K) if known_intrinsics else None))
     cfg.validate()
-    pipe = build_pipeline(cfg, loaded, stream_id=seq.name, files=False)
+    collector = _DenseResults()  # --network-every: the network's results, scored on their frames
+    pipe = build_pipeline(cfg, loaded, stream_id=seq.name, files=False, extra_sinks=[collector])
     results, push_s = [], 0.0
     if revisit:
         for i in idx:  # pass 1: the whole sequence into the state, nothing scored
@@ -115,8 +120,31 @@ def _run_backend(loaded, seq: EvalSequence, idx: list[int], backend: str, known_
     finally:
         summary = pipe.close()
     loops = summary.slam.get("loop_closure", {}).get("closures") if isinstance(summary.slam, dict) else None
+    if collector.by_index:
+        results = [collector.by_index.get(r.index, r) for r in results]
+    net = summary.network
     return {"ms_per_frame": 1e3 * push_s / max(1, len(results)), "pipeline_errors": pipe.n_errors,
-            "loop_closures": loops, "final_poses": dict(pipe.final_poses)}, results
+            "loop_closures": loops, "final_poses": dict(pipe.final_poses),
+            **({"network_frames": net["frames"], "network_fps": net["network_fps"], "poses_per_s": net["poses_per_s"]}
+               if net else {})}, results
+
+
+class _DenseResults:
+    """A sink keeping the network's results (``--network-every``) by frame index."""
+
+    name = "dense"
+
+    def __init__(self) -> None:
+        self.by_index: dict[int, object] = {}
+
+    def on_frame(self, event) -> None:
+        self.by_index.update({d.index: d for d in event.dense_results()})
+
+    def on_probe(self, probe) -> None:
+        pass
+
+    def close(self, final) -> None:
+        self.by_index.update({d.index: d for d in final.dense})
 
 
 def _nan_row(keys) -> dict:
@@ -128,6 +156,8 @@ def _constant_depth(seq: EvalSequence, idx: list[int], results: list) -> dict:
     backend's depth was scored: valid ground truth at model resolution and a finite positive prediction."""
     rows = []
     for i, r in zip(idx, results):
+        if not getattr(r, "network", True):
+            continue
         gt = gt_depth_at_model(seq.depth(i), r.crop)
         mask = (gt > 0) & np.isfinite(r.depth) & (r.depth > 0)
         rows.append(depth_metrics(np.ones_like(gt), gt, mask))

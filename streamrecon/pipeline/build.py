@@ -99,6 +99,9 @@ def build_pipeline(cfg: PipelineConfig, loaded: LoadedModel, stream_id: str = ""
 
         masker = DynamicMasker(DynamicOptions(cfg.map.dynamic_mask, cfg.map.dynamic_thresh))
     pipe = StreamPipeline(engine, gmap, sinks, options, on_result=on_result, stage=stage, masker=masker)
+    every = cfg.engine.network_schedule()
+    if every != 1:
+        pipe.start_network(every, inline=cfg.slam.deterministic)
     if snapshot_dir is not None:
         from ..snapshot.state import prefetch_fingerprint
         from ..snapshot.writer import SnapshotPolicy, Snapshotter

@@ -36,9 +36,18 @@ from ..threads import report as thread_report
 from .summary import RunSummary, SourceCounts
 from .trajectory import Trajectory
 
-__all__ = ["StreamPipeline", "PipelineOptions"]
+__all__ = ["StreamPipeline", "PipelineOptions", "AUTO_MAX_GAP"]
 
 _logger = logging.getLogger(__name__)
+
+#: ``--network-every auto``: the network sees keyframes, and at least every this many frames
+AUTO_MAX_GAP = 10
+
+
+@dataclass(frozen=True)
+class _Integrated:
+    new_points: np.ndarray
+    new_colors: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -117,6 +126,15 @@ class StreamPipeline:
         self._wants_image = any(getattr(getattr(s, "inner", s), "wants_image", False) for s in self.sinks)
         self._unflushed = 0  # frames since the last periodic summary
         self._map_dirty = False  # frames since the last periodic map
+        # --network-every: the network on a worker thread, every frame tracked (see start_network)
+        self.network = None  # a NetworkWorker
+        self.network_every: "int | str" = 1
+        self.network_blocking = True  # lossless sources wait for the network; live ones skip it when busy
+        self._records: dict = {}  # pipeline index -> PoseRecord of frames whose network result is pending
+        self._next_index = 0
+        self._since_network = 0  # frames since the last one given to the network
+        self._template: Optional[FrameResult] = None  # the newest network result (crop, principal point)
+        self._conf_mean = 0.0
 
     # ------------------------------------------------------------------------------------------
 
@@ -146,6 +164,8 @@ class StreamPipeline:
         Raises:
             Exception: whatever made the frame unusable (already counted by :meth:`record_error`).
         """
+        if self.network is not None:
+            return self._push_async(frame, source_ms)
         try:
             frame = self.prepare(frame) if isinstance(frame, Frame) else frame
             result = self.engine.process(frame)
@@ -155,17 +175,131 @@ class StreamPipeline:
         return self.consume(result, source_ms=source_ms, frame=frame if isinstance(frame, Frame) else
                             getattr(frame, "frame", None))
 
+    # ------------------------------------------------------------------------------------------ --network-every
+
+    def start_network(self, every: "int | str", inline: bool = False) -> None:
+        """Run the network on a worker thread and track every frame (``--network-every``): ``every`` is
+        ``N`` (every N-th frame) or ``"auto"`` (keyframes, and at least every :data:`AUTO_MAX_GAP`
+        frames); ``inline``: the network runs in the frame loop, its result arriving at the next frame
+        (deterministic). Call before the first frame; needs the tracking backend."""
+        from .network_worker import NetworkWorker
+
+        if self.stage is None or self.stage.tracker is None:
+            raise ValueError("--network-every needs the tracking backend (--backend track or slam)")
+        if self.processed:
+            raise RuntimeError("start_network() must come before the first frame")
+        self.network_every = every
+        self.network = NetworkWorker(self.engine, depth=1, inline=inline)
+
+    def _wants_network(self, r: FrameResult) -> bool:
+        if self.network_every == "auto":
+            return bool(r.tracking is not None and (r.tracking.keyframe or r.tracking.state == "lost")) \
+                or self._since_network + 1 >= AUTO_MAX_GAP
+        return r.index % int(self.network_every) == 0
+
+    def _take_network(self) -> list[FrameResult]:
+        """The network results that arrived, as the stage makes them (tracked pose, current scale)."""
+        out = []
+        for d in self.network.poll():
+            rec = self._records.pop(d.index, None)
+            if d.error is not None:
+                self.record_error(f"frame {d.index}: network: {d.error}")
+                continue
+            if rec is None:
+                continue
+            try:
+                out.append(self.stage.process_dense(d.result, rec))
+            except Exception as e:  # the pose was published; only this frame's pixels are lost
+                self.record_error(f"frame {d.index}: network result: {type(e).__name__}: {e}")
+        if out:
+            self._template = out[-1]
+        return out
+
+    def _push_async(self, frame, source_ms: float) -> FrameResult:
+        from ..engine.engine import validate_frame
+
+        try:
+            frame = self.prepare(frame)
+            validate_frame(frame)
+        except Exception as e:
+            msg = str(e)
+            self.record_error(msg if msg.startswith("frame ") else f"frame {getattr(frame, 'seq', '?')}: {msg}")
+            raise
+        t0 = time.perf_counter()
+        dense = self._take_network()
+        index = self._next_index
+        own = None
+        if self._template is None:  # nothing to track against yet: this frame waits for the network
+            self.network.submit(index, frame, block=True)
+            self.network.wait()
+            for d in self.network.poll():
+                if d.index == index:
+                    own = d
+            if own.error is not None:
+                self.record_error(f"frame {frame.seq}: {own.error}")
+                raise own.error
+        net_ms = 1e3 * (time.perf_counter() - t0)
+        try:
+            if own is not None:
+                result = self.stage.process(replace(own.result, index=index), frame)
+                self._template = result
+            else:
+                result, rec = self.stage.track_only(frame, index, self._template)
+                if self._wants_network(result):
+                    if self.network.submit(index, frame, block=self.network_blocking):
+                        self._records[index] = rec
+                        self._since_network = -1
+        except Exception as e:
+            self.record_error(f"frame {frame.seq}: {type(e).__name__}: {e}")
+            raise
+        self._next_index += 1
+        self._since_network += 1
+        return self.consume(result, source_ms=source_ms, frame=frame, dense=dense, staged=True,
+                            stage_ms=1e3 * (time.perf_counter() - t0) - net_ms)
+
+    def network_stats(self) -> dict[str, Any]:
+        """``--network-every``: the network's frames and rate beside the pose rate (empty without it)."""
+        if self.network is None:
+            return {}
+        wall = time.monotonic() - self.started
+        return {"every": self.network_every, "poses_per_s": round((self.processed - self.restored_frames) / wall, 3)
+                if wall > 0 else 0.0, **self.network.stats(self.processed, wall),
+                "pending": len(self._records), "blocking": self.network_blocking}
+
+    def _drain_network(self, timeout: float) -> list[FrameResult]:
+        """End of stream: wait for the frames the network still has, put them in the map."""
+        if self.network is None:
+            return []
+        self.network.close(timeout)
+        dense = self._take_network()
+        for d in dense:
+            self._integrate_dense(d)
+        return dense
+
+    def _integrate_dense(self, d: FrameResult):
+        pts, conf = d.world_points(self.opt.map_points, static_only=True)
+        integ = self.gmap.integrate(pts, d.colors, conf, d.index)
+        if self._since_kf.maxlen:
+            self._since_kf.append(self._map_chunk(d))
+        self._check_confidence(conf)
+        self._conf_mean = float(d.conf_cam.mean()) if d.conf_cam.size else self._conf_mean
+        return integ
+
     def consume(self, result: FrameResult, source_ms: float = 0.0, context: Optional[dict] = None,
-                frame: Optional[Frame] = None) -> FrameResult:
+                frame: Optional[Frame] = None, dense: Sequence[FrameResult] = (), staged: bool = False,
+                stage_ms: float = 0.0) -> FrameResult:
         """Run the geometry stage on a result the engine produced (here or in a batch), integrate it
-        and hand it to the sinks. ``frame`` is the prepared frame (the tracker needs its image)."""
+        and hand it to the sinks. ``frame`` is the prepared frame (the tracker needs its image).
+        ``--network-every``: ``staged`` (the stage already made ``result``, maybe pose-only) and
+        ``dense``, network results that arrived since the last frame."""
         t_stage = time.perf_counter()
         swapped, loop = False, None
         mask_ms0 = self.masker.ms if self.masker is not None else 0.0
         if self.masker is not None:
             result = self.masker.before_stage(result, frame)
         if self.stage is not None:
-            result = self.stage.process(result, frame)
+            if not staged:
+                result = self.stage.process(result, frame)
             swapped = self._swap_map()
             if self.stage.just_localised:  # the map is the saved one: in the world the stream just moved to
                 self.stage.just_localised = False
@@ -174,20 +308,32 @@ class StreamPipeline:
         elif self.masker is not None:  # with a stage, it runs the residual cue itself (before its keyframes)
             result = self.masker.after_stage(result, self.gmap)
         mask_ms = self.masker.ms - mask_ms0 if self.masker is not None else 0.0
-        stage_ms = 1e3 * (time.perf_counter() - t_stage) - mask_ms
+        stage_ms += 1e3 * (time.perf_counter() - t_stage) - mask_ms
         t0 = time.perf_counter()
-        pts, conf = result.world_points(self.opt.map_points, static_only=True)
-        if self.stage is not None and self.stage.localised is False:  # a provisional world: kept aside
-            if len(self._unlocalised) == self._unlocalised.maxlen:
-                self.unlocalised_dropped += 1
-            self._unlocalised.append(self._map_chunk(result))
-            integ = self.gmap.integrate(pts[:0], result.colors[:0], conf[:0], result.index)
+        if staged:  # --network-every: the pixels are the network results that arrived
+            new_pts, new_col = [], []
+            for d in ((result,) if result.network else ()) + tuple(dense):
+                integ = self._integrate_dense(d)
+                new_pts.append(integ.new_points)
+                new_col.append(integ.new_colors)
+            integ = _Integrated(np.concatenate(new_pts) if new_pts else np.zeros((0, 3), np.float32),
+                                np.concatenate(new_col) if new_col else np.zeros((0, 3), np.uint8))
+            conf = result.conf_cam
         else:
-            if self._unlocalised:
-                self._integrate_unlocalised()
-            integ = self.gmap.integrate(pts, result.colors, conf, result.index)
-        if self._since_kf.maxlen:
-            self._since_kf.append(self._map_chunk(result))
+            pts, conf = result.world_points(self.opt.map_points, static_only=True)
+            if self.stage is not None and self.stage.localised is False:  # a provisional world: kept aside
+                if len(self._unlocalised) == self._unlocalised.maxlen:
+                    self.unlocalised_dropped += 1
+                self._unlocalised.append(self._map_chunk(result))
+                integ = self.gmap.integrate(pts[:0], result.colors[:0], conf[:0], result.index)
+            else:
+                if self._unlocalised:
+                    self._integrate_unlocalised()
+                integ = self.gmap.integrate(pts, result.colors, conf, result.index)
+            if self._since_kf.maxlen:
+                self._since_kf.append(self._map_chunk(result))
+            self._check_confidence(conf)
+            self._conf_mean = float(result.conf_cam.mean()) if result.conf_cam.size else self._conf_mean
         self.trajectory.append(result.stamp, result.T_wc)
         self._rows.append(result.index)
         self._row_epochs.append(getattr(self.stage, "epoch", 0) if self.stage is not None else 0)
@@ -195,7 +341,6 @@ class StreamPipeline:
         self.segments_seen = result.segment + 1
         if result.K_given is not None:
             self.k_given += 1
-        self._check_confidence(conf)
         t1 = time.perf_counter()
         n = self.processed
         snapshot = None
@@ -214,9 +359,10 @@ class StreamPipeline:
             stream_id=self.opt.stream_id, result=result, new_points=integ.new_points, new_colors=integ.new_colors,
             map_points=len(self.gmap), summary=summary, context=dict(context or {}), map_snapshot=snapshot, loop=loop,
             preview=preview, map_files=map_files,
-            image=frame.image if frame is not None and self._wants_image else None,
-            metrics={"fps": self.fps(), "map_points": len(self.gmap), "conf_mean": float(result.conf_cam.mean()),
-                     "latency_ms/total": engine_ms + source_ms + 1e3 * (t1 - t0)})
+            image=frame.image if frame is not None and self._wants_image else None, dense=tuple(dense),
+            metrics={"fps": self.fps(), "map_points": len(self.gmap), "conf_mean": self._conf_mean,
+                     "latency_ms/total": engine_ms + source_ms + 1e3 * (t1 - t0),
+                     **({"network_fps": self.network_stats()["network_fps"]} if self.network is not None else {})})
         for sink in self.sinks:
             try:
                 sink.on_frame(event)
@@ -302,6 +448,8 @@ class StreamPipeline:
             stop = getattr(sink, "abandon", None)
             if stop is not None:
                 stop()
+        if self.network is not None:
+            self.network.close(timeout=5.0)
         if self.stage is not None:
             self.stage.close()
         self.closed = self.summary(stop_reason="discarded")
@@ -500,7 +648,7 @@ class StreamPipeline:
                  **({"dynamic_mask": self.masker.stats()} if self.masker is not None else {})},
             segments=self.segments_seen,
             frames_with_K_given=self.k_given, sinks=self.sink_stats(), in_progress=stop_reason == "running",
-            slam=self._slam_summary(),
+            slam=self._slam_summary(), network=self.network_stats(),
             interrupted=interrupted, stop_reason=stop_reason, fatal_error=fatal,
             extra={**self.opt.describe, **(extra or {}), "threads": thread_report(),
                    **({"snapshots": dict(self.snapshots.stats, root=str(self.snapshots.policy.root))}
@@ -512,6 +660,11 @@ class StreamPipeline:
         and return the summary. A second call returns the first summary."""
         if self.closed is not None:
             return self.closed
+        dense: list[FrameResult] = []
+        try:  # --network-every: the frames the network still has go into the map first
+            dense = self._drain_network(timeout=5.0 if interrupted or fatal else 120.0)
+        except Exception as e:
+            self.record_error(f"network at close: {type(e).__name__}: {e}")
         stamps, poses = self.trajectory.arrays()
         keyframes = refined = None
         if self.stage is not None:
@@ -538,7 +691,7 @@ class StreamPipeline:
         xyz, rgb, conf = self.gmap.points()
         final = StreamClosed(stream_id=self.opt.stream_id, summary=summary.to_dict(), map_xyz=xyz, map_rgb=rgb,
                              map_conf=conf, stamps=stamps, poses=poses, keyframes=keyframes, refined=refined,
-                             optimized=self.final_poses.get("optimized"))
+                             optimized=self.final_poses.get("optimized"), dense=tuple(dense))
         # the sink that writes summary.json closes last, so that its list of outputs holds the others' too
         writes_summary = [s for s in self.sinks if hasattr(getattr(s, "inner", s), "write_summary")]
         written: set[str] = set()

@@ -35,6 +35,8 @@ class RunSummary:
         slam: the geometry stage: backend, intrinsics, tracking state counts, keyframes, timing.
         in_progress: ``True`` in the periodic summaries written while the stream runs.
         interrupted, stop_reason, fatal_error: how it ended.
+        network: ``--network-every``: network frames, their rate and the pose rate (empty when every
+            frame goes through the network in the frame loop).
         extra: settings, model and command-specific facts (``config``, ``model``, ``source``, ...).
     """
 
@@ -58,6 +60,7 @@ class RunSummary:
     interrupted: bool
     stop_reason: str
     fatal_error: Optional[str] = None
+    network: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,6 +87,11 @@ def format_summary(s: dict) -> str:
         f"memory      peak RSS {s['memory_mb']['peak_rss']:.0f} MiB",
         f"map         {s['map']['points']} points, voxel {s['map']['voxel_size']:.4g}, segments {s['segments']}",
     ]
+    net = s.get("network") or {}
+    if net:
+        lines.insert(3, f"rates       poses {net['poses_per_s']:.2f}/s, network {net['network_fps']:.2f}/s "
+                        f"({net['frames']} of {s['processed']} frames, every {net['every']}; "
+                        f"{net['skipped_busy']} skipped while it was busy)")
     t = s.get("threads") or {}
     if t.get("intra_op"):
         lines[2] += f"; {t['intra_op']} thread{'s' if t['intra_op'] > 1 else ''} ({t.get('chosen_by', '')})"

@@ -89,6 +89,9 @@ class ServeConfig:
             raise SettingsError(f"--curve-secret-key {self.curve_secret_key}: no such file")
         if not self.drain_timeout_s >= 0:
             raise SettingsError("--drain-timeout-s must be >= 0")
+        if self.pipeline.engine.network_schedule() != 1:
+            raise SettingsError("--network-every is for `streamrecon run` (one stream, tracked per frame); serve "
+                                "batches the network over streams: leave it at 1")
         if self.max_probe_pixels < 256:
             raise SettingsError("--max-probe-pixels must be >= 256 (one 16 x 16 probe)")
         for name in ("max_streams", "max_batch", "lossless_queue"):

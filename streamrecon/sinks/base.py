@@ -51,6 +51,9 @@ class FrameEvent:
             rewrite ``map.ply`` / ``map.glb`` from it, so a killed process leaves a recent map.
         image: ``(H, W, 3)`` uint8 RGB, the frame at full resolution as the engine got it (undistorted with
             a calibration) -- only when a sink asks for it (``wants_image``, e.g. ``--export colmap``).
+        dense: ``--network-every``: the network's results (:class:`FrameResult` with ``network=True``,
+            their own ``index``) that arrived since the previous frame, each already in the map; the
+            ``result`` of such a stream is then usually a pose-only one (``network=False``).
         loop: when a loop closure was applied just before this frame (``--backend slam``):
             ``{"edges": (E, 2, 3) float32 keyframe positions of every loop edge so far,
             "keyframes": (K, 3) float32 corrected keyframe positions, "edge": (i, j, inliers)}``.
@@ -69,6 +72,11 @@ class FrameEvent:
     preview: Optional[np.ndarray] = None
     map_files: Optional[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = None
     image: Optional[np.ndarray] = None
+    dense: tuple[FrameResult, ...] = ()
+
+    def dense_results(self) -> tuple[FrameResult, ...]:
+        """Every result with pixels this event carries: ``result`` when the network saw it, then ``dense``."""
+        return ((self.result,) if self.result.network else ()) + tuple(self.dense)
 
 
 #: long side (pixels) of the original frame handed to viewer sinks
@@ -101,6 +109,7 @@ class StreamClosed:
             the last optimisation (``None`` when no loop was closed).
         refined: ``--refine``'s outputs: ``{"stamps", "poses" (F, 4, 4), "map_xyz", "map_rgb",
             "map_conf", "stats"}`` (``None`` without it).
+        dense: ``--network-every``: network results that arrived after the last frame (already in the map).
     """
 
     stream_id: str
@@ -113,6 +122,7 @@ class StreamClosed:
     keyframes: Optional[tuple] = None
     refined: Optional[dict] = None
     optimized: Optional[np.ndarray] = None
+    dense: tuple[FrameResult, ...] = ()
 
 
 @runtime_checkable

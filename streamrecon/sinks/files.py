@@ -33,7 +33,7 @@ from typing import IO, Any, Optional
 import numpy as np
 
 from ..fileio import atomic_write_bytes, atomic_write_text, confine
-from ..frames import ProbeResult
+from ..frames import FrameResult, ProbeResult
 from ..mapping import TUM_HEADER, tum_lines, write_glb, write_ply
 from .base import FrameEvent, StreamClosed
 
@@ -144,18 +144,22 @@ class FileSink:
         self._trajectory_file().write(tum_lines([r.stamp], r.T_wc[None]))
         self._since_flush += 1
         if self.save_frames:
-            atomic_write_bytes(self._path(f"frames/{r.index:06d}.npz"), _npz_bytes(
-                points_cam=r.points_cam, points_world=r.points_world_pose, points_world_head=r.points_world_head,
-                conf_cam=r.conf_cam, conf_world=r.conf_world, depth=r.depth, T_wc=r.T_wc, K=r.K,
-                K_original=r.K_original, K_given=r.K_given if r.K_given is not None else _NAN_K, colors=r.colors,
-                stamp=np.float64(r.stamp), seq=np.int64(r.seq),
-                **({} if r.dynamic is None else {"dynamic": r.dynamic.astype(np.float16)}),
-                **({} if r.dynamic_mask is None else {"dynamic_mask": r.dynamic_mask})))
-            self.written.add("frames/")
+            for d in event.dense_results():  # --network-every: the network's frames, when they arrive
+                self._write_frame(d)
         if self.flush_every and self._since_flush >= self.flush_every and event.summary is None:
             self._sync_trajectory()
         if event.summary is not None:
             self.on_flush(event.summary, event.map_files)
+
+    def _write_frame(self, r: FrameResult) -> None:
+        atomic_write_bytes(self._path(f"frames/{r.index:06d}.npz"), _npz_bytes(
+            points_cam=r.points_cam, points_world=r.points_world_pose, points_world_head=r.points_world_head,
+            conf_cam=r.conf_cam, conf_world=r.conf_world, depth=r.depth, T_wc=r.T_wc, K=r.K,
+            K_original=r.K_original, K_given=r.K_given if r.K_given is not None else _NAN_K, colors=r.colors,
+            stamp=np.float64(r.stamp), seq=np.int64(r.seq),
+            **({} if r.dynamic is None else {"dynamic": r.dynamic.astype(np.float16)}),
+            **({} if r.dynamic_mask is None else {"dynamic_mask": r.dynamic_mask})))
+        self.written.add("frames/")
 
     def on_flush(self, summary: dict[str, Any], map_files: Optional[tuple] = None) -> None:
         """A periodic flush: the map when given (``(xyz, rgb, conf, poses)``), the trajectory fsynced,
@@ -189,6 +193,11 @@ class FileSink:
         """Trajectory (fsync), map and summary; each independently, so one failure does not lose the rest."""
         summary = dict(final.summary)
         errors: list[str] = list(summary.get("output_errors", []))
+
+        def late_frames() -> None:  # --network-every: network results that came after the last frame
+            if self.save_frames:
+                for d in final.dense:
+                    self._write_frame(d)
 
         def map_files() -> None:
             self.written.update(write_map_files(self._path("."), final.map_xyz, final.map_rgb, final.map_conf, final.poses))
@@ -225,7 +234,8 @@ class FileSink:
             write_ply(self._path("pointmap.ply"), pts[keep], r.colors.reshape(-1, 3)[keep], r.conf_cam.reshape(-1)[keep])
             self.written.add("pointmap.ply")
 
-        for name, fn in (("trajectory", trajectory), ("map", map_files), ("keyframes", keyframes), ("optimized", optimized),
+        for name, fn in (("frames", late_frames), ("trajectory", trajectory), ("map", map_files), ("keyframes", keyframes),
+                         ("optimized", optimized),
                          ("refined", refined), ("pointmap", pointmap)):
             try:
                 fn()

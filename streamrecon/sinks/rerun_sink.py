@@ -229,6 +229,8 @@ class RerunSink:
 
     def on_frame(self, event: FrameEvent) -> None:
         self.log_frame(event.result, event.new_points, event.new_colors, event.metrics)
+        for d in event.dense[-1:]:  # --network-every: the newest network frame that arrived
+            self.log_images(d)
         if event.preview is not None:  # the frame as the camera gave it (the model sees a small crop of it)
             self.rec.log(f"{self.p}camera", self._image(event.preview))
         if event.loop is not None:
@@ -264,13 +266,12 @@ class RerunSink:
         """One processed frame: camera, images, new map points, trajectory step, metrics."""
         rr = self.rr
         self._set_time(result.index, result.stamp)
-        h, w = result.depth.shape
+        h, w = result.crop.output_hw if not result.network else result.depth.shape
         self.rec.log(f"{self.p}world/cam", rr.Transform3D(translation=result.T_wc[:3, 3], mat3x3=result.T_wc[:3, :3]))
         self.rec.log(f"{self.p}world/cam/image", rr.Pinhole(image_from_camera=result.K, resolution=[w, h],
                                                    camera_xyz=rr.ViewCoordinates.RDF, image_plane_distance=0.1))
-        self.rec.log(f"{self.p}world/cam/image", self._image(result.colors))
-        self.rec.log(f"{self.p}world/cam/image/depth", rr.DepthImage(result.depth, meter=1.0))
-        self.rec.log(f"{self.p}world/cam/image/confidence", rr.Image(result.conf_cam.astype(np.float32)))
+        if result.network:  # (--network-every: a tracked-only frame keeps the last network images on show)
+            self.log_images(result)
         if result.dynamic is not None:
             self.rec.log(f"{self.p}world/cam/image/dynamic", rr.Image(result.dynamic.astype(np.float32)))
             self.rec.log(f"{self.p}world/cam/image/dynamic_mask", rr.SegmentationImage(result.dynamic_mask.astype(np.uint8)))
@@ -302,6 +303,13 @@ class RerunSink:
                                                          f"{tr.inliers}/{tr.tracked} inliers)",
                                                          level="WARN" if tr.state == "lost" else "INFO"))
         self._frames += 1
+
+    def log_images(self, result: FrameResult) -> None:
+        """A network frame's colours, depth and confidence (at the current time)."""
+        rr = self.rr
+        self.rec.log(f"{self.p}world/cam/image", self._image(result.colors))
+        self.rec.log(f"{self.p}world/cam/image/depth", rr.DepthImage(result.depth, meter=1.0))
+        self.rec.log(f"{self.p}world/cam/image/confidence", rr.Image(result.conf_cam.astype(np.float32)))
 
     def log_loop(self, loop: dict) -> None:
         """A loop closure: every loop edge so far, the corrected keyframes, a log line."""

@@ -59,12 +59,16 @@ class ResultPublisher:
         self.published += 1
         g = self.geometry_stride
         if g:
-            pts, conf = r.world_points(self.map_points)
-            self.send(encode_result(
-                self.stream_id, "geometry", {"seq": r.seq, "stamp_ns": stamp_ns, "stride": g, "frame": "world"},
-                {"points": pts[::g, ::g].astype(np.float16), "conf": conf[::g, ::g].astype(np.float16),
-                 "colors": r.colors[::g, ::g],
-                 **({} if r.dynamic_mask is None else {"dynamic_mask": r.dynamic_mask[::g, ::g].astype(np.uint8)})}))
+            for d in event.dense_results():  # --network-every: the network's frames, when they arrive
+                self._geometry(d, g, int(round(d.stamp * 1e9)) if d is not r else stamp_ns)
+
+    def _geometry(self, r, g: int, stamp_ns: int) -> None:
+        pts, conf = r.world_points(self.map_points)
+        self.send(encode_result(
+            self.stream_id, "geometry", {"seq": r.seq, "stamp_ns": stamp_ns, "stride": g, "frame": "world"},
+            {"points": pts[::g, ::g].astype(np.float16), "conf": conf[::g, ::g].astype(np.float16),
+             "colors": r.colors[::g, ::g],
+             **({} if r.dynamic_mask is None else {"dynamic_mask": r.dynamic_mask[::g, ::g].astype(np.uint8)})}))
 
     def on_probe(self, probe: ProbeResult) -> None:
         pass  # probes are answered on the control channel

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, deque
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -38,9 +38,22 @@ from .calib import Calibration, Undistorter, parse_intrinsics, read_calibration
 from .loop import Correction, KeyframeInput, LoopCloser, LoopConfig, MapRebuild
 from .tracker import Tracker, TrackerConfig, _inv
 
-__all__ = ["GeometryStage", "calibration_from_settings"]
+__all__ = ["GeometryStage", "PoseRecord", "calibration_from_settings"]
 
 _logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PoseRecord:
+    """A tracked frame whose network result is still to come (``--network-every``): its index, pose,
+    the loop-closure epoch it was tracked in, how it was tracked and, for a keyframe, ``(grey, Kt,
+    track pixels, points in its camera, triangulated?, track ids)``."""
+
+    index: int
+    T_wc: np.ndarray
+    epoch: int
+    info: Optional[TrackingInfo]
+    keyframe: Optional[tuple]
 
 
 def _edge(found):
@@ -104,6 +117,7 @@ class GeometryStage:
         self._excl_key, self._excl_index = None, None  # cached tracking-pixel -> model-pixel lookup
         self.just_localised = False  # set by the frame that localised, cleared by the pipeline
         self.after_pose: Optional[Callable[[FrameResult], FrameResult]] = None  # set by the pipeline (masks)
+        self.prior = None  # the newest network frame's depth (a DepthPrior): --network-every's frames track on it
 
     @property
     def active(self) -> bool:
@@ -158,6 +172,8 @@ class GeometryStage:
             out = self.after_pose(out)
         if kf is not None and self.loop is not None and self.localised is not False:
             self._submit_keyframe(out, kf)  # (not in a provisional world: the database is the saved map's)
+        if self.tracker is not None:
+            self.set_prior(r, K_model, T_wc, scale, r.index)
         return out
 
     # ------------------------------------------------------------------------------------------ relocalisation
@@ -220,6 +236,8 @@ class GeometryStage:
         self.tracker.apply_correction(item.C)
         if self._T_prev is not None:
             self._T_prev = correct_pose(item.C, self._T_prev)
+        if self.prior is not None:
+            self.prior.correct(lambda T: (correct_pose(item.C, T), sim3_parts(item.C)[2]))
         self.epoch = item.epoch
         self.correction_of[item.epoch] = item.C
         self.corrections.append(item)
@@ -249,19 +267,25 @@ class GeometryStage:
             return None  # a newer correction is on its way: its own rebuild follows
         return m
 
-    def _submit_keyframe(self, out: FrameResult, kf: tuple) -> None:
+    def _submit_keyframe(self, out: FrameResult, kf: tuple, landmarks: Optional[tuple] = None) -> None:
+        """``landmarks``: ``(pixels, points in the keyframe camera (NaN: not triangulated), ids)`` taken
+        when the frame was tracked; default: the tracker's tracks now."""
         grey, Kt = kf
         tr = self.tracker
-        Tk = out.T_wc
-        lm_X = (tr.X - Tk[:3, 3]) @ Tk[:3, :3]  # world -> this keyframe's camera
-        lm_X[~tr.geo] = np.nan  # only triangulated points are landmarks (the network's depth may be poor)
+        if landmarks is not None:
+            lm_px, lm_X, lm_ids = landmarks
+        else:
+            Tk = out.T_wc
+            lm_px, lm_ids = tr.cur.copy(), tr.tid.copy()
+            lm_X = (tr.X - Tk[:3, 3]) @ Tk[:3, :3]  # world -> this keyframe's camera
+            lm_X[~tr.geo] = np.nan  # only triangulated points are landmarks (the network's depth may be poor)
         st = self._cloud_stride
         cloud = out.points_cam[::st, ::st].reshape(-1, 3)
         self.loop.submit(KeyframeInput(
             kid=out.index, epoch=self.epoch, T_wc=out.T_wc.copy(), grey=grey, K=Kt, cloud=cloud,
             colors=out.colors[::st, ::st].reshape(-1, 3),
             conf=out.world_points("pose", static_only=True)[1][::st, ::st].reshape(-1),  # movers: -inf, left out
-            descriptor=out.descriptor, lm_px=tr.cur.copy(), lm_X=lm_X, lm_ids=tr.tid.copy()))
+            descriptor=out.descriptor, lm_px=lm_px, lm_X=lm_X, lm_ids=lm_ids))
 
     def _rays(self, hw: tuple[int, int], K: np.ndarray) -> np.ndarray:
         """``(H, W, 3)`` rays ``K^-1 [u, v, 1]`` of the model pixels (cached while ``K`` and the size stay)."""
@@ -292,6 +316,25 @@ class GeometryStage:
         return out.reshape(shape)
 
     def _track(self, r: FrameResult, frame: Frame, K0: np.ndarray) -> tuple[np.ndarray, float, TrackingInfo, Optional[tuple]]:
+        """Track a frame the network saw (its own depth is the prior, its pose the fallback's motion)."""
+        # fallback: the last pose moved by the network's own relative motion (translation scaled)
+        net = r.T_wc
+        if self._T_prev is None or self._net_prev is None:
+            fallback = np.eye(4) if self._T_prev is None else self._T_prev
+        else:
+            rel = _inv(self._net_prev) @ net
+            rel[:3, 3] *= self.tracker.scale or 1.0
+            fallback = self._T_prev @ rel
+        out = self._track_core(frame, K0, r.crop, lambda T: r.depth, fallback, r.dynamic_mask)
+        self._net_prev = net
+        return out
+
+    def _track_core(self, frame: Frame, K0: np.ndarray, crop, depth_map: Callable[[np.ndarray], np.ndarray],
+                    fallback: np.ndarray, dynamic_mask: Optional[np.ndarray],
+                    landmarks: bool = False) -> tuple[np.ndarray, float, TrackingInfo, Optional[tuple]]:
+        """Track ``frame``; ``depth_map(T_wc) -> (H, W)`` the network depth (model pixels) at that pose.
+        Returns ``(T_wc, depth scale, info, keyframe)``, the keyframe ``(grey, Kt)`` -- with ``landmarks``
+        also the tracks as of now ``(pixels, points in the keyframe camera, ids)`` -- or ``None``."""
         import cv2
 
         t0 = time.perf_counter()
@@ -305,9 +348,13 @@ class GeometryStage:
         Kt[:2] *= f
         Kt[0, 2] = (K0[0, 2] + 0.5) * f - 0.5
         Kt[1, 2] = (K0[1, 2] + 0.5) * f - 0.5
-        depth, crop = r.depth, r.crop
+        maps: dict = {}
 
-        def depth_at(px: np.ndarray) -> np.ndarray:
+        def depth_at(px: np.ndarray, T_wc: Optional[np.ndarray] = None) -> np.ndarray:
+            key = None if T_wc is None else np.asarray(T_wc).tobytes()
+            if key not in maps:
+                maps[key] = depth_map(T_wc)
+            depth = maps[key]
             orig = (px + 0.5) / f - 0.5
             m = np.rint(crop.to_model(orig)).astype(int)
             hh, ww = depth.shape
@@ -317,25 +364,88 @@ class GeometryStage:
             z[~(z > 0)] = np.nan  # behind the camera or invalid: no prior there
             return z
 
-        # fallback: the last pose moved by the network's own relative motion (translation scaled)
-        net = r.T_wc
-        if self._T_prev is None or self._net_prev is None:
-            fallback = np.eye(4) if self._T_prev is None else self._T_prev
-        else:
-            rel = _inv(self._net_prev) @ net
-            rel[:3, 3] *= self.tracker.scale or 1.0
-            fallback = self._T_prev @ rel
         self._last_Kt = Kt
-        exclude = None if r.dynamic_mask is None else self._exclusion(r.dynamic_mask, crop, grey.shape, f)
+        exclude = None if dynamic_mask is None else self._exclusion(dynamic_mask, crop, grey.shape, f)
         res = self.tracker.track(grey, Kt, depth_at, fallback, exclude=exclude)
-        self._net_prev, self._T_prev = net, res.T_wc
+        self._T_prev = res.T_wc
         self.states[res.state] += 1
         ms = 1e3 * (time.perf_counter() - t0)
         self.track_ms.append(ms)
         info = TrackingInfo(**{f.name: getattr(res, f.name) for f in fields(TrackingInfo)} | {"ms": ms})
         scale = float(res.depth_scale or 1.0)
-        kf = (grey, Kt) if res.keyframe and res.state != "lost" else None
+        kf = None
+        if res.keyframe and res.state != "lost":
+            kf = (grey, Kt)
+            if landmarks:
+                tr = self.tracker
+                kf = kf + (tr.cur.copy(), (tr.X - res.T_wc[:3, 3]) @ res.T_wc[:3, :3], tr.geo.copy(), tr.tid.copy())
         return res.T_wc, scale, info, kf
+
+    # ------------------------------------------------------------------------------------------ --network-every
+
+    def track_only(self, frame: Frame, index: int, template: FrameResult) -> tuple[FrameResult, "PoseRecord"]:
+        """Track a frame the network did not see (``--network-every``): the depth prior is the latest
+        network frame's (:attr:`prior`) moved to this pose; ``template`` (a result of the network,
+        the same image size) gives the crop and the principal point. Returns the pose-only result
+        and what :meth:`process_dense` needs when this frame's network result arrives."""
+        if self.tracker is None or self.prior is None:
+            raise ValueError("--network-every needs the tracking backend and one network result first")
+        if tuple(frame.image.shape[:2]) != tuple(template.crop.original_hw):
+            raise ValueError(f"frame {frame.seq}: image {frame.image.shape[1]}x{frame.image.shape[0]} differs from the "
+                             f"stream's {template.crop.original_hw[1]}x{template.crop.original_hw[0]}")
+        if frame.K is not None:
+            K0 = np.asarray(frame.K, np.float64)
+        else:
+            K0 = template.K_original.copy()
+            K0[0, 0], K0[1, 1] = np.median(np.asarray(self._focals), axis=0)
+        crop = template.crop
+        K_model = crop.K_to_model(K0)
+        prior, tr = self.prior, self.tracker
+        T_wc, _, info, kf = self._track_core(
+            frame, K0, crop, lambda T: prior.render(T, tr.scale or 1.0, K_model, crop.output_hw),
+            self._T_prev if self._T_prev is not None else np.eye(4), None, landmarks=True)
+        self._net_prev = None  # the next network frame's fallback starts from its own pose
+        result = FrameResult.pose_only(seq=frame.seq, stamp=frame.stamp, source=frame.source, index=index,
+                                       segment=template.segment, T_wc=T_wc, K=K_model, K_original=K0, crop=crop,
+                                       tracking=info, K_given=None if frame.K is None else K0.copy())
+        return result, PoseRecord(index, T_wc.copy(), self.epoch, info, kf)
+
+    def record_of(self, result: FrameResult) -> "PoseRecord":
+        """The :class:`PoseRecord` of a frame :meth:`process` handled (its keyframe already submitted)."""
+        return PoseRecord(result.index, result.T_wc.copy(), self.epoch, result.tracking, None)
+
+    def process_dense(self, r: FrameResult, rec: "PoseRecord") -> FrameResult:
+        """A network result that arrived after its frame was tracked: its pointmaps at the tracked pose
+        (brought through the loop-closure corrections since), the current depth scale; a keyframe goes
+        to the loop closer now. Also becomes the :attr:`prior`."""
+        from .sim3 import correct_pose, sim3_parts
+
+        K0 = self._intrinsics(r)
+        K_model = r.crop.K_to_model(K0)
+        T_wc, s_corr = rec.T_wc, 1.0
+        for e in range(rec.epoch + 1, self.epoch + 1):
+            if e in self.correction_of:
+                T_wc = correct_pose(self.correction_of[e], T_wc)
+                s_corr *= sim3_parts(self.correction_of[e])[2]
+        scale = float(self.tracker.scale or 1.0)
+        depth = r.depth * np.float32(scale)
+        pts_cam = (self._rays(r.depth.shape, K_model) * depth[..., None]).astype(np.float32)
+        R, t = T_wc[:3, :3].astype(np.float32), T_wc[:3, 3].astype(np.float32)
+        out = replace(r, index=rec.index, T_wc=T_wc, points_cam=pts_cam, points_world_pose=pts_cam @ R.T + t,
+                      depth=depth, K_used=K0, tracking=rec.info)
+        if rec.keyframe is not None and self.loop is not None and len(rec.keyframe) > 2:
+            grey, Kt, px, X, geo, tid = rec.keyframe
+            X = np.where(geo[:, None], X * s_corr, np.nan)
+            self._submit_keyframe(out, (grey, Kt), landmarks=(px, X, tid))
+        self.set_prior(r, K_model, T_wc, scale, rec.index)
+        return out
+
+    def set_prior(self, r: FrameResult, K_model: np.ndarray, T_wc: np.ndarray, scale: float, index: int) -> None:
+        """The network frame later frames take their depth prior from (the newest one wins)."""
+        from .prior import DepthPrior
+
+        if self.prior is None or index >= self.prior.index:
+            self.prior = DepthPrior(r.depth, K_model, T_wc.copy(), scale, index)
 
     def finish(self, timeout: float = 60.0) -> None:
         """End of stream: let the loop closer process the keyframes it was handed (at most ``timeout`` s)."""

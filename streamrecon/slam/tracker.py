@@ -234,11 +234,11 @@ class Tracker:
         return p1, ok
 
     def _new_keyframe(self, grey: np.ndarray, T_wc: np.ndarray, K: np.ndarray,
-                      depth_at: Callable[[np.ndarray], np.ndarray]) -> None:
+                      depth_at: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
         """Make this frame the keyframe: keep the surviving tracks, add corners with prior 3D points."""
         new = self._detect(grey, self.cur, self.cfg.max_features - len(self.cur))
         if len(new):
-            z = depth_at(new) * (self.scale or 1.0)
+            z = depth_at(new, T_wc) * (self.scale or 1.0)
             valid = np.isfinite(z) & (z > 0)
             if valid.mean() < 0.5:  # the network gives no usable depth here: a constant prior
                 z = np.full(len(new), self._fallback_depth(T_wc))
@@ -457,11 +457,11 @@ class Tracker:
             ok &= np.linalg.norm(proj - px, axis=1) < self.cfg.max_reproj_px
         return X, ok
 
-    def _update_scale(self, T_wc: np.ndarray, depth_at: Callable[[np.ndarray], np.ndarray]) -> None:
+    def _update_scale(self, T_wc: np.ndarray, depth_at: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
         if not self.geo.any():
             return
         Xc = _to_cam(T_wc, self.X[self.geo])
-        z_net = depth_at(self.cur[self.geo])
+        z_net = depth_at(self.cur[self.geo], T_wc)
         ok = (Xc[:, 2] > 0) & np.isfinite(z_net) & (z_net > 0)
         if ok.sum() >= 10:
             self.scale = float(np.median(Xc[ok, 2] / z_net[ok]))
@@ -511,14 +511,16 @@ class Tracker:
         T_ba[:3, 3] *= s
         return self.kf_T @ _inv(T_ba), int(n)
 
-    def track(self, grey: np.ndarray, K: np.ndarray, depth_at: Callable[[np.ndarray], np.ndarray],
+    def track(self, grey: np.ndarray, K: np.ndarray, depth_at: Callable[[np.ndarray, np.ndarray], np.ndarray],
               fallback_T: np.ndarray, exclude: Optional[np.ndarray] = None) -> TrackResult:
         """Track one frame.
 
         Args:
             grey: ``(h, w)`` uint8 image at tracking resolution.
             K: ``(3, 3)`` intrinsics in the same pixels.
-            depth_at: ``(N, 2)`` pixels -> ``(N,)`` the network's depth there (NaN where unknown).
+            depth_at: ``(pixels (N, 2), T_wc (4, 4)) -> (N,)`` the network's depth there (NaN where
+                unknown), ``T_wc`` being this frame's pose as tracked (a frame the network did not see
+                gets the latest network depth moved to that pose: :mod:`streamrecon.slam.prior`).
             fallback_T: the pose to use when tracking fails (the network's, chained).
             exclude: ``(h, w)`` bool, pixels on moving objects (``--dynamic-mask``): tracks that land
                 there are dropped and no corner is detected there.
@@ -531,7 +533,7 @@ class Tracker:
             self._exclude = None
             self._idle.set()
 
-    def _track(self, grey: np.ndarray, K: np.ndarray, depth_at: Callable[[np.ndarray], np.ndarray],
+    def _track(self, grey: np.ndarray, K: np.ndarray, depth_at: Callable[[np.ndarray, np.ndarray], np.ndarray],
                fallback_T: np.ndarray) -> TrackResult:
         t0 = time.perf_counter()
         self.index += 1
