@@ -8,7 +8,8 @@ Two rates, measured separately:
   machine's drifts fall on all of them alike. Time = preprocess + model + postprocess.
 * **pose rate** (``backend`` ``track`` / ``slam``): the whole pipeline (network, tracking, map; no
   files) of each variant over the same frames with ``network_every``, one after the other; poses per
-  second and network frames per second of each.
+  second and network frames per second of each over the frame loop (the drain of the network's last
+  frames at the end is reported apart, ``drain_s``).
 
 Drift is against the first variant (normally ``fp32`` / ``full``), frame by frame on the same inputs:
 the worst frame's ``max|a - b| / max|b|`` of depth and world points, and the camera-centre (m, % of
@@ -20,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -34,6 +36,7 @@ class SweepConfig:
     """Args:
         model: preset (random weights) or checkpoint path.
         images: a video or folder (its first ``frames`` frames, in order), or ``random``.
+        network_frames: the network-rate part uses only the first this many (0: all ``frames``).
         size: model input long side (``None``: the model's own).
         precisions: ``fp32``, ``bf16``, ``fp16``, ``int8``.
         heads: ``full``, ``minimal``.
@@ -49,6 +52,7 @@ class SweepConfig:
     size: Optional[int] = None
     frames: int = 20
     warmup: int = 2
+    network_frames: int = 0
     precisions: tuple[str, ...] = ("fp32",)
     heads: tuple[str, ...] = ("full",)
     backend: str = "none"
@@ -118,20 +122,24 @@ def _pose_rate(cfg: SweepConfig, loaded, precision: str, heads: str, images: lis
     pipe = build_pipeline(pc, loaded, stream_id="bench", files=False)
     pipe.network_blocking = not cfg.live
     t0 = time.perf_counter()
+    loop_s, net_done = 0.0, 0
     try:
         for i, im in enumerate(images):
             try:
                 pipe.push(Frame(image=im, seq=i, stamp=i / 30))
             except Exception as e:  # counted by the pipeline; the benchmark goes on
                 _logger.warning("bench: frame %d: %s", i, e)
+        loop_s = time.perf_counter() - t0
+        net_done = pipe.network.done if pipe.network is not None else pipe.processed
     finally:
         s = pipe.close()
     wall = time.perf_counter() - t0  # with the drain of the network's last frames
-    net = s.network or {"frames": s.processed}
-    return {"poses_per_s": round(s.processed / wall, 3), "network_per_s": round(net["frames"] / wall, 3),
-            "skipped_busy": net.get("skipped_busy", 0),
-            "network_frames": net["frames"], "frames": s.processed, "track_ms_p50": s.slam.get("track_ms_p50"),
-            "tracking_states": s.slam.get("states")}
+    net = s.network or {"frames": s.processed, "skipped_busy": 0}
+    return {"poses_per_s": round(s.processed / loop_s, 3) if loop_s else 0.0,
+            "network_per_s": round(net_done / loop_s, 3) if loop_s else 0.0,
+            "network_frames": net["frames"], "frames": s.processed, "skipped_busy": net.get("skipped_busy", 0),
+            "loop_s": round(loop_s, 3), "drain_s": round(wall - loop_s, 3),
+            "track_ms_p50": s.slam.get("track_ms_p50"), "tracking_states": s.slam.get("states")}
 
 
 def run_sweep(cfg: SweepConfig) -> dict:
@@ -146,10 +154,17 @@ def run_sweep(cfg: SweepConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    model = create_model(cfg.model, device=device, seed=cfg.seed)
+    info = None
+    if Path(cfg.model).suffix in (".pth", ".safetensors", ".pt"):  # with its metadata (the map's conf_thresh)
+        from .checkpoint import load_model_info
+
+        model, info = load_model_info(cfg.model, device=device)
+    else:
+        model = create_model(cfg.model, device=device, seed=cfg.seed)
     size = cfg.size or default_size(model)
     hw = (size, size) if size == 224 else (3 * size // 4, size)
-    images = _images(cfg, hw)
+    all_images = _images(cfg, hw)
+    images = all_images[:cfg.network_frames] if cfg.network_frames else all_images
     n = len(images)
     engines = {v: StreamEngine(model, EngineConfig(size=size, precision=v[0], heads=v[1])) for v in cfg.variants}
     ms: dict = {v: [] for v in cfg.variants}
@@ -182,9 +197,9 @@ def run_sweep(cfg: SweepConfig) -> dict:
               "device": device, "threads": torch.get_num_threads(), "baseline": {"precision": base[0], "heads": base[1]},
               "variants": rows}
     if cfg.backend != "none":
-        loaded = LoadedModel.wrap(model)
+        loaded = LoadedModel.wrap(model, info)
         for row in rows:
-            row["pipeline"] = _pose_rate(cfg, loaded, row["precision"], row["heads"], images)
+            row["pipeline"] = _pose_rate(cfg, loaded, row["precision"], row["heads"], all_images)
         report["pipeline"] = {"backend": cfg.backend, "network_every": cfg.network_every, "live": cfg.live}
     return report
 

@@ -227,6 +227,10 @@ def test_network_every_settings_errors():
     with pytest.raises(SettingsError, match="serve"):
         ServeConfig(pipeline=PipelineConfig(engine=EngineSettings(network_every="2"),
                                             slam=SlamSettings(backend="track"))).validate()
+    from streamrecon.run_settings import RunConfig
+
+    with pytest.raises(SettingsError, match="--resume"):
+        RunConfig.of(source="clip.mp4", network_every="2", backend="track", revisit=True).validate()
     assert EngineSettings(network_every="auto").network_schedule() == "auto"
     assert EngineSettings(network_every=" 4 ").network_schedule() == 4
 

@@ -29,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--network-every", default="1", help="with --backend: the network on every N-th frame "
                                                          "(or auto), tracking on every frame")
     p.add_argument("--intrinsics", default=None, help="with --backend: known fx,fy,cx,cy")
+    p.add_argument("--network-frames", type=int, default=0, help="with several variants: the network-rate part "
+                                                                  "takes only the first N of --frames (0: all)")
     p.add_argument("--live", action="store_true", help="with --backend: never wait for the network (as a camera "
                                                        "would; frames that find it busy are only tracked)")
     p.add_argument("--device", default="auto")
@@ -79,7 +81,7 @@ def _sweep(args: argparse.Namespace, precisions: list[str]) -> int:
         cfg = SweepConfig(model=args.model, images=args.images, size=size, frames=args.frames, warmup=min(args.warmup, 2),
                           precisions=tuple(dict.fromkeys(precisions)), heads=tuple(dict.fromkeys(args.heads)),
                           backend=args.backend, network_every=args.network_every, intrinsics=args.intrinsics,
-                          live=args.live, device=args.device)
+                          live=args.live, device=args.device, network_frames=args.network_frames)
         rep = run_sweep(cfg)
     except (ValueError, FileNotFoundError, SettingsError) as e:
         raise UserError(str(e)) from None
