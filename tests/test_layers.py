@@ -1,4 +1,4 @@
-"""RoPE against its closed form (negative positions included); fused vs plain attention."""
+"""RoPE against its closed form (negative positions included); fused vs plain attention; oneDNN vs MKL linear."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from streamrecon.layers import Attention, CrossAttention, DecoderBlock, fused_attn
+from streamrecon.layers import onednn as linear_mod
 from streamrecon.layers.rope import apply_rope, grid_positions, rope_tables, state_positions
 from streamrecon.models import Cut3r
 from streamrecon.types import FrameInput
@@ -100,3 +101,84 @@ def test_fused_and_plain_paths_agree_for_a_whole_step():
         o2, s2 = model.step(FrameInput(img=img), model.init_state(2))
     for a, b in ((o1.points_cam, o2.points_cam), (o1.pose, o2.pose), (s1.tokens, s2.tokens)):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+# --- oneDNN linear (streamrecon.layers.linear) ---------------------------------------------------
+
+def _big_linear(seed=0):
+    """A layer above MIN_MACS for a (1, 196, 1024) input: 196 x 1024 x 1024 multiply-adds."""
+    torch.manual_seed(seed)
+    layer = torch.nn.Linear(1024, 1024)
+    assert 196 * 1024 * 1024 >= linear_mod.MIN_MACS
+    return layer.eval(), torch.randn(1, 196, 1024)
+
+
+def test_onednn_linear_is_available_on_x86():
+    """CI runs on x86-64: the fast path must be there (elsewhere it reports itself absent)."""
+    import platform
+    assert linear_mod.onednn_linear_available() == (platform.machine().lower() in ("x86_64", "amd64")
+                                                    and torch.backends.mkldnn.is_available())
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_onednn_linear_equals_the_module_and_takes_the_path_only_in_inference(gelu):
+    layer, x = _big_linear()
+    want = torch.nn.functional.gelu(layer(x)) if gelu else layer(x)
+    with torch.inference_mode():
+        assert linear_mod._fast(layer, x) == linear_mod.onednn_linear_available()
+        got = linear_mod.linear(layer, x, gelu=gelu)
+        strided = linear_mod.linear(layer, torch.cat([x, x], -1)[..., ::2], gelu=gelu)  # non-contiguous input
+        ref_strided = layer(torch.cat([x, x], -1)[..., ::2])
+    assert got.shape == want.shape == (1, 196, 1024)
+    assert torch.allclose(got, want.detach(), atol=2e-5, rtol=1e-5)
+    assert torch.allclose(strided, torch.nn.functional.gelu(ref_strided) if gelu else ref_strided, atol=2e-5, rtol=1e-5)
+    # with autograd on, the module itself runs (oneDNN's kernel has no backward): gradients are exact
+    assert not linear_mod._fast(layer, x)
+    xg = x.clone().requires_grad_(True)
+    linear_mod.linear(layer, xg, gelu=gelu).sum().backward()
+    xr = x.clone().requires_grad_(True)
+    (torch.nn.functional.gelu(layer(xr)) if gelu else layer(xr)).sum().backward()
+    assert torch.equal(xg.grad, xr.grad)
+
+
+def test_onednn_linear_leaves_small_int8_autocast_and_switched_off_layers_to_the_module():
+    layer, x = _big_linear()
+    small = torch.nn.Linear(16, 16)
+    q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(_big_linear()[0]), {torch.nn.Linear},
+                                               dtype=torch.qint8)[0]
+    with torch.inference_mode():
+        assert not linear_mod._fast(small, torch.randn(4, 16))
+        assert not linear_mod._fast(q, x)  # an int8 module: its own forward
+        assert torch.equal(linear_mod.linear(q, x), q(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not linear_mod._fast(layer, x)
+            assert linear_mod.linear(layer, x).dtype == torch.bfloat16  # autocast's cast is kept
+        previous = linear_mod.set_onednn_linear(False)
+        try:
+            assert not linear_mod._fast(layer, x)
+            assert torch.equal(linear_mod.linear(layer, x), layer(x))
+        finally:
+            linear_mod.set_onednn_linear(previous)
+
+
+def test_onednn_and_mkl_paths_agree_for_full_width_blocks():
+    """An encoder block and a decoder block at the official 224 widths (1024 / 768, 196 / 768 tokens):
+    the oneDNN path is the same function to float32 rounding."""
+    from streamrecon.layers import Block
+    torch.manual_seed(1)
+    enc = Block(1024, 16, qk_fp16=True).eval()
+    dec = DecoderBlock(768, 12).eval()
+    x, s, y = torch.randn(1, 196, 1024), torch.randn(1, 768, 768), torch.randn(1, 197, 768)
+    pos = grid_positions(14, 14)
+    rope_enc, rope_dec = rope_tables(pos, 64), rope_tables(state_positions(768, "2d"), 64)
+    outs = {}
+    with torch.inference_mode():
+        for on in (False, True):
+            previous = linear_mod.set_onednn_linear(on)
+            try:
+                outs[on] = (enc(x, rope_enc), dec(s, y, rope_dec, None)[0])
+            finally:
+                linear_mod.set_onednn_linear(previous)
+    for a, b in zip(outs[False], outs[True]):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
+        assert not torch.equal(a, b) or not linear_mod.onednn_linear_available()  # the paths really differ

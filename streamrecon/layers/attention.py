@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .onednn import linear
 from .rope import RopeTables, apply_rope
 
 __all__ = ["Attention", "CrossAttention", "attention", "use_fused_attn", "set_fused_attn", "fused_attn"]
@@ -82,7 +83,7 @@ class Attention(nn.Module):
         ``probs``: a list to append the scaled attention logits ``(B, heads, N, N)`` (before the softmax)
         to (computed beside the output, which stays exactly what it is without it)."""
         b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = linear(self.qkv, x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if rope is not None:
             if self.qk_fp16:
                 dtype = q.dtype
@@ -93,7 +94,7 @@ class Attention(nn.Module):
         if probs is not None:
             probs.append(((q @ k.transpose(-2, -1)) * self.scale).float())
         x = attention(q, k, v, self.scale)
-        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+        return linear(self.proj, x.transpose(1, 2).reshape(b, n, c))
 
 
 class CrossAttention(nn.Module):
@@ -136,7 +137,8 @@ class CrossAttention(nn.Module):
             logits ``q.k * Dh**-0.5`` (else ``None``).
         """
         b, nq, c = x.shape
-        q, k, v = self._heads(self.projq(x)), self._heads(self.projk(y)), self._heads(self.projv(y))
+        q, k, v = (self._heads(linear(self.projq, x)), self._heads(linear(self.projk, y)),
+                   self._heads(linear(self.projv, y)))
         if rope_x is not None:
             q = apply_rope(q, rope_x)
         if rope_y is not None:
@@ -148,4 +150,4 @@ class CrossAttention(nn.Module):
         if probs is not None:
             probs.append(((q @ k.transpose(-2, -1)) * self.scale).float())
         out = attention(q, k, v, self.scale)
-        return self.proj(out.transpose(1, 2).reshape(b, nq, c)), mean_logits
+        return linear(self.proj, out.transpose(1, 2).reshape(b, nq, c)), mean_logits

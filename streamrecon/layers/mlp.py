@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .onednn import linear
+
 __all__ = ["Mlp"]
 
 
@@ -25,4 +27,6 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features or in_features, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        if type(self.act) is nn.GELU and self.act.approximate == "none":
+            return linear(self.fc2, linear(self.fc1, x, gelu=True))
+        return linear(self.fc2, self.act(linear(self.fc1, x)))

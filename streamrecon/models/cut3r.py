@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..layers import Block, DecoderBlock, PatchEmbed
 from ..layers.blocks import layer_norm
+from ..layers.onednn import linear
 from ..layers.rope import RopeTables, grid_positions, rope_tables, state_positions
 from ..types import FrameInput, StepOutput, StreamState
 from .heads import build_head
@@ -227,7 +228,7 @@ class Cut3r(nn.Module):
         rope_img_i, rope_img_s = self._rope("dec", grid, hd_img, dev), self._rope("dec", grid, hd_state, dev)
         rope_state_i, rope_state_s = self._rope("state", (0, 0), hd_img, dev), self._rope("state", (0, 0), hd_state, dev)
 
-        x = torch.cat([pose_in.to(feat.dtype), self.decoder_embed(feat)], dim=1)
+        x = torch.cat([pose_in.to(feat.dtype), linear(self.decoder_embed, feat)], dim=1)
         s = state_tokens.to(feat.dtype)
         img_layers, attn_sum = [], None
         if keep is not None:
