@@ -226,7 +226,8 @@ class _Loop:
         fatal = None
         prefetch = None
         use_prefetch = cfg.prefetch if cfg.prefetch is not None else self.engine.device.type == "cuda"
-        self.prefetching = bool(use_prefetch and not self.source.live)
+        # (--network-every: the network's worker prepares its own frames; most frames are only tracked)
+        self.prefetching = bool(use_prefetch and not self.source.live and pipe.network is None)
         if self.prefetching:  # read + preprocess frame t+1 while the model runs on t
             from .engine.prefetch import Prefetcher
 

@@ -75,3 +75,27 @@ def test_spawn_without_display_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
     with pytest.raises(RuntimeError, match="needs a display"):
         RerunSink(RerunConfig(viewer="spawn"))
+
+
+def test_a_late_network_frame_is_shown_at_its_own_pose_not_the_current_camera(tmp_path, shared):
+    """--network-every: a pose-only frame keeps world/cam; the network frame that arrived with it is
+    logged under world/network_cam with its own pose and intrinsics."""
+    from streamrecon.sinks.base import FrameEvent
+    from streamrecon.sinks.rerun_sink import RerunConfig, RerunSink
+
+    engine = StreamEngine(load_model(shared / "golden" / "tiny_dpt" / "checkpoint.pth"), EngineConfig(size=64))
+    rng = np.random.default_rng(0)
+    dense = engine.process(Frame(image=rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), seq=0, stamp=0.0))
+    T = np.eye(4)
+    T[:3, 3] = (1.0, 2.0, 3.0)
+    pose = type(dense).pose_only(seq=5, stamp=5 / 30, source="", index=5, segment=0, T_wc=T, K=dense.K,
+                                 K_original=dense.K_original, crop=dense.crop)
+    path = tmp_path / "late.rrd"
+    sink = RerunSink(RerunConfig(save_path=str(path)))
+    sink.on_frame(FrameEvent(stream_id="", result=pose, new_points=np.zeros((0, 3)), new_colors=np.zeros((0, 3)),
+                             map_points=0, dense=(dense,)))
+    sink.close()
+    rows = _rows(path)
+    assert rows["/world/cam"]["Transform3D"] == 1 and "DepthImage" not in rows["/world/cam/image/depth"]
+    assert rows["/world/network_cam"]["Transform3D"] == 1 and rows["/world/network_cam/image"]["Pinhole"] == 1
+    assert rows["/world/network_cam/image/depth"]["DepthImage"] == 1

@@ -52,6 +52,7 @@ class NetworkWorker:
         self._idle = threading.Condition(self._lock)
         self._running = 0  # frames submitted and not yet finished
         self.submitted = self.done = self.failed = self.skipped_busy = 0
+        self.dropped_at_close = 0  # frames still waiting when close() ran out of time
         self.busy_s = 0.0  # time the network computed
         self.started = time.monotonic()
         self._closed = False
@@ -137,21 +138,34 @@ class NetworkWorker:
         """Finish what was submitted (at most ``timeout`` s) and stop the thread."""
         if self._closed:
             return
-        self.wait(timeout)
+        finished = self.wait(timeout)
         self._closed = True
-        if self._thread is not None:
-            try:
-                self._in.put(None, timeout=max(timeout, 0.1))
-            except queue.Full:  # a step still runs past the timeout: the daemon thread is left to it
-                _logger.warning("network worker: a step is still running at close")
-                return
-            self._thread.join(timeout)
+        if self._thread is None:
+            return
+        if not finished:  # frames still waiting are not started: dropped and counted (the time is up)
+            while True:
+                try:
+                    item = self._in.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    with self._lock:
+                        self._running -= 1
+                        self.dropped_at_close += 1
+            _logger.warning("network worker: time is up at close; %d waiting frame(s) dropped%s", self.dropped_at_close,
+                            ", a step still running" if self._running else "")
+        try:
+            self._in.put(None, timeout=0.1 if not finished else max(timeout, 0.1))
+        except queue.Full:  # cannot happen after the drain; the daemon thread is left to its step
+            return
+        self._thread.join(timeout if finished else 0.1)
 
     def stats(self, frames: int, wall_s: float) -> dict:
         """For the summary and the heartbeat: network frames, rate, utilisation, skipped frames."""
         with self._lock:
             done, failed, busy = self.done, self.failed, self.busy_s
         return {"frames": done, "failed": failed, "submitted": self.submitted, "skipped_busy": self.skipped_busy,
+                "dropped_at_close": self.dropped_at_close,
                 "fraction_of_frames": round(done / frames, 4) if frames else 0.0,
                 "network_fps": round(done / wall_s, 3) if wall_s > 0 else 0.0,
                 "busy_fraction": round(busy / wall_s, 4) if wall_s > 0 else 0.0,

@@ -42,6 +42,8 @@ _logger = logging.getLogger(__name__)
 
 #: ``--network-every auto``: the network sees keyframes, and at least every this many frames
 AUTO_MAX_GAP = 10
+#: --network-every: consecutive network failures after which every frame fails (and the run stops)
+NETWORK_FAILURES_FATAL = 20
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,10 @@ class StreamPipeline:
         self._next_index = 0
         self._since_network = 0  # frames since the last one given to the network
         self._template: Optional[FrameResult] = None  # the newest network result (crop, principal point)
+        self._dense_pending: list = []  # network results taken but not yet handed on (a frame failed)
+        self._held_keyframe: Optional[tuple] = None  # (index, frame, record) of a keyframe the busy network missed
+        self.keyframes_replaced = 0  # held keyframes replaced by a newer one before the network was free
+        self._network_failures = 0  # consecutive network failures
         self._conf_mean = 0.0
 
     # ------------------------------------------------------------------------------------------
@@ -192,19 +198,25 @@ class StreamPipeline:
         self.network = NetworkWorker(self.engine, depth=1, inline=inline)
 
     def _wants_network(self, r: FrameResult) -> bool:
-        if self.network_every == "auto":
-            return bool(r.tracking is not None and (r.tracking.keyframe or r.tracking.state == "lost")) \
-                or self._since_network + 1 >= AUTO_MAX_GAP
-        return r.index % int(self.network_every) == 0
+        """Keyframes (their pixels are what the loop closer stores) and lost frames always; otherwise
+        ``N`` frames after the last frame the network took (``auto``: :data:`AUTO_MAX_GAP`). Counting
+        from the last one taken, not by index, keeps a live source that just missed a slot from
+        waiting a whole period for the next."""
+        if r.tracking is not None and (r.tracking.keyframe or r.tracking.state == "lost"):
+            return True
+        gap = AUTO_MAX_GAP if self.network_every == "auto" else int(self.network_every)
+        return self._since_network + 1 >= gap
 
     def _take_network(self) -> list[FrameResult]:
-        """The network results that arrived, as the stage makes them (tracked pose, current scale)."""
+        """The network results that arrived, as the stage makes them (tracked pose, its scale)."""
         out = []
         for d in self.network.poll():
             rec = self._records.pop(d.index, None)
             if d.error is not None:
                 self.record_error(f"frame {d.index}: network: {d.error}")
+                self._network_failures += 1
                 continue
+            self._network_failures = 0
             if rec is None:
                 continue
             try:
@@ -215,9 +227,18 @@ class StreamPipeline:
             self._template = out[-1]
         return out
 
+    def _submit(self, index: int, frame: Frame, rec, block: bool) -> bool:
+        if self.network.submit(index, frame, block=block):
+            self._records[index] = rec
+            self._since_network = -1
+            return True
+        return False
+
     def _push_async(self, frame, source_ms: float) -> FrameResult:
         from ..engine.engine import validate_frame
 
+        if not isinstance(frame, Frame):  # prefetched (runner): the worker prepares its own frames
+            frame = getattr(frame, "frame", frame)
         try:
             frame = self.prepare(frame)
             validate_frame(frame)
@@ -226,7 +247,17 @@ class StreamPipeline:
             self.record_error(msg if msg.startswith("frame ") else f"frame {getattr(frame, 'seq', '?')}: {msg}")
             raise
         t0 = time.perf_counter()
-        dense = self._take_network()
+        self.stage.poll()  # loop-closure corrections reach the tracker, the prior and pending frames now
+        # network results that arrived (kept until a frame succeeds: a frame that fails to track
+        # does not lose them)
+        self._dense_pending.extend(self._take_network())
+        if self._network_failures >= NETWORK_FAILURES_FATAL:
+            # a broken model or device ends the run (the runner stops after enough failed frames)
+            # instead of tracking forever on a stale depth prior
+            msg = f"frame {frame.seq}: the network failed on the last {self._network_failures} frames it was given"
+            self.record_error(msg)
+            raise RuntimeError(msg)
+        dense = self._dense_pending
         index = self._next_index
         own = None
         if self._template is None:  # nothing to track against yet: this frame waits for the network
@@ -245,13 +276,20 @@ class StreamPipeline:
                 self._template = result
             else:
                 result, rec = self.stage.track_only(frame, index, self._template)
-                if self._wants_network(result):
-                    if self.network.submit(index, frame, block=self.network_blocking):
-                        self._records[index] = rec
-                        self._since_network = -1
+                held = self._held_keyframe
+                if held is not None and self._submit(*held, block=False):  # an older keyframe first (frame order)
+                    self._held_keyframe = held = None
+                if self._wants_network(result) and not (held is not None and rec.keyframe is None):
+                    taken = held is None and self._submit(index, frame, rec, block=self.network_blocking)
+                    if not taken and rec.keyframe is not None:
+                        # a live source's keyframe met a busy network: it waits for the next free slot
+                        # (the newest keyframe wins) instead of never reaching the loop closer
+                        self.keyframes_replaced += held is not None
+                        self._held_keyframe = (index, frame, rec)
         except Exception as e:
             self.record_error(f"frame {frame.seq}: {type(e).__name__}: {e}")
             raise
+        self._dense_pending = []
         self._next_index += 1
         self._since_network += 1
         return self.consume(result, source_ms=source_ms, frame=frame, dense=dense, staged=True,
@@ -264,14 +302,19 @@ class StreamPipeline:
         wall = time.monotonic() - self.started
         return {"every": self.network_every, "poses_per_s": round((self.processed - self.restored_frames) / wall, 3)
                 if wall > 0 else 0.0, **self.network.stats(self.processed, wall),
-                "pending": len(self._records), "blocking": self.network_blocking}
+                "pending": len(self._records), "blocking": self.network_blocking,
+                "keyframes_held_replaced": self.keyframes_replaced}
 
     def _drain_network(self, timeout: float) -> list[FrameResult]:
         """End of stream: wait for the frames the network still has, put them in the map."""
         if self.network is None:
             return []
+        if self._held_keyframe is not None:  # a keyframe still waiting for a free network slot
+            self._submit(*self._held_keyframe, block=True)
+            self._held_keyframe = None
         self.network.close(timeout)
-        dense = self._take_network()
+        dense = self._dense_pending + self._take_network()
+        self._dense_pending = []
         for d in dense:
             self._integrate_dense(d)
         return dense

@@ -91,5 +91,7 @@ def load_resolved(engine: "EngineSettings") -> LoadedModel:
     from ..checkpoint import load_model_info
 
     path, bundled = resolve_weights(engine.weights)
-    model, info = load_model_info(path, device=resolve_device(engine.device), bundled=bundled)
+    # int8 runs on the CPU only: --device auto on a GPU machine means the CPU for it
+    device = "cpu" if engine.precision == "int8" and engine.device == "auto" else resolve_device(engine.device)
+    model, info = load_model_info(path, device=device, bundled=bundled)
     return LoadedModel(model, info)

@@ -229,8 +229,8 @@ class RerunSink:
 
     def on_frame(self, event: FrameEvent) -> None:
         self.log_frame(event.result, event.new_points, event.new_colors, event.metrics)
-        for d in event.dense[-1:]:  # --network-every: the newest network frame that arrived
-            self.log_images(d)
+        for d in event.dense[-1:]:  # --network-every: the newest network frame that arrived, at its own pose
+            self.log_network_view(d)
         if event.preview is not None:  # the frame as the camera gave it (the model sees a small crop of it)
             self.rec.log(f"{self.p}camera", self._image(event.preview))
         if event.loop is not None:
@@ -304,12 +304,23 @@ class RerunSink:
                                                          level="WARN" if tr.state == "lost" else "INFO"))
         self._frames += 1
 
-    def log_images(self, result: FrameResult) -> None:
-        """A network frame's colours, depth and confidence (at the current time)."""
+    def log_images(self, result: FrameResult, entity: str = "world/cam") -> None:
+        """A network frame's colours, depth and confidence under ``entity/image`` (at the current time)."""
         rr = self.rr
-        self.rec.log(f"{self.p}world/cam/image", self._image(result.colors))
-        self.rec.log(f"{self.p}world/cam/image/depth", rr.DepthImage(result.depth, meter=1.0))
-        self.rec.log(f"{self.p}world/cam/image/confidence", rr.Image(result.conf_cam.astype(np.float32)))
+        self.rec.log(f"{self.p}{entity}/image", self._image(result.colors))
+        self.rec.log(f"{self.p}{entity}/image/depth", rr.DepthImage(result.depth, meter=1.0))
+        self.rec.log(f"{self.p}{entity}/image/confidence", rr.Image(result.conf_cam.astype(np.float32)))
+
+    def log_network_view(self, result: FrameResult) -> None:
+        """``--network-every``: a network frame that arrived after its frame was tracked, under
+        ``world/network_cam`` with that frame's own pose and intrinsics (its depth is not the current
+        camera's, so it is not shown there)."""
+        rr = self.rr
+        h, w = result.depth.shape
+        self.rec.log(f"{self.p}world/network_cam", rr.Transform3D(translation=result.T_wc[:3, 3], mat3x3=result.T_wc[:3, :3]))
+        self.rec.log(f"{self.p}world/network_cam/image", rr.Pinhole(image_from_camera=result.K, resolution=[w, h],
+                                                           camera_xyz=rr.ViewCoordinates.RDF, image_plane_distance=0.1))
+        self.log_images(result, "world/network_cam")
 
     def log_loop(self, loop: dict) -> None:
         """A loop closure: every loop edge so far, the corrected keyframes, a log line."""

@@ -74,7 +74,11 @@ class ResultPublisher:
         pass  # probes are answered on the control channel
 
     def close(self, final: StreamClosed) -> None:
-        pass  # the node publishes the closing status itself
+        """The network's last frames (``--network-every``: arrived at close) still go out as geometry;
+        the node publishes the closing status itself."""
+        if self.geometry_stride:
+            for d in getattr(final, "dense", ()) or ():
+                self._geometry(d, self.geometry_stride, int(round(d.stamp * 1e9)))
 
     def latency_percentiles(self) -> tuple[float, float]:
         lat = np.asarray(self.latency_ms) if self.latency_ms else np.zeros(1)

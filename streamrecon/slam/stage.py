@@ -54,6 +54,7 @@ class PoseRecord:
     epoch: int
     info: Optional[TrackingInfo]
     keyframe: Optional[tuple]
+    scale: Optional[float] = None  # the tracker's depth scale when the frame was tracked (None: not known)
 
 
 def _edge(found):
@@ -408,7 +409,7 @@ class GeometryStage:
         result = FrameResult.pose_only(seq=frame.seq, stamp=frame.stamp, source=frame.source, index=index,
                                        segment=template.segment, T_wc=T_wc, K=K_model, K_original=K0, crop=crop,
                                        tracking=info, K_given=None if frame.K is None else K0.copy())
-        return result, PoseRecord(index, T_wc.copy(), self.epoch, info, kf)
+        return result, PoseRecord(index, T_wc.copy(), self.epoch, info, kf, tr.scale)
 
     def record_of(self, result: FrameResult) -> "PoseRecord":
         """The :class:`PoseRecord` of a frame :meth:`process` handled (its keyframe already submitted)."""
@@ -427,7 +428,8 @@ class GeometryStage:
             if e in self.correction_of:
                 T_wc = correct_pose(self.correction_of[e], T_wc)
                 s_corr *= sim3_parts(self.correction_of[e])[2]
-        scale = float(self.tracker.scale or 1.0)
+        # the scale the frame was tracked at: its keyframe landmarks were snapshotted in those units
+        scale = float(rec.scale if rec.scale is not None else (self.tracker.scale or 1.0))
         depth = r.depth * np.float32(scale)
         pts_cam = (self._rays(r.depth.shape, K_model) * depth[..., None]).astype(np.float32)
         R, t = T_wc[:3, :3].astype(np.float32), T_wc[:3, 3].astype(np.float32)
