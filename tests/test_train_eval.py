@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from types import SimpleNamespace
 
 import cv2
@@ -64,6 +65,25 @@ def test_loss_is_minimal_for_the_ground_truth(seq):
     big["T_wc"][..., :3, 3] *= 10
     _, bad_big = loss_fn(_perfect_outputs(big, scale=1.5), big, [False, True, False])
     assert bad_big["err_self"] == pytest.approx(bad["err_self"], rel=1e-3)
+
+
+def test_scale_invariant_loss_scores_structure_and_learns_scale_apart(seq):
+    batch = _batch(seq)
+    si = Cut3rLoss(norm="scale_invariant", scale_weight=0.1)
+    _, exact = si(_perfect_outputs(batch), batch, [False, True, False])
+    assert exact["err_self"] < 1e-5 and exact["pose"] < 1e-4 and exact["scale"] < 1e-6
+    _, scaled = si(_perfect_outputs(batch, scale=1.5), batch, [False, True, False])
+    # a wrong global scale: no 3D or pose error (structure is right), only the scale term, = |log 1.5|
+    assert scaled["err_self"] < 1e-5 and scaled["err_cross"] < 1e-5 and scaled["pose"] < 1e-4
+    assert scaled["scale"] == pytest.approx(np.log(1.5), rel=1e-4)
+    # a wrong structure is still an error
+    warped = _perfect_outputs(batch)
+    ramp = torch.linspace(0.5, 1.5, warped[1].points_cam.shape[2])[None, None, :, None]  # depth tilted across the image
+    warped[1] = replace(warped[1], points_cam=warped[1].points_cam * ramp)
+    _, bad = si(warped, batch, [False, True, False])
+    assert bad["err_self"] > 0.02
+    with pytest.raises(ValueError, match="loss norm"):
+        Cut3rLoss(norm="median")
 
 
 def test_short_training_run_resumes_and_exports(tmp_path):
@@ -190,3 +210,22 @@ def test_training_progress_goes_to_its_stream_never_to_stdout(tmp_path, capsys):
         assert "val @ 2" in text and ("train: 100%" in text if bars else "step 2/2" in text), text
         assert ("rendering the training pool" in text) == bars
         assert capsys.readouterr().out == ""
+
+
+def test_every_training_config_reads_and_a_bad_loss_norm_is_a_clear_error(tmp_path):
+    from dataclasses import fields
+    from pathlib import Path
+
+    from streamrecon.cli import main, read_settings
+    from streamrecon.train.trainer import TrainConfig
+
+    configs = sorted((Path(__file__).parent.parent / "configs").glob("train_*.yaml"))
+    assert len(configs) >= 4
+    for c in configs:  # every key is a TrainConfig field, and the model and loss resolve
+        cfg = TrainConfig(**read_settings(str(c), {f.name for f in fields(TrainConfig)}))
+        cfg.model_config()
+        Cut3rLoss(norm=cfg.loss_norm, scale_weight=cfg.scale_weight)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: streamrecon_small\nloss_norm: median\n")
+    assert main(["train", "--config", str(bad), "--out-dir", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()

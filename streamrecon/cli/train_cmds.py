@@ -82,6 +82,9 @@ def _train(args: argparse.Namespace) -> int:
     try:
         cfg = TrainConfig(**values)
         cfg.model_config()
+        from ..train.losses import Cut3rLoss
+
+        Cut3rLoss(norm=cfg.loss_norm, scale_weight=cfg.scale_weight)
     except (TypeError, ValueError) as e:
         raise UserError(f"bad training config: {e}") from None
     if args.threads is None and "threads" in values:  # the config's count (0: one per core), as --threads would

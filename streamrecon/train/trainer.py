@@ -74,6 +74,8 @@ class TrainConfig:
     conf_floor: float = -3.0  # hinge keeping the raw confidence logits above this (see conf_guard)
     conf_floor_weight: float = 0.05  # 0 disables the hinge
     reinit_conf: bool = False  # reset the confidence channels of the heads when a run starts (not on resume)
+    loss_norm: str = "metric"  # "metric" (the reference's) or "scale_invariant" (streamrecon.train.losses)
+    scale_weight: float = 0.1  # the metric-scale term of loss_norm: scale_invariant
 
     def model_config(self) -> ModelConfig:
         return preset(self.model) if isinstance(self.model, str) else ModelConfig.from_dict(self.model)
@@ -193,7 +195,7 @@ def train(cfg: TrainConfig, progress: Optional[TextIO] = sys.stderr, resume: boo
                                   progress_stream=progress))
     val_seqs: list = []
     g = torch.Generator().manual_seed(cfg.seed + start)
-    criterion = Cut3rLoss()
+    criterion = Cut3rLoss(norm=cfg.loss_norm, scale_weight=cfg.scale_weight)
     use_bf16 = cfg.bf16 and device.type == "cuda"
     log_f = open(out / "log.jsonl", "a")
     val: dict = {}
