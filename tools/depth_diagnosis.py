@@ -4,6 +4,7 @@
 Examples:
     python tools/depth_diagnosis.py score ../shared/data/sun3d_studyroom ../shared/data/apc_shelf_scene0000
     python tools/depth_diagnosis.py score --weights outputs/overfit1/model.safetensors --synthetic 4
+    python tools/depth_diagnosis.py probes --sequences 4          # raymap probe PSNR vs the mean colour
     python tools/depth_diagnosis.py overfit --scenes 1 --steps 300 --out outputs/overfit1
     python tools/depth_diagnosis.py overfit --scenes 10 --steps 600 --out outputs/overfit10 --model-json '{"head_type": "dpt"}'
 
@@ -187,6 +188,55 @@ def resolution(args) -> dict:
     return out
 
 
+def probes(args) -> dict:
+    """Raymap probes on held-out synthetic views: RGB PSNR against the mean colour of the frames the
+    model saw (the baseline a flat grey image cannot beat), and probe depth AbsRel (median-scaled)."""
+    import cv2
+
+    from streamrecon.engine import EngineConfig, Frame, StreamEngine, default_size
+    from streamrecon.eval.metrics import depth_metrics
+    from streamrecon.synth.dataset import SynthConfig, render_sequence
+
+    model = _load(args.weights)
+    rows = []
+
+    def at_model(img, crop, interp):
+        h1, w1 = crop.resized_hw
+        x = cv2.resize(img, (w1, h1), interpolation=interp) if img.shape[:2] != (h1, w1) else img
+        y0, x0 = crop.crop_xy[1], crop.crop_xy[0]
+        return x[y0:y0 + crop.output_hw[0], x0:x0 + crop.output_hw[1]]
+
+    def psnr(a, b):
+        mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+        return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
+
+    for seed in range(91_000_000, 91_000_000 + args.sequences):
+        seq = render_sequence(seed, SynthConfig(height=112, width=160, frames=16))
+        eng = StreamEngine(model, EngineConfig(size=default_size(model)))
+        res = [eng.process(Frame(image=seq["rgb"][i], seq=i, stamp=i / 30)) for i in range(len(seq["rgb"]))]
+        crop = res[0].crop
+        g0 = at_model(seq["depth"][0], crop, cv2.INTER_NEAREST)
+        s = float(np.median(res[0].depth[g0 > 0]) / np.median(g0[g0 > 0]))  # model units per metre
+        mean_rgb = np.mean([r.colors.reshape(-1, 3) for r in res], axis=(0, 1))
+        T0inv = np.linalg.inv(seq["T_wc"][0])
+        for v in range(len(seq["virtual"]["rgb"])):
+            T = T0inv @ seq["virtual"]["T_wc"][v]
+            T[:3, 3] *= s
+            pr = eng.probe(T)
+            gt_rgb = at_model(seq["virtual"]["rgb"][v], crop, cv2.INTER_AREA)
+            gt_d = at_model(seq["virtual"]["depth"][v], crop, cv2.INTER_NEAREST)
+            flat = np.broadcast_to(mean_rgb, gt_rgb.shape)
+            dm = depth_metrics(pr.points_cam[..., 2], gt_d, gt_d > 0)
+            rows.append({"psnr": psnr(pr.rgb, gt_rgb), "psnr_mean_colour": psnr(flat, gt_rgb),
+                         "rgb_std": float(pr.rgb.reshape(-1, 3).std(0).mean()), "abs_rel": dm["abs_rel"]})
+    out = {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}
+    out["views"] = len(rows)
+    print(f"raymap probes on {out['views']} held-out synthetic views: RGB PSNR {out['psnr']:.2f} dB vs mean colour "
+          f"{out['psnr_mean_colour']:.2f} dB ({out['psnr'] - out['psnr_mean_colour']:+.2f}); probe RGB spread "
+          f"{out['rgb_std']:.1f} grey levels; probe depth AbsRel {out['abs_rel']:.3f}")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -214,10 +264,13 @@ def main() -> int:
     c.add_argument("--batches", type=int, default=8)
     d = sub.add_parser("resolution")
     d.add_argument("datasets", nargs="*")
-    for p in (a, b, c, d):
+    e = sub.add_parser("probes")
+    e.add_argument("--weights", default="")
+    e.add_argument("--sequences", type=int, default=4)
+    for p in (a, b, c, d, e):
         p.add_argument("--json", default="", help="also write the report here")
     args = ap.parse_args()
-    rep = {"score": score, "overfit": overfit, "loss": loss_split, "resolution": resolution}[args.cmd](args)
+    rep = {"score": score, "overfit": overfit, "loss": loss_split, "resolution": resolution, "probes": probes}[args.cmd](args)
     if args.json:
         Path(args.json).write_text(json.dumps(rep, indent=1, default=float) + "\n")
     return 0
