@@ -398,3 +398,16 @@ def test_bench_sweeps_precisions_and_heads_in_one_run_with_drift_and_pose_rate(s
         # every 2nd frame at the latest, and the tracker's keyframes (the first frames of a stream often are)
         assert p["frames"] == 4 and 2 <= p["network_frames"] <= 4 and p["poses_per_s"] >= p["network_per_s"] > 0
         assert r["ms_p50"] > 0 and r["network_fps"] > 0
+
+
+def test_prefetch_asked_for_with_network_every_is_left_off_and_every_frame_is_processed(shared, tmp_path):
+    """The network's worker prepares its own frames: a prefetched (already prepared) item used to fail
+    every frame of the run."""
+    from streamrecon.cli import main
+
+    out = tmp_path / "o"
+    rc = main(["run", str(shared / "data" / "cut3r_examples" / "lady-running.mp4"), "--weights",
+               str(shared / "golden" / "tiny_dpt" / "checkpoint.pth"), "--backend", "track", "--network-every", "4",
+               "--max-frames", "8", "--prefetch", "--output-dir", str(out), "--deterministic", "--no-progress"])
+    s = json.loads((out / "summary.json").read_text())
+    assert rc == 0 and s["processed"] == 8 and s["errors"] == 0 and s["prefetch"] is False
