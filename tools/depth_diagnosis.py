@@ -194,13 +194,14 @@ def probes(args) -> dict:
     import cv2
 
     from streamrecon.engine import EngineConfig, Frame, StreamEngine, default_size
+    from streamrecon.eval.evaluate import gt_depth_at_model
     from streamrecon.eval.metrics import depth_metrics
     from streamrecon.synth.dataset import SynthConfig, render_sequence
 
     model = _load(args.weights)
     rows = []
 
-    def at_model(img, crop, interp):
+    def at_model(img, crop, interp):  # colour images, like gt_depth_at_model does depth
         h1, w1 = crop.resized_hw
         x = cv2.resize(img, (w1, h1), interpolation=interp) if img.shape[:2] != (h1, w1) else img
         y0, x0 = crop.crop_xy[1], crop.crop_xy[0]
@@ -215,7 +216,7 @@ def probes(args) -> dict:
         eng = StreamEngine(model, EngineConfig(size=default_size(model)))
         res = [eng.process(Frame(image=seq["rgb"][i], seq=i, stamp=i / 30)) for i in range(len(seq["rgb"]))]
         crop = res[0].crop
-        g0 = at_model(seq["depth"][0], crop, cv2.INTER_NEAREST)
+        g0 = gt_depth_at_model(seq["depth"][0], crop)
         s = float(np.median(res[0].depth[g0 > 0]) / np.median(g0[g0 > 0]))  # model units per metre
         mean_rgb = np.mean([r.colors.reshape(-1, 3) for r in res], axis=(0, 1))
         T0inv = np.linalg.inv(seq["T_wc"][0])
@@ -224,7 +225,7 @@ def probes(args) -> dict:
             T[:3, 3] *= s
             pr = eng.probe(T)
             gt_rgb = at_model(seq["virtual"]["rgb"][v], crop, cv2.INTER_AREA)
-            gt_d = at_model(seq["virtual"]["depth"][v], crop, cv2.INTER_NEAREST)
+            gt_d = gt_depth_at_model(seq["virtual"]["depth"][v], crop)
             flat = np.broadcast_to(mean_rgb, gt_rgb.shape)
             dm = depth_metrics(pr.points_cam[..., 2], gt_d, gt_d > 0)
             rows.append({"psnr": psnr(pr.rgb, gt_rgb), "psnr_mean_colour": psnr(flat, gt_rgb),

@@ -51,11 +51,15 @@ def set_onednn_linear(enable: bool) -> bool:
     return previous
 
 
-def _autocast_on() -> bool:
+def _autocast_check():
     try:
-        return torch.is_autocast_enabled("cpu")
+        torch.is_autocast_enabled("cpu")
+        return lambda: torch.is_autocast_enabled("cpu")
     except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
+        return torch.is_autocast_cpu_enabled
+
+
+_autocast_on = _autocast_check()  # resolved once: it runs for every large layer
 
 
 #: multiply-adds below which MKL's addmm stays: oneDNN's per-call cost loses on small layers (the bundled

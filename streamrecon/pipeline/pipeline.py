@@ -278,10 +278,11 @@ class StreamPipeline:
                 result, rec = self.stage.track_only(frame, index, self._template)
                 held = self._held_keyframe
                 if held is not None and self._submit(*held, block=False):  # an older keyframe first (frame order)
-                    self._held_keyframe = held = None
-                if self._wants_network(result) and not (held is not None and rec.keyframe is None):
-                    taken = held is None and self._submit(index, frame, rec, block=self.network_blocking)
-                    if not taken and rec.keyframe is not None:
+                    held = self._held_keyframe = None
+                if self._wants_network(result):
+                    if held is None and self._submit(index, frame, rec, block=self.network_blocking):
+                        pass
+                    elif rec.keyframe is not None:
                         # a live source's keyframe met a busy network: it waits for the next free slot
                         # (the newest keyframe wins) instead of never reaching the loop closer
                         self.keyframes_replaced += held is not None

@@ -267,9 +267,7 @@ class RerunSink:
         rr = self.rr
         self._set_time(result.index, result.stamp)
         h, w = result.crop.output_hw if not result.network else result.depth.shape
-        self.rec.log(f"{self.p}world/cam", rr.Transform3D(translation=result.T_wc[:3, 3], mat3x3=result.T_wc[:3, :3]))
-        self.rec.log(f"{self.p}world/cam/image", rr.Pinhole(image_from_camera=result.K, resolution=[w, h],
-                                                   camera_xyz=rr.ViewCoordinates.RDF, image_plane_distance=0.1))
+        self._log_camera("world/cam", result.T_wc, result.K, (h, w))
         if result.network:  # (--network-every: a tracked-only frame keeps the last network images on show)
             self.log_images(result)
         if result.dynamic is not None:
@@ -315,12 +313,15 @@ class RerunSink:
         """``--network-every``: a network frame that arrived after its frame was tracked, under
         ``world/network_cam`` with that frame's own pose and intrinsics (its depth is not the current
         camera's, so it is not shown there)."""
-        rr = self.rr
-        h, w = result.depth.shape
-        self.rec.log(f"{self.p}world/network_cam", rr.Transform3D(translation=result.T_wc[:3, 3], mat3x3=result.T_wc[:3, :3]))
-        self.rec.log(f"{self.p}world/network_cam/image", rr.Pinhole(image_from_camera=result.K, resolution=[w, h],
-                                                           camera_xyz=rr.ViewCoordinates.RDF, image_plane_distance=0.1))
+        self._log_camera("world/network_cam", result.T_wc, result.K, result.depth.shape)
         self.log_images(result, "world/network_cam")
+
+    def _log_camera(self, entity: str, T_wc: np.ndarray, K: np.ndarray, hw: tuple) -> None:
+        """A camera's pose (``T_wc``) at ``entity`` and its pinhole (``K``, ``(H, W)``) at ``entity/image``."""
+        rr = self.rr
+        self.rec.log(f"{self.p}{entity}", rr.Transform3D(translation=T_wc[:3, 3], mat3x3=T_wc[:3, :3]))
+        self.rec.log(f"{self.p}{entity}/image", rr.Pinhole(image_from_camera=K, resolution=[hw[1], hw[0]],
+                                                          camera_xyz=rr.ViewCoordinates.RDF, image_plane_distance=0.1))
 
     def log_loop(self, loop: dict) -> None:
         """A loop closure: every loop edge so far, the corrected keyframes, a log line."""
