@@ -20,6 +20,7 @@ _logger = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..cluster.config import ClusterSettings
     from ..server.config import ServeConfig
     from ..settings import EngineSettings, MapSettings, OutputSettings, SlamSettings
 
@@ -28,17 +29,39 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "control socket. Loopback only unless --allow-remote. See docs/PROTOCOL.md. "
                                    "Each stream's outputs go to OUTPUT_DIR/streams/<id>/ (default outputs/serve).")
     p.add_argument("--config", default=None, help="YAML file with sections engine:/map:/outputs: and the node settings")
-    add_settings_flags(p, (ServeConfig, EngineSettings, MapSettings, OutputSettings, SlamSettings))
+    add_settings_flags(p, (ServeConfig, EngineSettings, MapSettings, OutputSettings, SlamSettings, ClusterSettings))
+    p.add_argument("--ray", nargs="?", const="local", default=argparse.SUPPRESS, metavar="ADDRESS",
+                   help="scale out on Ray: worker actors step the streams, this process keeps the sockets (ADDRESS: "
+                        "a running cluster, e.g. 10.0.0.1:6379; without it, a Ray instance on this machine). "
+                        "Needs streamrecon[ray]; see the README's 'Scale-out on Ray'")
     p.set_defaults(handler=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ..server import Node, ServeConfig
-    from ..settings import load_yaml
+    from ..cluster.config import ClusterSettings
+    from ..server import ServeConfig
+    from ..settings import SettingsError, load_yaml
 
+    flags = settings_from_args(args)
+    cluster = ClusterSettings.pop_from(flags)
     values = load_yaml(args.config, ServeConfig) if args.config else {}
-    values.update(settings_from_args(args))
-    node = Node(ServeConfig.of(**values))
+    values.update(flags)
+    cfg = ServeConfig.of(**values)
+    if cluster.ray is None:
+        given = [k for k in ClusterSettings.__dataclass_fields__ if k in vars(args)]
+        if given:
+            raise SettingsError(f"--{given[0].replace('_', '-')} is a --ray setting: add --ray [ADDRESS]")
+        from ..server import Node
+
+        node = Node(cfg)
+    else:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise SettingsError("--ray needs Ray: pip install 'streamrecon[ray]'") from None
+        from ..cluster import Gateway
+
+        node = Gateway(cfg, cluster)
 
     def on_signal(signum, _frame):
         _logger.warning("%s: flushing every stream and stopping", signal.Signals(signum).name)

@@ -29,20 +29,16 @@ from typing import Any, Optional
 from ..engine import Frame, process_batch
 from ..fileio import UnsafePathError, atomic_write_text, confine
 from ..pipeline import LoadedModel, build_pipeline, engine_config, load_resolved
-from ..settings import SettingsError
 from ..sinks.zmq_results import ResultPublisher
 from ..wire import FrameMessage, WireError, decode_frame, encode_reply, encode_result
-from .config import ServeConfig, is_loopback_endpoint
+from .config import ServeConfig
 from .session import Pending, StreamSession
+from .sockets import open_node_sockets
 
 __all__ = ["Node"]
 
 _logger = logging.getLogger(__name__)
 _ACK_OK = b"OK"
-#: messages a slow subscriber may have waiting on the results socket before it loses them
-RESULTS_HWM = 256
-#: largest control request part (ZeroMQ drops larger ones before the node reads them)
-CONTROL_MAX_BYTES = 1 << 20
 #: a lossless frame refused as busy holds back the frames after it until it is sent again -- for this long
 REFUSED_FORGET_S = 10.0
 #: slow control requests (probes, map writes) that may wait for the control worker at once
@@ -104,59 +100,10 @@ class Node:
     # ------------------------------------------------------------------------------------------
     # sockets
 
-    def _secure(self, sock) -> None:
-        if self.cfg.curve_secret_key:
-            sock.curve_secretkey = self._secret
-            sock.curve_publickey = self._public
-            sock.curve_server = True
-
     def _open_sockets(self) -> None:
-        zmq, cfg = self.zmq, self.cfg
-        if cfg.curve_secret_key:
-            import zmq.auth
-            from zmq.auth.thread import ThreadAuthenticator
-
-            self._public, self._secret = zmq.auth.load_certificate(cfg.curve_secret_key)
-            if self._secret is None:
-                raise SettingsError(f"{cfg.curve_secret_key} holds no secret key")
-            self.auth = ThreadAuthenticator(self.ctx)
-            self.auth.start()
-            self.auth.configure_curve(domain="*", location=str(cfg.curve_clients))
-        elif any(not is_loopback_endpoint(getattr(cfg, n)) for n in ("ingest", "results", "control")):
-            _logger.warning("the node listens beyond loopback WITHOUT authentication; use --curve-secret-key")
-
-        def socket(kind: int, options: dict, secure: bool = True):
-            # limits apply only to connections made after they are set: set them before bind/connect
-            sock = self.ctx.socket(kind)
-            sock.linger = 0
-            for opt, value in options.items():
-                sock.setsockopt(opt, value)
-            if secure:
-                self._secure(sock)
-            return sock
-
-        def bind(kind: int, endpoint: str, name: str, options: dict):
-            sock = socket(kind, options)
-            try:
-                sock.bind(endpoint)
-            except zmq.ZMQError as e:
-                sock.close()
-                raise SettingsError(f"cannot bind the {name} socket to {endpoint}: {e}") from None
-            return sock
-
-        self.ingest = bind(zmq.ROUTER, cfg.ingest, "ingest", {zmq.MAXMSGSIZE: cfg.max_message_bytes, zmq.RCVHWM: 64,
-                                                              zmq.SNDHWM: 1000})
-        self.results = bind(zmq.PUB, cfg.results, "results", {zmq.SNDHWM: RESULTS_HWM, zmq.MAXMSGSIZE: 1 << 16})
-        self.control = bind(zmq.ROUTER, cfg.control, "control", {zmq.MAXMSGSIZE: CONTROL_MAX_BYTES, zmq.RCVHWM: 64})
-        self.subs = []
-        for ep in cfg.subscribe:
-            # a SUB connects to an imagezmq sender's PUB: plain ZeroMQ, as imagezmq speaks it
-            sub = socket(zmq.SUB, {zmq.MAXMSGSIZE: cfg.max_message_bytes, zmq.RCVHWM: 8, zmq.SUBSCRIBE: b""}, secure=False)
-            sub.connect(ep)
-            self.subs.append(sub)
-        self.poller = zmq.Poller()
-        for sock in (self.ingest, self.control, *self.subs):
-            self.poller.register(sock, zmq.POLLIN)
+        socks = open_node_sockets(self.zmq, self.ctx, self.cfg)
+        self.ingest, self.results, self.control = socks.ingest, socks.results, socks.control
+        self.subs, self.poller, self.auth = socks.subs, socks.poller, socks.auth
 
     @property
     def endpoints(self) -> dict[str, str]:

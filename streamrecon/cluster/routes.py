@@ -1,0 +1,128 @@
+"""The gateway's bookkeeping: a frame on its way to a worker, a stream's route, a worker slot."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..wire import FrameMessage
+
+__all__ = ["Forward", "Route", "WorkerSlot", "REPLAY_ENVELOPE", "NOBODY_ENVELOPE"]
+
+#: the envelope of a frame replayed to a new worker whose sender already heard "processed": its ack is dropped
+REPLAY_ENVELOPE = [b"\x00streamrecon-replay"]
+#: the envelope of a frame nobody can hear back about (an imagezmq PUB sender)
+NOBODY_ENVELOPE = [b"\x00streamrecon-nobody"]
+
+
+@dataclass
+class Forward:
+    """One accepted frame: its validated header, where its acknowledgement goes at the gateway
+    (``envelope``; empty: nobody), and its payload in Ray's object store (``payload``: an ObjectRef)."""
+
+    msg: FrameMessage
+    envelope: list
+    header: bytes
+    payload: Any
+    wants_ack: bool
+    req_peer: bool
+    acked: bool = False  # its sender heard "processed"/"duplicate": a replay must not answer it again
+
+    def for_worker(self) -> tuple:
+        env = REPLAY_ENVELOPE if self.acked else (self.envelope or NOBODY_ENVELOPE)
+        return env, self.header, self.payload
+
+
+@dataclass
+class Route:
+    """One ``stream_id`` at the gateway: its worker (``None``: waiting for one), what the worker last
+    reported, and what the stream went through (failovers, moves, frames lost or replayed).
+
+    ``replay``: the frames sent since the stream's latest snapshot (lossless streams), in order -- what
+    a new worker is given after the stream's snapshot if its worker dies. ``held``: frames that came
+    while the stream had no worker (a failover, a move)."""
+
+    stream_id: str
+    worker: Optional[str]
+    lossless: Optional[bool] = None  # as the worker reported it (None: not yet known)
+    moving: bool = False  # a drained worker is handing it over
+    needs_adopt: bool = False  # the next worker must restore it from its latest snapshot first
+    held: deque = field(default_factory=deque)
+    replay: deque = field(default_factory=deque)
+    resend: list = field(default_factory=list)
+    processed: int = 0
+    queue: int = 0
+    fps: float = 0.0
+    snapshot_frames: Optional[int] = None
+    snapshot_seq: Optional[int] = None
+    restored_from: Optional[str] = None
+    restored_frames: Optional[int] = None  # frames the stream held when it last continued on a new worker
+    forwarded: int = 0
+    failovers: int = 0
+    moves: int = 0
+    lost: int = 0  # frames processed before a failure that the continued stream does not hold
+    replayed: int = 0
+    dropped_in_flight: int = 0
+    held_dropped: int = 0
+    busy: int = 0
+    failed_at: Optional[float] = None
+    expect_frames: Optional[int] = None
+    recovery_s: Optional[float] = None
+    status: dict = field(default_factory=dict)
+
+    def brief(self) -> dict[str, Any]:
+        return {"worker": self.worker, "moving": self.moving, "failovers": self.failovers, "moves": self.moves,
+                "frames_lost": self.lost, "frames_replayed": self.replayed, "dropped_in_flight": self.dropped_in_flight,
+                "held": len(self.held), "held_dropped": self.held_dropped, "busy_at_gateway": self.busy,
+                "replay_buffer": len(self.replay), "snapshot_frames": self.snapshot_frames,
+                "restored_from": self.restored_from, "restored_frames": self.restored_frames,
+                "last_recovery_s": self.recovery_s}
+
+
+@dataclass
+class WorkerSlot:
+    """One worker actor as the gateway sees it. ``state``: starting, ready, draining, retired, dead."""
+
+    name: str
+    actor: Any
+    ready_ref: Any
+    replaces: Optional[str] = None
+    state: str = "starting"
+    info: dict = field(default_factory=dict)
+    streams: set = field(default_factory=set)
+    frames: list = field(default_factory=list)  # waiting for the next exchange
+    control: list = field(default_factory=list)
+    ops: list = field(default_factory=list)
+    inflight: Any = None
+    inflight_frames: list = field(default_factory=list)
+    inflight_control: list = field(default_factory=list)
+    inflight_ops: list = field(default_factory=list)
+    sent_at: float = 0.0
+    last_exchange: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=time.monotonic)
+    exchanges: int = 0
+    frames_sent: int = 0
+    exchange_s: float = 0.0
+    work: bool = False
+    stats: dict = field(default_factory=dict)
+    error: Optional[str] = None
+
+    @property
+    def takes_streams(self) -> bool:
+        return self.state == "ready"
+
+    @property
+    def alive(self) -> bool:
+        return self.state in ("starting", "ready", "draining")
+
+    def status(self, routes: dict) -> dict[str, Any]:
+        mine = [routes[s] for s in sorted(self.streams) if s in routes]
+        return {"name": self.name, "state": self.state, "replaces": self.replaces, "streams": [r.stream_id for r in mine],
+                "queue_depth": len(self.frames) + sum(r.queue for r in mine), "fps": round(sum(r.fps for r in mine), 3),
+                "exchanges": self.exchanges, "frames_sent": self.frames_sent,
+                "exchange_ms_mean": round(1e3 * self.exchange_s / self.exchanges, 3) if self.exchanges else None,
+                "model_calls": self.stats.get("model_calls", 0), "batched_calls": self.stats.get("batched_calls", 0),
+                "errors": self.stats.get("errors", 0), "internal_errors": self.stats.get("internal_errors", 0),
+                **{k: self.info.get(k) for k in ("node_ip", "pid", "device", "gpus")}, "error": self.error}
