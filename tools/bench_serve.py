@@ -4,6 +4,14 @@
     python tools/bench_serve.py latency --weights CKPT --streams 1 --fps 10 --seconds 20 --size 224
     python tools/bench_serve.py throughput --weights CKPT --streams 4 --frames 40 --max-batch 4 --size 224
     python tools/bench_serve.py codec --seconds 5
+    python tools/bench_serve.py throughput --weights bundled --size 160 --streams 4 --ray-workers 2   # serve --ray
+    python tools/bench_serve.py failover --weights bundled --size 160 --frames 60 --kill-after 20
+
+``--ray-workers N`` runs ``streamrecon serve --ray`` (a local Ray instance, N worker actors of
+``--ray-cpus-per-worker`` CPUs) instead of the single node; measuring starts once every worker is
+ready. ``failover`` (always ``--ray``, 2 workers): two lossless streams and one live stream; after
+``--kill-after`` frames of ``cam0`` the worker holding the live stream (and one of the lossless ones)
+is killed (SIGKILL, as the OOM killer would) and the recovery is measured.
 
 ``latency`` and ``throughput`` start ``streamrecon serve`` as a separate process; publishers (one
 thread per stream, real frames from the CUT3R example video) and a results subscriber run here.
@@ -54,15 +62,37 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+def _stats(eps: dict, timeout_s: float = 30.0) -> dict:
+    ctl = zmq.Context.instance().socket(zmq.DEALER)
+    ctl.linger = 0
+    ctl.connect(eps["control"])
+    ctl.send_multipart(wire.encode_request("stats"))
+    try:
+        if not ctl.poll(int(timeout_s * 1000)):
+            raise TimeoutError("no reply to stats")
+        return wire.decode_reply(ctl.recv_multipart())[0]
+    finally:
+        ctl.close()
+
+
 def _start_node(args, extra: list[str]) -> tuple[subprocess.Popen, dict]:
     p = _free_ports(3)
     eps = {"ingest": f"tcp://127.0.0.1:{p[0]}", "results": f"tcp://127.0.0.1:{p[1]}", "control": f"tcp://127.0.0.1:{p[2]}"}
-    cmd = [sys.executable, "-m", "streamrecon", "serve", "--weights", args.weights, "--size", str(args.size),
-           "--geometry-stride", "0", "--output-dir", "/tmp/bench_serve_out", *extra]
+    weights = [] if args.weights == "bundled" else ["--weights", args.weights]
+    cmd = [sys.executable, "-m", "streamrecon", "serve", *weights, "--size", str(args.size),
+           "--geometry-stride", "0", "--output-dir", args.output_dir, *extra]
+    if args.ray_workers:
+        cmd += ["--ray", "--ray-workers", str(args.ray_workers), "--ray-cpus-per-worker", str(args.ray_cpus_per_worker)]
     for k, v in eps.items():
         cmd += [f"--{k}", v]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     proc.stdout.readline()  # "streamrecon node: ..." once bound
+    deadline = time.monotonic() + 300
+    while args.ray_workers and time.monotonic() < deadline:  # every worker started (torch imported, model loaded)
+        workers = _stats(eps)["node"]["workers"]
+        if workers and all(w["state"] == "ready" for w in workers):
+            break
+        time.sleep(0.5)
     return proc, eps
 
 
@@ -132,7 +162,8 @@ def throughput(args) -> dict:
     ctx = zmq.Context.instance()
     from streamrecon_bridges.camera_pub import Publisher
 
-    pubs = [Publisher(eps["ingest"], f"cam{k}", lossless=True, window=4, context=ctx) for k in range(args.streams)]
+    pubs = [Publisher(eps["ingest"], f"cam{k}", encoding=args.encoding, lossless=True, window=4, context=ctx)
+            for k in range(args.streams)]
     done = []
 
     def run(pub) -> None:
@@ -149,17 +180,81 @@ def throughput(args) -> dict:
     for t in threads:
         t.join()
     wall = time.monotonic() - t0
-    ctl = ctx.socket(zmq.REQ)
-    ctl.connect(eps["control"])
-    ctl.send_multipart(wire.encode_request("stats"))
-    stats = wire.decode_reply(ctl.recv_multipart())[0]["node"]
+    stats = _stats(eps)["node"]
     proc.terminate()
-    proc.wait(30)
+    proc.wait(60)
     total = sum(done)
-    return {"mode": "throughput", "streams": args.streams, "frames_per_stream": args.frames, "size": args.size,
-            "max_batch": args.max_batch, "frames": total, "wall_s": round(wall, 2),
-            "frames_per_s": round(total / wall, 2), "model_calls": stats["model_calls"],
-            "batched_calls": stats["batched_calls"], "max_batch_seen": stats["max_batch_seen"]}
+    out = {"mode": "throughput", "streams": args.streams, "frames_per_stream": args.frames, "size": args.size,
+           "encoding": args.encoding,
+           "max_batch": args.max_batch, "frames": total, "wall_s": round(wall, 2), "frames_per_s": round(total / wall, 2)}
+    if args.ray_workers:
+        ws = stats["workers"]
+        out.update(ray_workers=args.ray_workers, cpus_per_worker=args.ray_cpus_per_worker,
+                   gateway_ms_per_frame=stats["gateway_ms_per_frame"],
+                   model_calls=sum(w["model_calls"] for w in ws), batched_calls=sum(w["batched_calls"] for w in ws),
+                   streams_per_worker=[len(w["streams"]) for w in ws],
+                   exchange_ms_mean=[w["exchange_ms_mean"] for w in ws])
+    else:
+        out.update(model_calls=stats["model_calls"], batched_calls=stats["batched_calls"],
+                   max_batch_seen=stats["max_batch_seen"])
+    return out
+
+
+def failover(args) -> dict:
+    import os
+    import signal
+
+    from streamrecon_bridges.camera_pub import Publisher
+
+    args.ray_workers = args.ray_workers or 2
+    frames = _frames(args.frames)
+    proc, eps = _start_node(args, ["--max-batch", str(args.max_batch), "--snapshot-every", str(args.snapshot_every)])
+    ctx = zmq.Context.instance()
+    pubs = [Publisher(eps["ingest"], f"cam{k}", lossless=True, window=4, context=ctx) for k in range(2)]
+    live = ctx.socket(zmq.DEALER)
+    live.linger = 0
+    live.connect(eps["ingest"])
+    ack_times: dict[str, list[float]] = {"cam0": [], "cam1": []}
+    killed = {}
+
+    def run(pub) -> None:
+        for i, f in enumerate(frames):
+            pub.send(f)
+            ack_times[pub.stream_id].append(time.monotonic())
+            if pub.stream_id == "cam0" and i == args.kill_after and not killed:
+                st = _stats(eps)
+                w = next(w for w in st["node"]["workers"] if "live" in w["streams"])
+                killed.update(worker=w["name"], pid=w["pid"], t=time.monotonic(), streams=w["streams"])
+                os.kill(w["pid"], signal.SIGKILL)
+        pub.flush(600)
+
+    def run_live() -> None:
+        for i, f in enumerate(frames):
+            live.send_multipart(wire.encode_frame(f, "live", i, lossless=False))
+            time.sleep(0.05)
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=run, args=(p,)) for p in pubs] + [threading.Thread(target=run_live)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - t0
+    time.sleep(2 * 0.25 + 1.0)  # the last exchange and heartbeat
+    st = _stats(eps)
+    proc.terminate()
+    proc.wait(60)
+    streams = {sid: {"processed": s["processed"], **{k: s["cluster"][k] for k in (
+        "worker", "failovers", "frames_lost", "frames_replayed", "restored_frames", "last_recovery_s", "held_dropped")}}
+        for sid, s in st["streams"].items()}
+    t_kill = killed.get("t", t0)
+    gap = {sid: round(max(b - a for a, b in zip(ts, ts[1:])), 3) if len(ts) > 1 else None for sid, ts in ack_times.items()}
+    after = {sid: next((round(x - t_kill, 3) for x in ts if x > t_kill), None) for sid, ts in ack_times.items()}
+    return {"mode": "failover", "frames_per_stream": args.frames, "kill_after": args.kill_after, "size": args.size,
+            "snapshot_every": args.snapshot_every, "killed": {k: v for k, v in killed.items() if k != "t"},
+            "wall_s": round(wall, 2), "recoveries_s": st["node"]["cluster"]["recoveries_s"],
+            "restarts": st["node"]["cluster"]["restarts"], "largest_ack_gap_s": gap, "first_ack_after_kill_s": after,
+            "streams": streams, "acked": {p.stream_id: p.acked for p in pubs}}
 
 
 def codec(args) -> dict:
@@ -208,7 +303,7 @@ def codec(args) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["latency", "throughput", "codec"])
+    ap.add_argument("mode", choices=["latency", "throughput", "codec", "failover"])
     ap.add_argument("--weights", default=str(REPO.parent / "shared" / "golden" / "tiny_dpt" / "checkpoint.pth"))
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--streams", type=int, default=1)
@@ -216,9 +311,15 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--frames", type=int, default=40)
     ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--output-dir", default="/tmp/bench_serve_out")
+    ap.add_argument("--encoding", default="rgb8", choices=["rgb8", "jpeg", "png"], help="throughput: frame encoding")
+    ap.add_argument("--ray-workers", type=int, default=0, help="0: the single node; N: serve --ray with N workers")
+    ap.add_argument("--ray-cpus-per-worker", type=float, default=1.0)
+    ap.add_argument("--kill-after", type=int, default=20, help="failover: frames of cam0 acknowledged before the kill")
+    ap.add_argument("--snapshot-every", default="10", help="failover: --snapshot-every of the node")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
-    result = {"latency": latency, "throughput": throughput, "codec": codec}[args.mode](args)
+    result = {"latency": latency, "throughput": throughput, "codec": codec, "failover": failover}[args.mode](args)
     print(json.dumps(result))
     return 0
 

@@ -20,7 +20,8 @@ NOBODY_ENVELOPE = [b"\x00streamrecon-nobody"]
 @dataclass
 class Forward:
     """One accepted frame: its validated header, where its acknowledgement goes at the gateway
-    (``envelope``; empty: nobody), and its payload in Ray's object store (``payload``: an ObjectRef)."""
+    (``envelope``; empty: nobody), and its payload (``payload``: ``(N,)`` uint8, a view of the received
+    message; it goes to Ray's object store with the other frames of its exchange)."""
 
     msg: FrameMessage
     envelope: list
@@ -32,7 +33,7 @@ class Forward:
 
     def for_worker(self) -> tuple:
         env = REPLAY_ENVELOPE if self.acked else (self.envelope or NOBODY_ENVELOPE)
-        return env, self.header, self.payload
+        return env, self.header
 
 
 @dataclass

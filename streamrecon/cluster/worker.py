@@ -41,13 +41,11 @@ class StreamWorker:
         return {"name": self.name, "pid": os.getpid(), "node_ip": ray.util.get_node_ip_address(),
                 "gpus": [str(g) for g in ray.get_gpu_ids()], "device": str(getattr(self.node.model, "device", "cpu"))}
 
-    def exchange(self, frames: list, control: list, ops: list):
-        """Frames arrive as ``(envelope, header, payload_ref)``: the payloads are read from Ray's object
-        store (zero-copy views), the rest is :meth:`HostedNode.exchange`."""
-        import ray
-
-        payloads = ray.get([f[2] for f in frames]) if frames else []
-        parts = [[*env, header, payload] for (env, header, _), payload in zip(frames, payloads)]
+    def exchange(self, frames: list, payloads, control: list, ops: list):
+        """Frames arrive as ``(envelope, header)``; their payloads as one object-store object, which Ray
+        resolves before the call (``payloads``: a list of ``(N,)`` uint8 arrays, zero-copy views of the
+        store); the rest is :meth:`HostedNode.exchange`."""
+        parts = [[*env, header, payload] for (env, header), payload in zip(frames, payloads or [])]
         return self.node.exchange(parts, control, ops)
 
     def close(self):
