@@ -43,6 +43,18 @@ def running_node(tmp_path, **overrides) -> Iterator[Node]:
         assert not thread.is_alive(), "node did not stop"
 
 
+def free_endpoints() -> tuple[str, str, str]:
+    """Three free loopback tcp endpoints (ingest, results, control) for a node started as a process."""
+    import socket
+
+    ports = []
+    for _ in range(3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    return tuple(f"tcp://127.0.0.1:{p}" for p in ports)
+
+
 def frames(n: int, seed: int = 0, hw=(48, 64)) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 255, (hw[0] + n, hw[1] + n, 3), dtype=np.uint8)

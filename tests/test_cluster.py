@@ -23,7 +23,7 @@ from streamrecon.server import ServeConfig
 from streamrecon.settings import SettingsError
 
 from .conftest import SHARED
-from .node_helpers import Client, frames, poses, running_node, wait_for
+from .node_helpers import Client, frames, free_endpoints, poses, running_node, wait_for
 
 ray = pytest.importorskip("ray")  # streamrecon[ray] is part of [dev]: CI has it
 
@@ -253,19 +253,13 @@ def test_ray_settings_need_ray_and_are_checked(capsys):
 
 def test_serve_ray_cli_starts_its_own_ray_routes_two_streams_and_flushes_them_on_sigterm(tmp_path):
     import signal
-    import socket
     import subprocess
     import sys
 
     from streamrecon.mapping import read_tum
     from streamrecon_bridges.camera_pub import Publisher
 
-    ports = []
-    for _ in range(3):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-    ingest, results, control = (f"tcp://127.0.0.1:{p}" for p in ports)
+    ingest, results, control = free_endpoints()
     out = tmp_path / "serve"
     proc = subprocess.Popen([sys.executable, "-m", "streamrecon", "serve", "--ray", "--ray-workers", "2",
                              "--ray-local-cpus", "2", "--weights", WEIGHTS, "--size", "64", "--ingest", ingest,

@@ -17,7 +17,7 @@ from streamrecon.server import ServeConfig, is_loopback_endpoint
 from streamrecon_bridges.camera_pub import Publisher
 from streamrecon_bridges.results_sub import ResultsSubscriber
 
-from .node_helpers import Client, frames, poses, running_node, wait_for
+from .node_helpers import Client, frames, free_endpoints, poses, running_node, wait_for
 
 
 def _stats(client):
@@ -379,12 +379,7 @@ def test_serve_cli_flushes_every_stream_on_sigterm(tmp_path, shared):
     import subprocess
     import sys
 
-    ports = []
-    for _ in range(3):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-    ingest, results, control = (f"tcp://127.0.0.1:{p}" for p in ports)
+    ingest, results, control = free_endpoints()
     out = tmp_path / "serve"
     proc = subprocess.Popen([sys.executable, "-m", "streamrecon", "serve", "--weights",
                              str(shared / "golden" / "tiny_dpt" / "checkpoint.pth"), "--size", "64", "--ingest", ingest,

@@ -36,7 +36,7 @@ import numpy as np
 from .. import __version__
 from ..server.config import ServeConfig
 from ..server.control import COMMANDS
-from ..server.sockets import open_node_sockets
+from ..server.sockets import open_node_sockets, send_nowait, split_envelope
 from ..settings import SettingsError
 from ..wire import PROTOCOL_VERSION, WireError, decode_frame, decode_request, decode_result, encode_reply, encode_result
 from .config import DEFAULT_SNAPSHOT_EVERY, ClusterSettings
@@ -224,13 +224,7 @@ class Gateway:
     # ingest
 
     def _send(self, sock, parts: list) -> None:
-        try:
-            sock.send_multipart(parts, flags=self.zmq.NOBLOCK)
-        except self.zmq.Again:
-            self.counters["send_dropped"] += 1
-        except self.zmq.ZMQError as e:
-            self.counters["send_errors"] += 1
-            _logger.debug("send failed: %s", e)
+        send_nowait(self.zmq, sock, parts, self.counters)
 
     def _reply(self, fwd_or_env, msg, status: str, error: str = "") -> None:
         env = fwd_or_env.envelope if isinstance(fwd_or_env, Forward) else fwd_or_env
@@ -248,10 +242,7 @@ class Gateway:
             self.counters["messages"] += 1
             envelope, req_peer = [], False
             if router:
-                if len(parts) >= 2 and len(parts[1].buffer) == 0:
-                    envelope, req_peer, parts = [parts[0].bytes, b""], True, parts[2:]
-                else:
-                    envelope, parts = [parts[0].bytes], parts[1:]
+                envelope, req_peer, parts = split_envelope(parts)
             try:
                 msg = decode_frame(parts, self.cfg.max_message_bytes)
             except WireError as e:

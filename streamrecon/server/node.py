@@ -33,7 +33,7 @@ from ..sinks.zmq_results import ResultPublisher
 from ..wire import FrameMessage, WireError, decode_frame, encode_reply, encode_result
 from .config import ServeConfig
 from .session import Pending, StreamSession
-from .sockets import open_node_sockets
+from .sockets import open_node_sockets, send_nowait, split_envelope
 
 __all__ = ["Node"]
 
@@ -166,10 +166,7 @@ class Node:
             self.counters["messages"] += 1
             envelope, req_peer = None, False
             if router:  # the peer's routing id, as bytes (compared when a resend comes from another peer)
-                if len(parts) >= 2 and len(parts[1].buffer) == 0:  # REQ peer: [id, b"", ...]
-                    envelope, req_peer, parts = [parts[0].bytes, b""], True, parts[2:]
-                else:
-                    envelope, parts = [parts[0].bytes], parts[1:]
+                envelope, req_peer, parts = split_envelope(parts)
             try:
                 msg = decode_frame(parts, self.cfg.max_message_bytes)
             except WireError as e:
@@ -201,13 +198,7 @@ class Node:
         return json.dumps(body).encode()
 
     def _send(self, sock, parts: list) -> None:
-        try:
-            sock.send_multipart(parts, flags=self.zmq.NOBLOCK)
-        except self.zmq.Again:
-            self.counters["send_dropped"] += 1
-        except self.zmq.ZMQError as e:  # e.g. the peer is gone
-            self.counters["send_errors"] += 1
-            _logger.debug("send failed: %s", e)
+        send_nowait(self.zmq, sock, parts, self.counters)
 
     def _reply(self, envelope: Optional[list], msg: FrameMessage, status: str, error: str = "") -> None:
         if envelope is not None:

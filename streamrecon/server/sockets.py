@@ -13,7 +13,7 @@ from typing import Any, Optional
 from ..settings import SettingsError
 from .config import ServeConfig, is_loopback_endpoint
 
-__all__ = ["NodeSockets", "open_node_sockets", "RESULTS_HWM", "CONTROL_MAX_BYTES"]
+__all__ = ["NodeSockets", "open_node_sockets", "split_envelope", "send_nowait", "RESULTS_HWM", "CONTROL_MAX_BYTES"]
 
 _logger = logging.getLogger(__name__)
 #: messages a slow subscriber may have waiting on the results socket before it loses them
@@ -98,3 +98,22 @@ def open_node_sockets(zmq, ctx, cfg: ServeConfig) -> NodeSockets:
     for sock in (ingest, control, *subs):
         poller.register(sock, zmq.POLLIN)
     return NodeSockets(ingest, results, control, subs, poller, auth)
+
+
+def split_envelope(parts: list) -> tuple[list, bool, list]:
+    """A ROUTER message -> ``(envelope, req_peer, body)``: the peer's routing id as bytes (and the
+    empty delimiter of a REQ peer, ``[id, b"", ...]``), whether it is a REQ peer, the rest."""
+    if len(parts) >= 2 and len(parts[1].buffer) == 0:
+        return [parts[0].bytes, b""], True, parts[2:]
+    return [parts[0].bytes], False, parts[1:]
+
+
+def send_nowait(zmq, sock, parts: list, counters) -> None:
+    """Send without blocking: a full queue counts ``send_dropped``, a failed send ``send_errors``."""
+    try:
+        sock.send_multipart(parts, flags=zmq.NOBLOCK)
+    except zmq.Again:
+        counters["send_dropped"] += 1
+    except zmq.ZMQError as e:  # e.g. the peer is gone
+        counters["send_errors"] += 1
+        _logger.debug("send failed: %s", e)
