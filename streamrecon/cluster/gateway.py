@@ -410,7 +410,7 @@ class Gateway:
             w.streams.add(sid)
             r.lossless, r.processed, r.queue, r.fps, r.restored_from = b.lossless, b.processed, b.queue, b.fps, b.restored_from
             if b.snapshot_frames is not None and b.snapshot_seq is not None:
-                r.snapshot_frames, r.snapshot_seq = b.snapshot_frames, b.snapshot_seq
+                r.snapshot_frames, r.snapshot_seq, r.snapshot_name = b.snapshot_frames, b.snapshot_seq, b.snapshot_name
                 while r.replay and r.replay[0].acked and r.replay[0].msg.seq is not None \
                         and r.replay[0].msg.seq <= r.snapshot_seq:
                     r.replay.popleft()
@@ -529,7 +529,7 @@ class Gateway:
             w.streams.add(r.stream_id)
             if r.needs_adopt:
                 lossless = r.lossless if r.lossless is not None else self.cfg.lossless
-                w.ops.append(("adopt", r.stream_id, lossless))
+                w.ops.append(("adopt", r.stream_id, lossless, r.snapshot_name))
                 r.needs_adopt = False
             w.frames.extend(r.resend)
             if r.lossless is not False:
@@ -568,6 +568,7 @@ class Gateway:
                 return
             r.worker, r.needs_adopt, r.moves = None, True, r.moves + 1
             r.snapshot_frames, r.snapshot_seq, r.expect_frames = op.get("frames"), None, op.get("frames")
+            r.snapshot_name = op.get("snapshot")
             r.replay.clear()
             r.failed_at = None
 

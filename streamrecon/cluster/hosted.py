@@ -73,8 +73,9 @@ class _MemoryPoller:
 class StreamBrief:
     """What the gateway needs of one stream after each exchange.
 
-    ``snapshot_frames``/``snapshot_seq``: frames covered by the stream's latest snapshot and the seq of
-    the last of them (``None``: no snapshot yet, or that frame is no longer remembered)."""
+    ``snapshot_frames``/``snapshot_seq``/``snapshot_name``: frames covered by the stream's latest
+    snapshot, the seq of the last of them and its name (``None``: no snapshot yet, or that frame is no
+    longer remembered)."""
 
     lossless: bool
     processed: int
@@ -82,6 +83,7 @@ class StreamBrief:
     fps: float
     snapshot_frames: Optional[int]
     snapshot_seq: Optional[int]
+    snapshot_name: Optional[str]
     restored_from: Optional[str]
 
 
@@ -125,16 +127,23 @@ class HostedNode(Node):
     # ------------------------------------------------------------------------------------------
     # operations the gateway asks for (before the exchange's messages)
 
-    def adopt(self, sid: str, lossless: bool) -> dict[str, Any]:
-        """Open stream ``sid`` here, continued from its latest good snapshot (a dead worker's or a
-        drained one's), or new when it has none (or none loads)."""
-        from ..snapshot import SnapshotError, read_latest_good
+    def adopt(self, sid: str, lossless: bool, name: Optional[str] = None) -> dict[str, Any]:
+        """Open stream ``sid`` here, continued from snapshot ``name`` (the one the gateway's replay
+        follows), else from its latest good snapshot (a dead worker's or a drained one's), or new when
+        it has none (or none loads)."""
+        from ..snapshot import SnapshotError, read_latest_good, read_snapshot
 
         if sid in self.sessions:
             return {"op": "adopt", "stream_id": sid, "ok": True, "restored_from": self.sessions[sid].restored_from,
                     "frames": self.sessions[sid].processed}
         snap, error = None, None
-        if self.snapshots(sid).names():
+        if name is not None:
+            try:
+                snap = read_snapshot(self.snapshots(sid).path_of(name))
+            except SnapshotError as e:  # pruned or damaged: the latest good one (the gateway counts the mismatch)
+                self.node_errors["restore_damaged"] += 1
+                _logger.error("stream %s: snapshot %s cannot be read (%s); taking the latest good one", sid, name, e)
+        if snap is None and self.snapshots(sid).names():
             try:
                 snap, damaged = read_latest_good(self.snapshot_root(sid))
                 for err in damaged:
@@ -173,7 +182,7 @@ class HostedNode(Node):
         kind, sid = op[0], op[1]
         try:
             if kind == "adopt":
-                return self.adopt(sid, bool(op[2]))
+                return self.adopt(sid, bool(op[2]), op[3] if len(op) > 3 else None)
             if kind == "release":
                 return self.release(sid)
             return {"op": kind, "stream_id": sid, "ok": False, "error": f"unknown operation {kind!r}"}
@@ -222,4 +231,5 @@ class HostedNode(Node):
         if frames is not None:
             seq = next((q for n, q in reversed(self._done[s.stream_id]) if n == frames), None)
         return StreamBrief(lossless=s.lossless, processed=s.processed, queue=len(s.queue), fps=round(s.pipeline.fps(), 3),
-                           snapshot_frames=frames, snapshot_seq=seq, restored_from=s.restored_from)
+                           snapshot_frames=frames, snapshot_seq=seq,
+                           snapshot_name=snaps.get("last") if frames is not None else None, restored_from=s.restored_from)

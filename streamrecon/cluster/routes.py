@@ -58,6 +58,7 @@ class Route:
     fps: float = 0.0
     snapshot_frames: Optional[int] = None
     snapshot_seq: Optional[int] = None
+    snapshot_name: Optional[str] = None  # the snapshot the replay follows (a new worker restores this one)
     restored_from: Optional[str] = None
     restored_frames: Optional[int] = None  # frames the stream held when it last continued on a new worker
     forwarded: int = 0
