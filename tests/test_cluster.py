@@ -182,8 +182,21 @@ def test_a_drained_worker_hands_its_streams_over_without_losing_a_frame(tmp_path
         first = _acks(sock, n // 2)
         assert [a["status"] for a in first] == ["processed"] * (n // 2)
         old = gw.routes["rec"].worker
+        # a frame only its worker finds undecodable (the gateway checks headers, not pixels) opens no
+        # stream there and leaves no route here; one the gateway refuses is answered with its stream and seq
+        png = wire.encode_frame(imgs[0], "junk", 3, encoding="png", ack=True)
+        cut = bytes(png[1])[:bytes(png[1]).find(b"IDAT") + 20]
+        sock.send_multipart([png[0], cut])
+        jpeg = wire.encode_frame(imgs[0], "junk2", 7, encoding="jpeg", ack=True)
+        sock.send_multipart([jpeg[0], b"not a jpeg at all"])
+        junk = sorted(_acks(sock, 2), key=lambda a: a["stream_id"])
+        assert [(a["stream_id"], a["seq"], a["status"]) for a in junk] == [("junk", 3, "rejected"), ("junk2", 7, "rejected")]
+        assert "does not decode" in junk[0]["error"] and "jpeg" in junk[1]["error"]
+        assert wait_for(lambda: set(_stats(c)["streams"]) == {"rec"}, 10)
         reply, _ = c.request("drain_worker", worker=old)
         assert reply["ok"] and reply["streams_moving"] == 1, reply
+        again, _ = c.request("drain_worker", worker=old)
+        assert not again["ok"] and "being drained already" in again["error"]
         for i in range(n // 2, n):  # sent while it moves: held at the gateway, then delivered
             sock.send_multipart(wire.encode_frame(imgs[i], "rec", i, ack=True))
         rest = _acks(sock, n // 2)
@@ -199,6 +212,39 @@ def test_a_drained_worker_hands_its_streams_over_without_losing_a_frame(tmp_path
     states = {w["name"]: w["state"] for w in st["node"]["workers"]}
     assert states[old] == "retired"
     assert not bad["ok"] and "no running worker 'w9'" in bad["error"]
+
+
+def test_a_replay_longer_than_the_lossless_queue_is_fed_a_queue_at_a_time(tmp_path):
+    # no snapshot yet: the whole stream is replayed to the next worker, 3x its lossless queue
+    n, extra = 12, 3
+    with running_gateway(tmp_path, workers=2, lossless=True, lossless_queue=4, snapshot_every="100") as gw:
+        c = Client(gw)
+        sock = _dealer(gw)
+        imgs = frames(n + extra)
+        acks = []
+        for i in range(n):
+            sock.send_multipart(wire.encode_frame(imgs[i], "rec", i, ack=True, session="p1"))
+            if i % 3 == 2:  # a window of 3: the worker never refuses one
+                acks += _acks(sock, 3)
+        assert [a["status"] for a in acks] == ["processed"] * n
+        victim = gw.routes["rec"].worker
+        ray.kill(gw.workers[victim].actor)
+        assert wait_for(lambda: gw.routes["rec"].failovers == 1 and _stats(c)["streams"]["rec"]["processed"] == n, 60)
+        for i in range(n, n + extra):  # and it goes on
+            sock.send_multipart(wire.encode_frame(imgs[i], "rec", i, ack=True, session="p1"))
+        later = _acks(sock, extra)
+        assert wait_for(lambda: _stats(c)["streams"]["rec"]["processed"] == n + extra, 60)
+        st = _stats(c)
+        more = _acks(sock, 1, timeout=1.0)
+        c.close()
+        sock.close(0)
+    assert [(a["seq"], a["status"]) for a in later] == [(i, "processed") for i in range(n, n + extra)]
+    assert more == []  # replayed frames are not acknowledged twice
+    s = st["streams"]["rec"]
+    assert s["worker"] != victim and s["cluster"]["frames_replayed"] == n and s["cluster"]["frames_lost"] == 0
+    assert s["cluster"]["resend_waiting"] == 0 and s["processed"] == n + extra
+    traj = (tmp_path / "serve" / "streams" / "rec" / "trajectory.txt").read_text().splitlines()
+    assert len([ln for ln in traj if ln and not ln.startswith("#")]) == n + extra
 
 
 def test_frames_for_a_stream_whose_only_worker_died_wait_for_its_replacement(tmp_path):

@@ -40,7 +40,7 @@ from ..server.sockets import open_node_sockets, send_nowait, split_envelope
 from ..settings import SettingsError
 from ..wire import PROTOCOL_VERSION, WireError, decode_frame, decode_request, decode_result, encode_reply, encode_result
 from .config import DEFAULT_SNAPSHOT_EVERY, ClusterSettings
-from .routes import NOBODY_ENVELOPE, REPLAY_ENVELOPE, Forward, Route, WorkerSlot
+from .routes import Forward, Route, WorkerSlot, token_id, token_of
 
 __all__ = ["Gateway", "GATEWAY_COMMANDS"]
 
@@ -52,13 +52,28 @@ MAX_FRAMES_PER_EXCHANGE = 256
 #: how long the gateway waits for a worker to start (importing torch, loading the model)
 START_TIMEOUT_S = 600.0
 GATEWAY_COMMANDS = ("ping", "stats", "shutdown", "drain_worker")
-_INTERNAL = {REPLAY_ENVELOPE[0], NOBODY_ENVELOPE[0]}
+#: frames the gateway remembers waiting for their worker's answer at most (older ones are forgotten, counted)
+MAX_TOKENS = 1 << 17
+#: control requests waiting for one worker at most (more are answered with an error)
+MAX_CONTROL_WAITING = 256
+#: what a worker's acknowledgement says, for the gateway (imagezmq answers "OK" / "ERROR ...")
+_FINAL = ("processed", "duplicate", "dropped", "busy", "rejected")
 
 
-def _ack_body(msg, status: str, error: str = "") -> bytes:
+def _ack_body(msg, status: str, error: str = "", stream_id: Optional[str] = None, seq: Optional[int] = None) -> bytes:
     from ..server.node import Node
 
-    return Node._ack_body(msg, status, error)
+    return Node._ack_body(msg, status, error, stream_id, seq)
+
+
+def _ack_status(body: bytes) -> Optional[str]:
+    if body[:1] != b"{":
+        return "processed" if body == b"OK" else "rejected"  # imagezmq
+    try:
+        status = json.loads(body).get("status")
+    except (ValueError, AttributeError):
+        return None
+    return status if isinstance(status, str) else None
 
 
 class Gateway:
@@ -103,7 +118,8 @@ class Gateway:
         self._stop = threading.Event()
         self._closing = False
         self._last_status = 0.0
-        self._imagezmq_waiting: dict[bytes, Forward] = {}  # a REQ peer's frame waiting for its "OK"
+        self._tokens: dict[bytes, Forward] = {}  # frames at a worker (or to be replayed), by their token's routing id
+        self._next_token = 1
         self.ctx = zmq.Context()
         try:
             s = open_node_sockets(zmq, self.ctx, cfg)
@@ -248,7 +264,7 @@ class Gateway:
             except WireError as e:
                 self._count_error(e.stream_id, e.kind)
                 if envelope:
-                    self._send(self.ingest, envelope + [_ack_body(None, "rejected", str(e))])
+                    self._send(self.ingest, envelope + [_ack_body(None, "rejected", str(e), e.stream_id, e.seq)])
                 continue
             self._on_frame(msg, envelope, req_peer, parts)
             self._gateway_ns += time.perf_counter_ns() - t0
@@ -291,12 +307,12 @@ class Gateway:
             if w is not None:
                 w.streams.add(sid)
         fwd = Forward(msg=msg, envelope=env, header=bytes(parts[0].buffer), wants_ack=wants_ack, req_peer=req_peer,
-                      payload=np.frombuffer(parts[1].buffer, dtype=np.uint8))  # a view: no copy until the put
+                      payload=np.frombuffer(parts[1].buffer, dtype=np.uint8),  # a view: no copy until the put
+                      token=self._next_token)
+        self._next_token += 1
         r.forwarded += 1
         self.counters["frames"] += 1
-        if req_peer and msg.origin == "imagezmq":
-            self._imagezmq_waiting[envelope[0]] = fwd
-        if r.worker is None or r.moving:
+        if r.worker is None or r.moving or r.resend or r.held:  # in order: behind what waits for the worker
             self._hold(r, fwd)
         else:
             self._send_to(r, fwd)
@@ -316,12 +332,52 @@ class Gateway:
         r.held.append(fwd)
 
     def _send_to(self, r: Route, fwd: Forward) -> None:
+        """Queue a frame for the stream's worker's next exchange. While the worker is busy a live stream's
+        newest frame wins here too, and a lossless stream has at most ``--lossless-queue`` waiting."""
         w = self.workers[r.worker]
+        sid = fwd.msg.stream_id
+        lossless = self._lossless(r, fwd.msg, fwd.req_peer)
+        waiting = [f for f in w.frames if f.msg.stream_id == sid] if w.frames else []
+        if not lossless and waiting:
+            w.frames = [f for f in w.frames if f.msg.stream_id != sid or self._lossless(r, f.msg, f.req_peer)]
+            for old in waiting:
+                if not self._lossless(r, old.msg, old.req_peer):
+                    r.held_dropped += 1
+                    self._forget(old)
+                    self._reply(old, old.msg, "dropped", "replaced by a newer frame (live stream)")
+        elif lossless and len(waiting) >= self.cfg.lossless_queue:
+            r.busy += 1
+            self._reply(fwd, fwd.msg, "busy", "lossless queue full")
+            return
         w.frames.append(fwd)
+        self._tokens[token_id(fwd.token)] = fwd
+        while len(self._tokens) > MAX_TOKENS:  # answers that never came (e.g. a duplicate's first copy)
+            self._tokens.pop(next(iter(self._tokens)))
+            self.counters["tokens_forgotten"] += 1
         if r.lossless is not False:
             r.replay.append(fwd)
             while len(r.replay) > self.cluster.ray_replay_frames:
                 r.replay.popleft()
+
+    def _forget(self, fwd: Forward) -> None:
+        self._tokens.pop(token_id(fwd.token), None)
+
+    def _feed(self, w: WorkerSlot) -> None:
+        """A stream continuing on ``w`` gets its replay, then what was held, a lossless queue at a time
+        (the worker would refuse more, and the senders of replayed frames cannot send them again)."""
+        for sid in sorted(w.streams):
+            r = self.routes.get(sid)
+            if r is None or r.worker != w.name or r.moving or not (r.resend or r.held):
+                continue
+            if any(op[1] == sid for op in w.ops):  # restored first
+                continue
+            budget = self.cfg.lossless_queue - r.queue - sum(f.msg.stream_id == sid for f in w.frames)
+            while budget > 0 and r.resend:
+                self._send_to(r, r.resend.popleft())
+                budget -= 1
+            while r.held and not r.resend and (budget > 0 or r.lossless is False):
+                self._send_to(r, r.held.popleft())
+                budget -= 1
 
     # ------------------------------------------------------------------------------------------
     # exchanges
@@ -331,6 +387,7 @@ class Gateway:
         for w in self.workers.values():
             if w.inflight is not None or w.state not in ("ready", "draining"):
                 continue
+            self._feed(w)
             if not (w.frames or w.control or w.ops or w.work or now - w.last_exchange >= HOUSEKEEPING_S):
                 continue
             t0 = time.perf_counter_ns()
@@ -359,14 +416,9 @@ class Gateway:
             except self.ray.exceptions.RayActorError as e:
                 self._died(w, str(e).splitlines()[0] if str(e) else type(e).__name__)
                 continue
-            except Exception as e:  # the exchange itself raised (the worker lives): its frames are answered
+            except Exception as e:  # the exchange raised: what the worker holds is unknown -- treated as its death
                 self.counters["internal_errors"] += 1
-                _logger.error("worker %s: exchange failed: %s", w.name, e)
-                for f in w.inflight_frames:
-                    self._reply(f, f.msg, "rejected", "internal error at the worker")
-                for env in w.inflight_control:
-                    self._send(self.control, self._control_env(env) + encode_reply(False, error="internal error"))
-                w.inflight = None
+                self._died(w, f"exchange failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
                 continue
             t0 = time.perf_counter_ns()
             self._apply(w, out)
@@ -384,12 +436,13 @@ class Gateway:
         w.last_exchange, w.work, w.stats = now, out.work, out.stats
         for op in out.ops:
             self._op_done(w, op)
+        requeue: dict[str, list] = {}
         for parts in out.ingest:
-            if parts[0] in _INTERNAL:
-                self.counters["replay_acks_dropped"] += 1
-                continue
-            self._note_ack(parts)
-            self._send(self.ingest, parts)
+            self._on_ack(parts, requeue)
+        for sid, frames in requeue.items():  # refused replays go again first, in order
+            r = self.routes[sid]
+            r.requeued += len(frames)
+            r.resend.extendleft(reversed(frames))
         for parts in out.results:
             topic = parts[0]
             if topic == b"_node/status":
@@ -409,17 +462,21 @@ class Gateway:
                 continue
             w.streams.add(sid)
             r.lossless, r.processed, r.queue, r.fps, r.restored_from = b.lossless, b.processed, b.queue, b.fps, b.restored_from
-            if b.snapshot_frames is not None and b.snapshot_seq is not None:
-                r.snapshot_frames, r.snapshot_seq, r.snapshot_name = b.snapshot_frames, b.snapshot_seq, b.snapshot_name
-                while r.replay and r.replay[0].acked and r.replay[0].msg.seq is not None \
-                        and r.replay[0].msg.seq <= r.snapshot_seq:
+            last = token_of(b.snapshot_last) if b.snapshot_last is not None else None
+            if b.snapshot_frames is not None and last is not None:
+                r.snapshot_frames, r.snapshot_token, r.snapshot_name = b.snapshot_frames, last, b.snapshot_name
+                while r.replay and r.replay[0].token <= last:  # covered by the snapshot (frames go in token order)
                     r.replay.popleft()
             if not b.lossless:
                 r.replay.clear()
-        waiting = {f.msg.stream_id for f in w.frames}
-        for sid in out.closed:
+        # a stream the worker does not hold (closed, or its first frame refused) with nothing on its way: gone
+        waiting = {f.msg.stream_id for f in w.frames} | {op[1] for op in w.ops}
+        for sid in sorted(w.streams):
             r = self.routes.get(sid)
-            if r is not None and r.worker == w.name and not r.moving and sid not in waiting and sid not in out.streams:
+            if r is None:
+                w.streams.discard(sid)
+            elif r.worker == w.name and sid not in out.streams and sid not in waiting and not (
+                    r.moving or r.held or r.resend or r.needs_adopt):
                 del self.routes[sid]
                 w.streams.discard(sid)
         if w.state == "draining" and not w.streams and not w.frames and not w.ops and not w.control:
@@ -427,31 +484,33 @@ class Gateway:
             _logger.info("worker %s drained: retired", w.name)
             self.ray.kill(w.actor)
 
-    def _note_ack(self, parts: list) -> None:
-        """An acknowledgement on its way to a sender: the frame it names is done (``processed``) or
-        gone (``dropped``/``busy``/``rejected``) -- so it is replayed without an answer, or not at all."""
-        body = parts[-1]
-        fwd, status = None, None
-        if body[:1] == b"{":
-            try:
-                a = json.loads(body)
-                sid, seq, status = a.get("stream_id"), a.get("seq"), a.get("status")
-            except ValueError:
-                return
-            r = self.routes.get(sid) if isinstance(sid, str) else None
-            if r is not None:
-                fwd = next((f for f in r.replay if f.msg.seq == seq and f.envelope[:1] == parts[:1]), None)
-        else:  # imagezmq: "OK" / "ERROR ..." to a REQ peer (one frame in flight)
-            fwd = self._imagezmq_waiting.pop(parts[0], None)
-            status = "processed" if body == b"OK" else "rejected"
+    def _on_ack(self, parts: list, requeue: dict) -> None:
+        """A worker's acknowledgement of the frame its token names: passed to the frame's sender when the
+        sender asked for it and has not heard it yet; the frame is then done (``processed``/``duplicate``:
+        a replay does not answer it again) or gone (``dropped``/``busy``/``rejected``: not replayed). A
+        replayed frame the worker refuses as busy goes into ``requeue`` (its sender cannot send it again)."""
+        fwd = self._tokens.get(parts[0])
         if fwd is None:
+            self.counters["acks_unmatched"] += 1
             return
-        if status in ("processed", "duplicate"):
-            fwd.acked = True
-        elif status in ("dropped", "busy", "rejected"):
-            r = self.routes.get(fwd.msg.stream_id)
-            if r is not None and fwd in r.replay:
+        body = parts[-1]
+        status = _ack_status(body)
+        already = fwd.acked
+        if status in _FINAL:
+            self._forget(fwd)
+        r = self.routes.get(fwd.msg.stream_id)
+        if status == "busy" and already and r is not None:
+            requeue.setdefault(r.stream_id, []).append(fwd)
+            if fwd in r.replay:  # back to the replay when it is fed again
                 r.replay.remove(fwd)
+            self._tokens[parts[0]] = fwd
+            return
+        if not already:
+            fwd.status = status
+        if status in ("dropped", "busy", "rejected") and r is not None and fwd in r.replay:
+            r.replay.remove(fwd)
+        if fwd.wants_ack and not already and fwd.envelope:
+            self._send(self.ingest, list(fwd.envelope) + [body])
 
     def _decorate_status(self, w: WorkerSlot, parts: list) -> list:
         try:
@@ -495,20 +554,26 @@ class Gateway:
             mine = [f for f in in_flight if f.msg.stream_id == sid]
             since = max(0, r.processed - (r.snapshot_frames or 0))
             if r.lossless is not False:
-                keep = [f for f in r.replay if not f.acked or f.msg.seq is None or r.snapshot_seq is None
-                        or f.msg.seq > r.snapshot_seq]
-                r.lost += max(0, since - sum(f.acked for f in keep))
-                r.resend = keep
-                r.replay = deque()
+                # every frame sent since the snapshot, in order (those fed before, then those still to feed)
+                keep = list(r.replay) + list(r.resend)
+                kept = set(map(id, keep))
+                r.lost += max(0, since - sum(f.status == "processed" for f in keep))
+                for f in mine:  # in flight but beyond the replay buffer: its sender sends it again
+                    if id(f) not in kept:
+                        self._forget(f)
+                        r.dropped_in_flight += 1
+                        self._reply(f, f.msg, "busy", f"worker {w.name} died; send again")
+                r.resend, r.replay = deque(keep), deque()
             else:
                 r.lost += since
                 for f in mine:
+                    self._forget(f)
                     r.dropped_in_flight += 1
                     if not f.acked:
                         self._reply(f, f.msg, "dropped", f"worker {w.name} died")
                 r.replay.clear()
             r.expect_frames = r.snapshot_frames or 0
-            r.processed = r.snapshot_frames or 0
+            r.processed, r.queue = r.snapshot_frames or 0, 0
         w.streams.clear()
         try:
             self.ray.kill(w.actor)
@@ -531,13 +596,7 @@ class Gateway:
                 lossless = r.lossless if r.lossless is not None else self.cfg.lossless
                 w.ops.append(("adopt", r.stream_id, lossless, r.snapshot_name))
                 r.needs_adopt = False
-            w.frames.extend(r.resend)
-            if r.lossless is not False:
-                r.replay.extend(r.resend)
-            r.replayed += len(r.resend)
-            r.resend = []
-            while r.held:
-                self._send_to(r, r.held.popleft())
+            r.replayed += len(r.resend)  # fed to it by _feed, after the restore
 
     def _op_done(self, w: WorkerSlot, op: dict) -> None:
         r = self.routes.get(op.get("stream_id"))
@@ -555,21 +614,37 @@ class Gateway:
             r.restored_from, r.restored_frames = op.get("restored_from"), op.get("frames")
             _logger.info("stream %s continues on %s from %s (%s frames); %d replayed", r.stream_id, w.name,
                          r.restored_from or "nothing", op.get("frames"), r.replayed)
+            if not op.get("ok"):
+                self.counters["adopt_failed"] += 1
+                _logger.error("stream %s: restore on %s failed (%s); it continues there as a new stream",
+                              r.stream_id, w.name, op.get("error"))
         elif op["op"] == "release":
-            w.streams.discard(op.get("stream_id"))
-            if r is None:
+            if r is None or r.worker != w.name:  # not this worker's any more (e.g. it failed over meanwhile)
                 return
             r.moving = False
-            if not op.get("ok"):  # it was gone already (closed): nothing to move
+            if not op.get("ok") and op.get("open"):  # it could not be handed over: it stays where it is
+                self.counters["release_failed"] += 1
+                _logger.error("stream %s: cannot leave %s (%s); it stays there", r.stream_id, w.name, op.get("error"))
+                r.resend.extend(r.held)
+                r.held.clear()
+                return
+            w.streams.discard(r.stream_id)
+            if not op.get("ok") and not op.get("failed"):  # it was gone already (closed): nothing to move
                 if not r.held:
                     del self.routes[r.stream_id]
                 else:
                     r.worker = None
                 return
-            r.worker, r.needs_adopt, r.moves = None, True, r.moves + 1
-            r.snapshot_frames, r.snapshot_seq, r.expect_frames = op.get("frames"), None, op.get("frames")
-            r.snapshot_name = op.get("snapshot")
-            r.replay.clear()
+            r.worker, r.needs_adopt, r.moves, r.queue = None, True, r.moves + 1, 0
+            if op.get("ok"):
+                r.snapshot_frames, r.snapshot_token, r.expect_frames = op.get("frames"), None, op.get("frames")
+                r.snapshot_name = op.get("snapshot")
+                r.replay.clear()
+            else:  # it failed half-way and closed: from its latest snapshot, with its replay, as after a death
+                self.counters["release_failed"] += 1
+                r.resend.extend(r.replay)
+                r.replay.clear()
+                r.expect_frames = r.snapshot_frames or 0
             r.failed_at = None
 
     def drain_worker(self, name: str) -> int:
@@ -577,17 +652,28 @@ class Gateway:
         w = self.workers.get(name)
         if w is None or not w.alive:
             raise KeyError(name)
+        if w.state == "draining":
+            raise ValueError(f"worker {name} is being drained already")
         if not any(x.takes_streams or x.state == "starting" for x in self.workers.values() if x is not w):
             raise ValueError("no other worker to take its streams")
         w.state = "draining"
+        moving = 0
         for sid in sorted(w.streams):
-            r = self.routes[sid]
+            r = self.routes.get(sid)
+            if r is None or r.moving or r.worker != w.name:
+                continue
             r.moving = True
+            moving += 1
             mine = [f for f in w.frames if f.msg.stream_id == sid]  # not sent yet: they follow the stream
             w.frames = [f for f in w.frames if f.msg.stream_id != sid]
-            r.held.extendleft(reversed(mine))
+            for f in mine:  # held, not in the replay (a death meanwhile would send them twice)
+                self._forget(f)
+                if f in r.replay:
+                    r.replay.remove(f)
+            r.held.extendleft(reversed(list(r.resend) + mine))
+            r.resend.clear()
             w.ops.append(("release", sid))
-        return len(w.streams)
+        return moving
 
     # ------------------------------------------------------------------------------------------
     # control
@@ -640,20 +726,23 @@ class Gateway:
         if r is not None:
             if r.worker is None or r.moving:
                 return answer(False, cmd=cmd, error=f"stream {sid!r} is moving to another worker; try again")
-            self.workers[r.worker].control.append(envelope + body)
-            return
+            return self._to_worker(self.workers[r.worker], envelope, body, answer)
         if cmd == "load_snapshot" and isinstance(sid, str):
             w = self._place()
             if w is None:
                 return answer(False, cmd=cmd, error="no worker has room for another stream")
-            w.control.append(envelope + body)  # the worker checks the request; the route appears with the stream
-            return
+            return self._to_worker(w, envelope, body, answer)  # the worker checks it; the route comes with the stream
         ready = [w for w in self.workers.values() if w.state in ("ready", "draining")]
         if cmd == "list_snapshots" and ready:  # the snapshots are in the shared output directory
-            ready[0].control.append(envelope + body)
-            return
+            return self._to_worker(ready[0], envelope, body, answer)
         answer(False, cmd=cmd, error=f"no open stream {sid!r} (open: {sorted(self.routes)[:20]})"
                if sid is not None else "this command needs a 'stream_id'")
+
+    @staticmethod
+    def _to_worker(w: WorkerSlot, envelope: list, body: list, answer) -> None:
+        if len(w.control) >= MAX_CONTROL_WAITING:
+            return answer(False, error=f"worker {w.name} has {len(w.control)} requests waiting; try again")
+        w.control.append(envelope + body)
 
     # ------------------------------------------------------------------------------------------
     # status, housekeeping, shutdown
@@ -697,11 +786,15 @@ class Gateway:
         deadline = time.monotonic() + self.cfg.drain_timeout_s + 60
         try:
             for r in self.routes.values():  # what could not reach a worker hears busy: the sender resends
-                while r.held:
-                    f = r.held.popleft()
-                    self._reply(f, f.msg, "busy", "the node is shutting down; send again later")
+                for f in [*r.resend, *r.held]:
+                    if f.acked:  # a replayed frame its sender will not send again
+                        r.lost += 1
+                    else:
+                        self._reply(f, f.msg, "busy", "the node is shutting down; send again later")
+                r.resend.clear()
+                r.held.clear()
             while time.monotonic() < deadline and any(
-                    w.inflight is not None or (w.frames and w.state in ("ready", "draining"))
+                    w.inflight is not None or ((w.frames or w.ops or w.control) and w.state in ("ready", "draining"))
                     for w in self.workers.values()):
                 self._collect(0.05)
                 self._dispatch()

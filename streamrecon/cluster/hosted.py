@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from ..server.node import Node
@@ -19,7 +19,7 @@ from ..server.node import Node
 __all__ = ["HostedNode", "Exchange", "StreamBrief", "MemorySocket"]
 
 _logger = logging.getLogger(__name__)
-#: (frames processed, seq) pairs remembered per stream, to name the seq a snapshot covers
+#: (frames processed, routing id) pairs remembered per stream, to name the last frame a snapshot covers
 _DONE_WINDOW = 8192
 
 
@@ -73,16 +73,16 @@ class _MemoryPoller:
 class StreamBrief:
     """What the gateway needs of one stream after each exchange.
 
-    ``snapshot_frames``/``snapshot_seq``/``snapshot_name``: frames covered by the stream's latest
-    snapshot, the seq of the last of them and its name (``None``: no snapshot yet, or that frame is no
-    longer remembered)."""
+    ``snapshot_frames``/``snapshot_last``/``snapshot_name``: frames covered by the stream's latest
+    snapshot, the routing id the last of them came with (the gateway's token for it) and its name
+    (``None``: no snapshot yet, or that frame is no longer remembered)."""
 
     lossless: bool
     processed: int
     queue: int
     fps: float
     snapshot_frames: Optional[int]
-    snapshot_seq: Optional[int]
+    snapshot_last: Optional[bytes]
     snapshot_name: Optional[str]
     restored_from: Optional[str]
 
@@ -117,11 +117,17 @@ class HostedNode(Node):
         self.subs, self.auth = [], None
         self.poller = _MemoryPoller(zmq, [self.ingest, self.control])
 
+    def _accept(self, msg, recv_ns: int, envelope, req_peer: bool) -> None:
+        # the gateway hears what became of every frame (it tells the sender only what the sender asked for)
+        if envelope is not None and not msg.ack:
+            msg = replace(msg, ack=True)
+        super()._accept(msg, recv_ns, envelope, req_peer)
+
     def _ack(self, p, status: str, error: str = "") -> None:
-        if status == "processed":
+        if status == "processed" and p.reply_to:
             s = self.sessions.get(p.msg.stream_id)
             if s is not None:
-                self._done[s.stream_id].append((s.processed, p.msg.seq))
+                self._done[s.stream_id].append((s.processed, bytes(p.reply_to[0])))
         super()._ack(p, status, error)
 
     # ------------------------------------------------------------------------------------------
@@ -170,7 +176,7 @@ class HostedNode(Node):
         snapshot is written, then it closes here (its files written)."""
         s = self.sessions.get(sid)
         if s is None:
-            return {"op": "release", "stream_id": sid, "ok": False, "error": "no such stream here"}
+            return {"op": "release", "stream_id": sid, "ok": False, "open": False, "error": "no such stream here"}
         self._drain([s], self.cfg.drain_timeout_s)
         name = None
         if s.pipeline.snapshots is not None:
@@ -189,7 +195,8 @@ class HostedNode(Node):
         except Exception as e:
             self.counters["internal_errors"] += 1
             _logger.exception("stream %s: %s failed", sid, kind)
-            return {"op": kind, "stream_id": sid, "ok": False, "error": f"{type(e).__name__}: {e}"}
+            return {"op": kind, "stream_id": sid, "ok": False, "open": sid in self.sessions, "failed": True,
+                    "error": f"{type(e).__name__}: {e}"}
 
     # ------------------------------------------------------------------------------------------
     # the exchange
@@ -225,11 +232,11 @@ class HostedNode(Node):
                         stats=self.stats(), work=work)
 
     def _brief(self, s) -> StreamBrief:
-        snaps = s.pipeline.snapshots.stats if s.pipeline.snapshots is not None else {}
-        frames = snaps.get("last_frames") if snaps.get("written") else None
-        seq = None
+        latest = s.pipeline.snapshots.latest if s.pipeline.snapshots is not None else None
+        name, frames = latest if latest is not None else (None, None)
+        last = None
         if frames is not None:
-            seq = next((q for n, q in reversed(self._done[s.stream_id]) if n == frames), None)
+            last = next((q for n, q in reversed(self._done[s.stream_id]) if n == frames), None)
         return StreamBrief(lossless=s.lossless, processed=s.processed, queue=len(s.queue), fps=round(s.pipeline.fps(), 3),
-                           snapshot_frames=frames, snapshot_seq=seq,
-                           snapshot_name=snaps.get("last") if frames is not None else None, restored_from=s.restored_from)
+                           snapshot_frames=frames, snapshot_last=last,
+                           snapshot_name=name if frames is not None else None, restored_from=s.restored_from)

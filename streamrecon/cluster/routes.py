@@ -9,19 +9,34 @@ from typing import Any, Optional
 
 from ..wire import FrameMessage
 
-__all__ = ["Forward", "Route", "WorkerSlot", "REPLAY_ENVELOPE", "NOBODY_ENVELOPE"]
+__all__ = ["Forward", "Route", "WorkerSlot", "token_id", "token_of"]
 
-#: the envelope of a frame replayed to a new worker whose sender already heard "processed": its ack is dropped
-REPLAY_ENVELOPE = [b"\x00streamrecon-replay"]
-#: the envelope of a frame nobody can hear back about (an imagezmq PUB sender)
-NOBODY_ENVELOPE = [b"\x00streamrecon-nobody"]
+#: how a frame's gateway token is written as the routing id the worker answers to
+_TOKEN_PREFIX = b"\x00t"
 
 
-@dataclass
+def token_id(token: int) -> bytes:
+    """The routing id a worker's acknowledgement of frame ``token`` comes back with."""
+    return _TOKEN_PREFIX + token.to_bytes(8, "big")
+
+
+def token_of(routing_id: bytes) -> Optional[int]:
+    """:func:`token_id`'s inverse (``None``: not a gateway token)."""
+    if len(routing_id) != 10 or not routing_id.startswith(_TOKEN_PREFIX):
+        return None
+    return int.from_bytes(routing_id[2:], "big")
+
+
+@dataclass(eq=False)  # compared by identity (it is found in the replay buffer)
 class Forward:
     """One accepted frame: its validated header, where its acknowledgement goes at the gateway
     (``envelope``; empty: nobody), and its payload (``payload``: ``(N,)`` uint8, a view of the received
-    message; it goes to Ray's object store with the other frames of its exchange)."""
+    message; it goes to Ray's object store with the other frames of its exchange).
+
+    ``token``: the gateway's number for it, increasing in the order frames are accepted. The worker
+    sees the token as the frame's routing id and acknowledges every frame to it, so the gateway knows
+    what each frame became (whatever its seq, or its sender's wish for an ack) and which frames a
+    snapshot covers."""
 
     msg: FrameMessage
     envelope: list
@@ -29,11 +44,18 @@ class Forward:
     payload: Any
     wants_ack: bool
     req_peer: bool
-    acked: bool = False  # its sender heard "processed"/"duplicate": a replay must not answer it again
+    token: int = 0
+    status: Optional[str] = None  # the worker's last answer: received, processed, duplicate, ...
+
+    @property
+    def acked(self) -> bool:
+        """Its sender heard it is done: a replay must not answer it again."""
+        return self.status in ("processed", "duplicate")
 
     def for_worker(self) -> tuple:
-        env = REPLAY_ENVELOPE if self.acked else (self.envelope or NOBODY_ENVELOPE)
-        return env, self.header
+        """``(envelope, header)`` as the worker receives them: the token as the routing id (a REQ peer's
+        empty delimiter kept: the node treats REQ peers as it always does)."""
+        return ([token_id(self.token), b""] if self.req_peer else [token_id(self.token)]), self.header
 
 
 @dataclass
@@ -42,8 +64,9 @@ class Route:
     reported, and what the stream went through (failovers, moves, frames lost or replayed).
 
     ``replay``: the frames sent since the stream's latest snapshot (lossless streams), in order -- what
-    a new worker is given after the stream's snapshot if its worker dies. ``held``: frames that came
-    while the stream had no worker (a failover, a move)."""
+    a new worker is given after the stream's snapshot if its worker dies. ``resend``: those frames, once
+    the stream has a new worker, fed to it a lossless queue at a time. ``held``: frames that came while
+    the stream had no worker (a failover, a move) or while its resend was under way; they follow it."""
 
     stream_id: str
     worker: Optional[str]
@@ -52,12 +75,12 @@ class Route:
     needs_adopt: bool = False  # the next worker must restore it from its latest snapshot first
     held: deque = field(default_factory=deque)
     replay: deque = field(default_factory=deque)
-    resend: list = field(default_factory=list)
+    resend: deque = field(default_factory=deque)
     processed: int = 0
     queue: int = 0
     fps: float = 0.0
     snapshot_frames: Optional[int] = None
-    snapshot_seq: Optional[int] = None
+    snapshot_token: Optional[int] = None  # the last frame the latest snapshot covers
     snapshot_name: Optional[str] = None  # the snapshot the replay follows (a new worker restores this one)
     restored_from: Optional[str] = None
     restored_frames: Optional[int] = None  # frames the stream held when it last continued on a new worker
@@ -69,6 +92,7 @@ class Route:
     dropped_in_flight: int = 0
     held_dropped: int = 0
     busy: int = 0
+    requeued: int = 0  # replayed frames the new worker refused (busy) and were given again
     failed_at: Optional[float] = None
     expect_frames: Optional[int] = None
     recovery_s: Optional[float] = None
@@ -78,6 +102,7 @@ class Route:
         return {"worker": self.worker, "moving": self.moving, "failovers": self.failovers, "moves": self.moves,
                 "frames_lost": self.lost, "frames_replayed": self.replayed, "dropped_in_flight": self.dropped_in_flight,
                 "held": len(self.held), "held_dropped": self.held_dropped, "busy_at_gateway": self.busy,
+                "replay_requeued": self.requeued, "resend_waiting": len(self.resend),
                 "replay_buffer": len(self.replay), "snapshot_frames": self.snapshot_frames,
                 "restored_from": self.restored_from, "restored_frames": self.restored_frames,
                 "last_recovery_s": self.recovery_s}

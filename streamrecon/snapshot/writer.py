@@ -96,6 +96,8 @@ class Snapshotter:
                                       "write_ms_max": 0.0, "last_error": None}
         self._capture_sum = 0.0
         self._captures = 0
+        #: ``(name, frames)`` of the latest snapshot written by this writer (``None``: none yet)
+        self.latest: Optional[tuple] = None
 
     def due(self, frames: int) -> bool:
         p = self.policy
@@ -129,9 +131,9 @@ class Snapshotter:
             return None
         finally:
             self.stats["write_ms_max"] = round(max(self.stats["write_ms_max"], 1e3 * (time.perf_counter() - t0)), 3)
-        self.stats["written"] += 1
-        self.stats["last"], self.stats["last_frames"] = path.name, meta.get("frames")
-        self.stats["last_bytes"] = sum(f.stat().st_size for f in path.iterdir())
+        self.latest = (path.name, meta.get("frames"))  # one assignment: read whole from another thread
+        self.stats.update(written=self.stats["written"] + 1, last=path.name, last_frames=meta.get("frames"),
+                          last_bytes=sum(f.stat().st_size for f in path.iterdir()))
         return path
 
     def submit(self, pipeline) -> bool:
