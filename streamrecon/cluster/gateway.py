@@ -463,9 +463,11 @@ class Gateway:
             w.streams.add(sid)
             r.lossless, r.processed, r.queue, r.fps, r.restored_from = b.lossless, b.processed, b.queue, b.fps, b.restored_from
             last = token_of(b.snapshot_last) if b.snapshot_last is not None else None
-            if b.snapshot_frames is not None and last is not None:
+            # a lossless stream's snapshot counts once the gateway knows its last frame (its replay starts
+            # there); a live stream has no replay: how many frames it holds is enough
+            if b.snapshot_frames is not None and (last is not None or not b.lossless):
                 r.snapshot_frames, r.snapshot_token, r.snapshot_name = b.snapshot_frames, last, b.snapshot_name
-                while r.replay and r.replay[0].token <= last:  # covered by the snapshot (frames go in token order)
+                while last is not None and r.replay and r.replay[0].token <= last:  # covered (frames go in token order)
                     r.replay.popleft()
             if not b.lossless:
                 r.replay.clear()
