@@ -66,6 +66,7 @@ class BenchConfig:
     stage_timing: bool = True
     seed: int = 0
     heads: str = "full"
+    cuda_graphs: bool = False
 
 
 class _StageTimer:
@@ -112,8 +113,9 @@ def run_benchmark(cfg: BenchConfig) -> dict:
     device = torch.device(resolve_device(cfg.device))
     model = create_model(cfg.model, device=device, seed=cfg.seed)
     if cfg.compile:  # the heaviest, shape-stable part
-        for i, blk in enumerate(model.enc_blocks):
-            model.enc_blocks[i] = torch.compile(blk, dynamic=False)
+        from .engine.compiled import compile_encoder
+
+        compile_encoder(model)
     if isinstance(cfg.size, str) and "x" in cfg.size:  # frames of exactly this size (224x224 = the square crop)
         frames_hw = tuple(int(v) for v in cfg.size.lower().split("x"))
         size = max(frames_hw)
@@ -121,7 +123,8 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         size = int(cfg.size)
         frames_hw = (3 * size // 4, size)
     images = _frames(cfg, frames_hw, cfg.frames)
-    engines = [StreamEngine(model, EngineConfig(size=size, precision=_PRECISION[cfg.dtype], heads=cfg.heads))
+    engines = [StreamEngine(model, EngineConfig(size=size, precision=_PRECISION[cfg.dtype], heads=cfg.heads,
+                                                  cuda_graphs=cfg.cuda_graphs))
                for _ in range(cfg.batch)]
     maps = [GlobalMap(MapConfig()) for _ in range(cfg.batch)]
     timer = _StageTimer(device)
@@ -183,8 +186,16 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         "gflop_by_stage": {k: round(v / 1e9, 2) for k, v in flops.items() if k != "total"},
         "achieved_tflops": round(flops["total"] / (model_ms / 1e3) / 1e12, 4) if model_ms else None,
         "threads": thread_report(),
+        "cuda_graphs": _graph_stats(model) if cfg.cuda_graphs else None,
     }
     return report
+
+
+def _graph_stats(model) -> Optional[dict]:
+    from .engine.graphs import graphs_for
+
+    g = graphs_for(model)
+    return g.stats() if g is not None else None
 
 
 def format_bench(rep: dict) -> str:

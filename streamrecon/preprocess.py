@@ -22,7 +22,7 @@ import numpy as np
 if TYPE_CHECKING:
     from torch import Tensor
 
-__all__ = ["CropInfo", "plan_crop", "preprocess_rgb", "preprocess_torch", "load_image_reference", "to_model_tensor"]
+__all__ = ["CropInfo", "plan_crop", "preprocess_rgb", "preprocess_torch", "load_image_reference", "to_model_tensor", "upload"]
 
 
 @dataclass(frozen=True)
@@ -136,10 +136,20 @@ def load_image_reference(path: str | Path, size: int) -> np.ndarray:
 
 def to_model_tensor(rgb: np.ndarray, device="cpu") -> "Tensor":
     """``(H, W, 3)`` uint8 -> ``(1, 3, H, W)`` float32 in ``[-1, 1]``: ``(u8 / 255 - 0.5) / 0.5``."""
+
+    t = upload(np.ascontiguousarray(rgb), device).permute(2, 0, 1).unsqueeze(0).float()
+    return (t / 255.0 - 0.5) / 0.5
+
+
+def upload(arr: np.ndarray, device="cpu") -> "Tensor":
+    """A contiguous array as a tensor on ``device``; to a CUDA device through pinned (page-locked) host
+    memory, asynchronously (the copy overlaps the host's work until the tensor is used)."""
     import torch
 
-    t = torch.from_numpy(np.ascontiguousarray(rgb)).to(device).permute(2, 0, 1).unsqueeze(0).float()
-    return (t / 255.0 - 0.5) / 0.5
+    t = torch.from_numpy(arr)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def preprocess_torch(rgb: np.ndarray, size: int, device="cpu") -> tuple["Tensor", np.ndarray, CropInfo]:
@@ -156,7 +166,7 @@ def preprocess_torch(rgb: np.ndarray, size: int, device="cpu") -> tuple["Tensor"
         raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {rgb.shape} {rgb.dtype}")
     info = plan_crop(rgb.shape[0], rgb.shape[1], size)
     rgb = np.ascontiguousarray(rgb) if rgb.flags.writeable else np.array(rgb)  # torch wants writable memory
-    t = torch.from_numpy(rgb).to(device, non_blocking=True).permute(2, 0, 1)[None].float()
+    t = upload(rgb, device).permute(2, 0, 1)[None].float()
     if info.resized_hw != info.original_hw:
         t = F.interpolate(t, size=info.resized_hw, mode="bicubic", antialias=True, align_corners=False)
     x0, y0 = info.crop_xy

@@ -88,9 +88,30 @@ class EngineSettings:
     heads: str = setting("full", choices=("full", "minimal"),
                          help="minimal: frames skip the world-frame and colour heads (the map uses T_wc x the "
                               "camera pointmap; probes still run every head); what is computed is identical")
+    batch_buckets: str = setting("", help="pad batched steps to the next of these batch sizes, e.g. 1,2,4,8 (few "
+                                          "shapes: one CUDA graph each); empty: no padding, or 1,2,4,8 with "
+                                          "--cuda-graphs")
+    cuda_graphs: bool = setting(False, help="replay each step shape from a captured CUDA graph (CUDA only; "
+                                            "elsewhere the step runs as usual)")
+    torch_compile: bool = setting(False, help="torch.compile the image encoder (the first frames of each shape "
+                                              "are slow while it compiles)")
 
     def model_size(self) -> Optional[int]:
         return parse_size(self.size)
+
+    def buckets(self) -> tuple[int, ...]:
+        """``--batch-buckets`` as sorted whole numbers (``()``: none given)."""
+        text = str(self.batch_buckets or "").replace(" ", "")
+        if not text:
+            return ()
+        try:
+            values = sorted({int(v) for v in text.split(",")})
+        except ValueError:
+            values = [0]
+        if not values or values[0] < 1:
+            raise SettingsError(f"--batch-buckets must be whole numbers >= 1 separated by commas, got "
+                                f"{self.batch_buckets!r}")
+        return tuple(values)
 
     def network_schedule(self) -> "int | str":
         """``--network-every`` as ``1`` (every frame, in the loop), ``N`` or ``"auto"``."""
@@ -108,6 +129,7 @@ class EngineSettings:
     def validate(self) -> None:
         parse_size(self.size)
         self.network_schedule()
+        self.buckets()
         if self.reset_every < 0:
             raise SettingsError("--reset-every must be >= 0")
         if self.heads not in ("full", "minimal"):

@@ -7,7 +7,10 @@
 2. ``cut3r_512_dpt`` (random weights) at 512x384: fps and device memory for fp32 / bf16 / fp16,
    1 and 8 streams, with and without ``torch.compile`` of the encoder;
 3. numerical drift of bf16 / fp16 autocast against fp32 on real frames (pointmaps, poses);
-4. constant memory over ``--long`` frames (device and host), 512 preset, bf16.
+4. constant memory over ``--long`` frames (device and host), 512 preset, bf16;
+5. CUDA graphs (``--cuda-graphs``, batch buckets 1,2,4,8): the same results as eager stepping on real
+   frames (1 stream, and 3 streams padded to the bucket of 4; fp32 and bf16), and fps with and without
+   graphs at batch 1 and 8.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ sys.path.insert(0, str(REPO))
 
 from streamrecon import FrameInput, create_model  # noqa: E402
 from streamrecon.bench import BenchConfig, precision_drift, run_benchmark  # noqa: E402
+from streamrecon.engine import EngineConfig, StreamEngine, process_batch  # noqa: E402
+from streamrecon.frames import Frame  # noqa: E402
 
 CLIP = REPO.parent / "shared" / "data" / "cut3r_examples" / "lady-running.mp4"
 
@@ -41,6 +46,32 @@ def sync_check(model) -> str:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return "no synchronisation"
+
+
+def graph_equality(frames: list) -> dict:
+    """Eager vs CUDA-graph stepping of the same frames: largest pose and pointmap differences."""
+    import numpy as np
+
+    model = create_model("cut3r_512_dpt", device="cuda", seed=0)
+    out = {}
+    for precision in ("fp32", "bf16"):
+        for n in (1, 3):
+            eager = [StreamEngine(model, EngineConfig(size=512, precision=precision)) for _ in range(n)]
+            graph = [StreamEngine(model, EngineConfig(size=512, precision=precision, cuda_graphs=True))
+                     for _ in range(n)]
+            dT = dP = 0.0
+            for i in range(12):
+                batch = [Frame(image=frames[(i + 7 * k) % len(frames)], seq=i, stamp=i / 30, source=f"s{k}")
+                         for k in range(n)]
+                for a, b in zip(process_batch(eager, batch), process_batch(graph, batch)):
+                    dT = max(dT, float(np.abs(a.T_wc - b.T_wc).max()))
+                    dP = max(dP, float(np.abs(a.points_cam - b.points_cam).max() / (np.abs(a.points_cam).max() + 1e-9)))
+            out[f"{precision}_streams{n}"] = {"max_T_wc_diff": dT, "max_points_rel_diff": dP}
+            print(json.dumps({"graphs_vs_eager": precision, "streams": n, **out[f"{precision}_streams{n}"]}), flush=True)
+    from streamrecon.engine.graphs import graphs_for
+
+    out["graphs"] = graphs_for(model).stats()
+    return out
 
 
 def main() -> int:
@@ -68,6 +99,16 @@ def main() -> int:
                     "fps_per_stream", "fps_aggregate", "peak_device_mb", "achieved_tflops", "stages_ms")}})
                 print(json.dumps(runs[-1]), flush=True)
                 torch.cuda.empty_cache()
+    for dtype in ("float32", "bfloat16"):
+        for batch in (1, 8):
+            cfg = BenchConfig(model="cut3r_512_dpt", size="384x512", batch=batch, dtype=dtype, device="cuda",
+                              frames=args.frames, warmup=20, images=str(CLIP), cuda_graphs=True, with_map=False,
+                              stage_timing=False)
+            rep = run_benchmark(cfg)
+            runs.append({"dtype": dtype, "batch": batch, "compile": False, "cuda_graphs": True, **{k: rep[k] for k in (
+                "fps_per_stream", "fps_aggregate", "peak_device_mb", "cuda_graphs")}})
+            print(json.dumps(runs[-1]), flush=True)
+            torch.cuda.empty_cache()
     report["bench"] = runs
     from streamrecon.sources import open_source
 
@@ -79,6 +120,7 @@ def main() -> int:
     model = create_model("cut3r_512_dpt", device="cuda", seed=0)
     report["drift"] = {d: precision_drift(model, frames, d, size=512) for d in ("bfloat16", "float16")}
     del model
+    report["cuda_graphs_vs_eager"] = graph_equality(frames)
     long = run_benchmark(BenchConfig(model="cut3r_512_dpt", size="384x512", dtype="bfloat16", device="cuda",
                                      frames=args.long, warmup=10, images=str(CLIP), memory_every=1000))
     report["constant_memory"] = long["memory"]

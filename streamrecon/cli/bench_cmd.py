@@ -40,6 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--memory-every", type=int, default=0, help="sample memory every N frames")
     p.add_argument("--no-map", action="store_true", help="skip map integration")
     p.add_argument("--compile", action="store_true", help="torch.compile the image encoder")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay the step from CUDA graphs (batch buckets "
+                   "1,2,4,8; CUDA only)")
     p.add_argument("--json", type=Path, default=None, help="also write the report as JSON")
     p.set_defaults(handler=_bench)
 
@@ -59,7 +61,7 @@ def _bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(model=args.model, size=args.size, batch=args.batch, dtype=precisions[0], device=args.device,
                       frames=args.frames, warmup=args.warmup, images=args.images, threads=0,
                       memory_every=args.memory_every, with_map=not args.no_map, compile=args.compile,
-                      heads=args.heads[0])
+                      heads=args.heads[0], cuda_graphs=args.cuda_graphs)
     try:
         rep = run_benchmark(cfg)
     except (ValueError, FileNotFoundError) as e:

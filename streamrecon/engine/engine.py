@@ -27,6 +27,7 @@ from ..geometry.pose import pose_encoding_to_matrix
 from ..models import Cut3r
 from ..preprocess import preprocess_rgb, preprocess_torch, to_model_tensor
 from ..types import FrameInput, StepOutput, StreamState
+from .graphs import DEFAULT_BUCKETS, bucket_for, graphs_for, pad_rows
 from .policies import get_policy
 
 __all__ = ["EngineConfig", "StreamEngine", "default_size", "process_batch"]
@@ -94,6 +95,12 @@ class EngineConfig:
         heads: ``full``, or ``minimal`` (``--heads minimal``): frames skip the world-frame and colour
             heads; ``points_world_head`` / ``conf_world`` are then the pose-based points and ``conf_cam``
             (probes still run every head).
+        batch_buckets: pad a batched step of ``n`` streams to the smallest of these ``>= n`` (padding
+            rows repeat the last stream, their outputs are dropped); ``()``: no padding, or
+            :data:`~streamrecon.engine.graphs.DEFAULT_BUCKETS` with ``cuda_graphs``.
+        cuda_graphs: replay each step shape from a captured CUDA graph (:mod:`streamrecon.engine.graphs`;
+            CUDA only -- elsewhere the step runs eagerly).
+        torch_compile: ``torch.compile`` the image encoder's blocks (:mod:`streamrecon.engine.compiled`).
     """
 
     size: int = 512
@@ -103,8 +110,17 @@ class EngineConfig:
     precision: str = "fp32"
     token_attention: bool = False
     heads: str = "full"
+    batch_buckets: tuple = ()
+    cuda_graphs: bool = False
+    torch_compile: bool = False
+
+    @property
+    def buckets(self) -> tuple:
+        return tuple(self.batch_buckets) or (DEFAULT_BUCKETS if self.cuda_graphs else ())
 
     def __post_init__(self) -> None:
+        if any(not isinstance(b, int) or b < 1 for b in self.batch_buckets):
+            raise ValueError(f"batch_buckets must be whole numbers >= 1, got {self.batch_buckets!r}")
         if self.heads not in ("full", "minimal"):
             raise ValueError(f"heads must be 'full' or 'minimal', got {self.heads!r}")
         get_policy(self.policy)
@@ -127,6 +143,10 @@ class StreamEngine:
             from .quant import int8_model
 
             model = int8_model(model)
+        if config.torch_compile:
+            from .compiled import compile_encoder
+
+            compile_encoder(model)
         self.model = model.eval()
         self.cfg = config
         self.rule = get_policy(config.policy)
@@ -185,10 +205,16 @@ class StreamEngine:
         p = frame if isinstance(frame, _Prepared) else self.prepare(frame)
         t1 = time.perf_counter()
         # frozen (--revisit's second pass): read against the state, never write it
-        update = torch.zeros(p.x.shape[0], dtype=torch.bool, device=p.x.device) if self.frozen else None
-        with torch.inference_mode(), _autocast(self.device, self.cfg.precision):
-            out, state = self.model.step(FrameInput(img=p.x, update=update), self.state, rule=self.rule,
-                                         **_attention_kw(self.cfg))
+        with torch.inference_mode():
+            if self.frozen:
+                update = torch.zeros(p.x.shape[0], dtype=torch.bool, device=p.x.device)
+                with _autocast(self.device, self.cfg.precision):
+                    out, state = self.model.step(FrameInput(img=p.x, update=update), self.state, rule=self.rule,
+                                                 **_attention_kw(self.cfg))
+            else:
+                out, state = _step(self, p.x, self.state)
+                if state.batch_size > 1:  # padded to a bucket above 1
+                    out, state = out.select(0), state.select(0)
         return self.finish(p, out, state, 1e3 * (time.perf_counter() - t1))
 
     def _postprocess(self, frame: Frame, out: StepOutput, u8: np.ndarray, crop) -> FrameResult:
@@ -292,6 +318,21 @@ class StreamEngine:
         return run
 
 
+def _step(lead: StreamEngine, x: torch.Tensor, state: StreamState) -> tuple[StepOutput, StreamState]:
+    """One (batched) step with ``lead``'s settings: ``(B, 3, H, W)`` inputs padded to the next batch
+    bucket, replayed from a CUDA graph when there is one for the model; the outputs keep the padding
+    rows (rows ``>= B`` are to be dropped)."""
+    cfg = lead.cfg
+    size = bucket_for(x.shape[0], cfg.buckets)
+    x, state = pad_rows(x, state, size)
+    kw = _attention_kw(cfg)
+    graphs = graphs_for(lead.model) if cfg.cuda_graphs and size in cfg.buckets else None
+    if graphs is not None:
+        return graphs.step(x, state, lead.rule, cfg.precision, lambda: _autocast(lead.device, cfg.precision), **kw)
+    with _autocast(lead.device, cfg.precision):
+        return lead.model.step(FrameInput(img=x), state, rule=lead.rule, **kw)
+
+
 def process_batch(engines: list[StreamEngine], frames: list[Frame]) -> list["FrameResult | Exception"]:
     """One frame for each of several streams, stepped together where possible.
 
@@ -308,18 +349,16 @@ def process_batch(engines: list[StreamEngine], frames: list[Frame]) -> list["Fra
             results[i] = e
             continue
         key = (id(engine.model), engine.rule, engine.cfg.precision, engine.cfg.token_attention, engine.cfg.heads,
-               tuple(p.x.shape))
+               engine.cfg.buckets, engine.cfg.cuda_graphs, tuple(p.x.shape))
         groups.setdefault(key, []).append((i, p))
     for members in groups.values():
         idx = [i for i, _ in members]
         lead = engines[idx[0]]
-        model, rule = lead.model, lead.rule
         t1 = time.perf_counter()
         try:
-            with torch.inference_mode(), _autocast(lead.device, lead.cfg.precision):
+            with torch.inference_mode():
                 x = torch.cat([p.x for _, p in members])
-                out, state = model.step(FrameInput(img=x), StreamState.stack([engines[i].state for i in idx]), rule=rule,
-                                        **_attention_kw(lead.cfg))
+                out, state = _step(lead, x, StreamState.stack([engines[i].state for i in idx]))
         except Exception as e:
             for i in idx:
                 results[i] = e

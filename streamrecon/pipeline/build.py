@@ -24,7 +24,8 @@ __all__ = ["engine_config", "map_config", "build_pipeline", "rerun_config"]
 def engine_config(es: EngineSettings, model, ms: Optional[MapSettings] = None) -> EngineConfig:
     return EngineConfig(size=es.model_size() or default_size(model), policy=es.state_policy,
                         reset_every=es.reset_every, fast_preprocess=es.fast_preprocess, precision=es.precision,
-                        token_attention=ms is not None and ms.dynamic_mask == "attention", heads=es.heads)
+                        token_attention=ms is not None and ms.dynamic_mask == "attention", heads=es.heads,
+                        batch_buckets=es.buckets(), cuda_graphs=es.cuda_graphs, torch_compile=es.torch_compile)
 
 
 def map_config(ms: MapSettings, loaded: Optional[LoadedModel]) -> MapConfig:
