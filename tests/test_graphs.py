@@ -83,7 +83,15 @@ def test_buckets_and_padding_rows():
     assert pad_rows(x, st, 2)[0] is x
 
 
-def test_a_batch_padded_to_its_bucket_gives_the_unpadded_results(tiny_model):
+def test_a_batch_padded_to_its_bucket_gives_the_unpadded_results(tiny_model, monkeypatch):
+    seen: list[int] = []  # the batch sizes the model is stepped with
+    step = tiny_model.step
+
+    def recording_step(inp, state, **kw):
+        seen.append(inp.img.shape[0])
+        return step(inp, state, **kw)
+
+    monkeypatch.setattr(tiny_model, "step", recording_step)
     streams = [_frames(3, seed=k) for k in range(3)]
     plain = [StreamEngine(tiny_model, EngineConfig(size=64)) for _ in range(3)]
     padded = [StreamEngine(tiny_model, EngineConfig(size=64, batch_buckets=(1, 4))) for _ in range(3)]
@@ -93,6 +101,7 @@ def test_a_batch_padded_to_its_bucket_gives_the_unpadded_results(tiny_model):
         assert len(b) == 3 and not any(isinstance(r, Exception) for r in a + b)
         for ra, rb in zip(a, b):
             assert np.allclose(ra.T_wc, rb.T_wc, atol=1e-4) and np.allclose(ra.points_cam, rb.points_cam, atol=1e-4)
+    assert seen == [3, 4] * 3  # unpadded, then padded to the bucket of 4
     for ea, eb in zip(plain, padded):  # each stream's own state, one row, the same
         assert eb.state.batch_size == 1 and torch.allclose(ea.state.tokens, eb.state.tokens, atol=1e-4)
     # one stream alone with buckets (2, 4): padded to 2, its result and state are row 0
@@ -102,6 +111,7 @@ def test_a_batch_padded_to_its_bucket_gives_the_unpadded_results(tiny_model):
         rs, rr = solo.process(f), ref.process(f)
         assert np.allclose(rs.T_wc, rr.T_wc, atol=1e-4)
     assert solo.state.batch_size == 1 and torch.allclose(solo.state.mem, ref.state.mem, atol=1e-4)
+    assert seen[-4:] == [2, 1, 2, 1]
 
 
 def test_graph_replay_equals_eager_stepping_with_one_capture_per_shape(tiny_model):
@@ -114,8 +124,10 @@ def test_graph_replay_equals_eager_stepping_with_one_capture_per_shape(tiny_mode
     solo, solo_ref = StreamEngine(tiny_model, cfg), StreamEngine(tiny_model, eager_cfg)
     trio = [StreamEngine(tiny_model, cfg) for _ in range(3)]
     trio_ref = [StreamEngine(tiny_model, eager_cfg) for _ in range(3)]
-    first = None
+    first = kept = None
     for i, f in enumerate(_frames(4, seed=11)):
+        if i == 2:  # a state kept by someone (a probe, a snapshot) must survive the next replay
+            kept = (solo.state, solo.state.tokens.clone(), solo.state.mem.clone())
         r, e = solo.process(f), solo_ref.process(f)
         assert np.allclose(r.T_wc, e.T_wc, atol=1e-5) and np.allclose(r.points_cam, e.points_cam, atol=1e-5), i
         if first is None:
@@ -127,6 +139,7 @@ def test_graph_replay_equals_eager_stepping_with_one_capture_per_shape(tiny_mode
         for a, b in zip(got, ref):
             assert np.allclose(a.T_wc, b.T_wc, atol=1e-4) and np.allclose(a.conf_cam, b.conf_cam, atol=1e-4)
     assert np.array_equal(first.points_cam, first_pts)  # later replays did not write into an earlier result
+    assert torch.equal(kept[0].tokens, kept[1]) and torch.equal(kept[0].mem, kept[2])
     # one capture for batch 1 (the solo stream's shape) and one for batch 4; every other step a replay
     assert backend.captured == 2 and graphs.stats()["graphs"] == 2 and graphs.stats()["batches"] == [1, 4]
     assert backend.replayed == 4 + 3 and graphs.stats()["replays"] == 7
@@ -148,9 +161,11 @@ def test_compiled_encoder_gives_the_same_results(tiny_model):
     ref = StreamEngine(tiny_model, EngineConfig(size=64))
     frames = _frames(2, seed=5)
     before = [ref.process(f).T_wc for f in frames]
+    keys = list(tiny_model.state_dict())
     assert compile_encoder(tiny_model, backend="eager") == len(tiny_model.enc_blocks)
     assert compile_encoder(tiny_model, backend="eager") == 0  # once per model
-    assert all(type(b).__name__ == "OptimizedModule" for b in tiny_model.enc_blocks)
+    assert all(b._compiled_call_impl is not None for b in tiny_model.enc_blocks)
+    assert list(tiny_model.state_dict()) == keys  # compiled in place: checkpoints and fingerprints unchanged
     eng = StreamEngine(tiny_model, EngineConfig(size=64))
     after = [eng.process(f).T_wc for f in frames]
     assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(before, after))
@@ -180,5 +195,23 @@ def test_a_shape_that_cannot_be_captured_steps_eagerly(tiny_model, caplog):
                                                                                                EngineConfig(size=64))
     for f in _frames(3, seed=9):
         assert np.allclose(eng.process(f).T_wc, ref.process(f).T_wc, atol=1e-6)
-    assert graphs.stats() == {"graphs": 0, "replays": 0, "batches": [], "failed": 1}
-    assert "cannot capture the step for batch 1 at 48x64" in caplog.text
+    assert graphs.stats() == {"graphs": 0, "replays": 0, "batches": [], "failed": 1, "capture_failures": 3,
+                              "evicted": 0}  # tried on three frames, then eager for good
+    assert "cannot capture the step for batch 1 at 48x64" in caplog.text and "from now on" in caplog.text
+    eng.process(_frames(1, seed=4)[0])
+    assert graphs.stats()["capture_failures"] == 3  # not tried again
+
+
+def test_the_least_recently_used_graph_goes_beyond_the_cap(tiny_model):
+    backend = ReplayInPlace()
+    graphs = RecordingGraphs(tiny_model, backend, max_graphs=1)
+    object.__setattr__(tiny_model, "_step_graphs", graphs)
+    wide, tall = StreamEngine(tiny_model, EngineConfig(size=64, cuda_graphs=True)), StreamEngine(
+        tiny_model, EngineConfig(size=64, cuda_graphs=True))
+    refs = StreamEngine(tiny_model, EngineConfig(size=64)), StreamEngine(tiny_model, EngineConfig(size=64))
+    for i in range(2):  # two shapes in turn, room for one graph
+        for eng, ref, hw in ((wide, refs[0], (48, 64)), (tall, refs[1], (64, 48))):
+            f = _frames(1, seed=30 + i, hw=hw)[0]
+            assert np.allclose(eng.process(f).T_wc, ref.process(f).T_wc, atol=1e-5)
+    st = graphs.stats()
+    assert st["graphs"] == 1 and backend.captured == 4 and st["evicted"] == 3

@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 __all__ = ["compile_encoder"]
 
 _logger = logging.getLogger(__name__)
 
 
 def compile_encoder(model, backend: str = "inductor") -> int:
-    """Compile ``model.enc_blocks`` in place with ``torch.compile`` (``backend``: its backend), once per
-    model; returns how many blocks it compiled (0: done before)."""
+    """Compile ``model.enc_blocks`` in place (``Module.compile``; ``backend``: ``torch.compile``'s), once
+    per model -- every stream of the model then runs the compiled encoder; returns how many blocks it
+    compiled (0: done before)."""
     if getattr(model, "_encoder_compiled", False):
         return 0
-    for i, blk in enumerate(model.enc_blocks):
-        model.enc_blocks[i] = torch.compile(blk, dynamic=False, backend=backend)
+    for blk in model.enc_blocks:  # in place: the parameters keep their names (checkpoints, snapshot fingerprints)
+        blk.compile(dynamic=False, backend=backend)
     object.__setattr__(model, "_encoder_compiled", True)
     _logger.info("torch.compile: %d encoder blocks (compiled on first use of each shape)", len(model.enc_blocks))
     return len(model.enc_blocks)

@@ -206,15 +206,9 @@ class StreamEngine:
         t1 = time.perf_counter()
         # frozen (--revisit's second pass): read against the state, never write it
         with torch.inference_mode():
-            if self.frozen:
-                update = torch.zeros(p.x.shape[0], dtype=torch.bool, device=p.x.device)
-                with _autocast(self.device, self.cfg.precision):
-                    out, state = self.model.step(FrameInput(img=p.x, update=update), self.state, rule=self.rule,
-                                                 **_attention_kw(self.cfg))
-            else:
-                out, state = _step(self, p.x, self.state)
-                if state.batch_size > 1:  # padded to a bucket above 1
-                    out, state = out.select(0), state.select(0)
+            out, state = _step(self, p.x, self.state)
+            if state.batch_size > 1:  # padded to a bucket above 1
+                out, state = out.select(0), state.select(0)
         return self.finish(p, out, state, 1e3 * (time.perf_counter() - t1))
 
     def _postprocess(self, frame: Frame, out: StepOutput, u8: np.ndarray, crop) -> FrameResult:
@@ -321,8 +315,13 @@ class StreamEngine:
 def _step(lead: StreamEngine, x: torch.Tensor, state: StreamState) -> tuple[StepOutput, StreamState]:
     """One (batched) step with ``lead``'s settings: ``(B, 3, H, W)`` inputs padded to the next batch
     bucket, replayed from a CUDA graph when there is one for the model; the outputs keep the padding
-    rows (rows ``>= B`` are to be dropped)."""
+    rows (rows ``>= B`` are to be dropped). Frozen engines (``--revisit``'s second pass) read against
+    the state without writing it, eagerly."""
     cfg = lead.cfg
+    if lead.frozen:
+        update = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        with _autocast(lead.device, cfg.precision):
+            return lead.model.step(FrameInput(img=x, update=update), state, rule=lead.rule, **_attention_kw(cfg))
     size = bucket_for(x.shape[0], cfg.buckets)
     x, state = pad_rows(x, state, size)
     kw = _attention_kw(cfg)
@@ -349,7 +348,7 @@ def process_batch(engines: list[StreamEngine], frames: list[Frame]) -> list["Fra
             results[i] = e
             continue
         key = (id(engine.model), engine.rule, engine.cfg.precision, engine.cfg.token_attention, engine.cfg.heads,
-               engine.cfg.buckets, engine.cfg.cuda_graphs, tuple(p.x.shape))
+               engine.cfg.buckets, engine.cfg.cuda_graphs, engine.frozen, tuple(p.x.shape))
         groups.setdefault(key, []).append((i, p))
     for members in groups.values():
         idx = [i for i, _ in members]

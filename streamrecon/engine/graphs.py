@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
+from collections import OrderedDict
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -30,6 +32,10 @@ __all__ = ["bucket_for", "pad_rows", "StepGraphs", "CudaGraphBackend", "graphs_f
 _logger = logging.getLogger(__name__)
 #: the buckets ``--cuda-graphs`` uses when ``--batch-buckets`` is not given
 DEFAULT_BUCKETS = (1, 2, 4, 8)
+#: graphs kept per model at most (the least recently used one goes, with its buffers)
+MAX_GRAPHS = 16
+#: failed captures of one shape before it steps eagerly for good
+MAX_CAPTURE_FAILURES = 3
 
 
 def bucket_for(n: int, buckets: Sequence[int]) -> int:
@@ -66,25 +72,28 @@ class CudaGraphBackend:
     """Capture with ``torch.cuda.graph`` (after warm-up runs on a side stream; one memory pool shared
     by every graph of a model) and replay."""
 
-    def __init__(self, warmup: int = 2) -> None:
-        self.warmup = warmup
-        self.pool = torch.cuda.graph_pool_handle()
+    def __init__(self, device, warmup: int = 2) -> None:
+        self.device, self.warmup = torch.device(device), warmup
+        with torch.cuda.device(self.device):
+            self.pool = torch.cuda.graph_pool_handle()
 
     def capture(self, fn: Callable[[], Any]) -> tuple[Any, Any]:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # caches (RoPE tables, cuBLAS workspaces) are built outside the graph
-            for _ in range(self.warmup):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = fn()
+        with torch.cuda.device(self.device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # caches (RoPE tables, cuBLAS workspaces) are built outside the graph
+                for _ in range(self.warmup):
+                    fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: other threads (a prefetcher uploading the next frame, probes) may go on meanwhile
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                out = fn()
         return graph, out
 
-    @staticmethod
-    def replay(graph) -> None:
-        graph.replay()
+    def replay(self, graph) -> None:
+        with torch.cuda.device(self.device):
+            graph.replay()
 
 
 @dataclasses.dataclass
@@ -92,6 +101,7 @@ class _Captured:
     graph: Any
     inputs: tuple  # static x, tokens, mem, init_tokens, init_mem, fresh
     outputs: tuple  # (StepOutput, StreamState) living in the graph's memory
+    keepalive: list  # tensors made before the capture that the graph reads (RoPE tables): never freed under it
     replays: int = 0
 
 
@@ -104,19 +114,27 @@ class StepGraphs:
             ``capture(fn) -> (graph, outputs)`` and ``replay(graph)`` (tests use a CPU stand-in).
     """
 
-    def __init__(self, model, backend: Optional[Any] = None) -> None:
-        self.model = model
-        self.backend = backend if backend is not None else CudaGraphBackend()
-        self._graphs: dict[tuple, _Captured] = {}
-        self.failed: dict[tuple, str] = {}
+    def __init__(self, model, backend: Optional[Any] = None, max_graphs: int = MAX_GRAPHS) -> None:
+        self._model = weakref.ref(model)  # the model holds this object: no cycle
+        self.backend = backend if backend is not None else CudaGraphBackend(model.device)
+        self.max_graphs = max_graphs
+        self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
+        self.failures: dict[tuple, int] = {}
+        self.failed: dict[tuple, str] = {}  # shapes that step eagerly for good
         self.captures = 0
+        self.evicted = 0
+
+    @property
+    def model(self):
+        return self._model()
 
     def step(self, x: Tensor, state: StreamState, rule, precision: str, autocast: Callable[[], Any],
              **kw) -> tuple[Any, StreamState]:
         """Like ``model.step(FrameInput(img=x), state, rule=rule, **kw)`` under ``autocast()`` (the
         context of ``precision``); the results are copies (the next replay does not change them)."""
-        key = (tuple(x.shape), x.dtype, tuple(state.tokens.shape), tuple(state.mem.shape), state.tokens.dtype,
-               id(rule), tuple(sorted(kw.items())), precision)
+        inputs = (x, state.tokens, state.mem, state.init_tokens, state.init_mem, state.fresh)
+        key = (tuple((tuple(t.shape), t.dtype) for t in inputs), rule, tuple(sorted(kw.items())), precision,
+               bool(getattr(self.model, "_encoder_compiled", False)), torch.backends.cuda.matmul.allow_tf32)
         if key in self.failed:  # this shape cannot be captured: eager, as without graphs
             with autocast():
                 return self.model.step(FrameInput(img=x), state, rule=rule, **kw)
@@ -124,14 +142,22 @@ class StepGraphs:
         if c is None:
             try:
                 c = self._capture(x, state, rule, autocast, kw)
-            except Exception as e:  # an operation that cannot be captured: this shape steps eagerly from now on
-                self.failed[key] = f"{type(e).__name__}: {e}"
-                _logger.error("cannot capture the step for batch %d at %dx%d (%s); it runs without a graph",
-                              x.shape[0], x.shape[2], x.shape[3], self.failed[key])
+            except Exception as e:  # this step eagerly; after a few failures, this shape for good
+                self.failures[key] = n = self.failures.get(key, 0) + 1
+                reason = f"{type(e).__name__}: {e}"
+                if n >= MAX_CAPTURE_FAILURES:
+                    self.failed[key] = reason
+                _logger.error("cannot capture the step for batch %d at %dx%d (%s); %s", x.shape[0], x.shape[2],
+                              x.shape[3], reason, "it runs without a graph from now on" if n >= MAX_CAPTURE_FAILURES
+                              else "this step runs without a graph")
                 with autocast():
                     return self.model.step(FrameInput(img=x), state, rule=rule, **kw)
             self._graphs[key] = c
-        for dst, src in zip(c.inputs, (x, state.tokens, state.mem, state.init_tokens, state.init_mem, state.fresh)):
+            while len(self._graphs) > self.max_graphs:  # the least recently used goes, with its buffers
+                self._graphs.popitem(last=False)
+                self.evicted += 1
+        self._graphs.move_to_end(key)
+        for dst, src in zip(c.inputs, inputs):
             dst.copy_(src)
         self.backend.replay(c.graph)
         c.replays += 1
@@ -147,19 +173,22 @@ class StepGraphs:
                 return self.model.step(FrameInput(img=sx), StreamState(tokens, mem, init_tokens, init_mem, fresh),
                                        rule=rule, **kw)
 
-        timer, self.model.stage_timer = self.model.stage_timer, None  # stage timers synchronise: not in a graph
+        model = self.model
+        timer, model.stage_timer = model.stage_timer, None  # stage timers synchronise: not in a graph
         try:
             graph, outputs = self.backend.capture(run)
         finally:
-            self.model.stage_timer = timer
+            model.stage_timer = timer
         self.captures += 1
         _logger.info("captured a step graph for batch %d at %dx%d (%d graphs)", x.shape[0], x.shape[2], x.shape[3],
                      len(self._graphs) + 1)
-        return _Captured(graph, inputs, outputs)
+        keepalive = [t for t in getattr(model, "_rope_cache", {}).values() if t is not None]
+        return _Captured(graph, inputs, outputs, keepalive)
 
     def stats(self) -> dict[str, Any]:
         return {"graphs": len(self._graphs), "replays": sum(c.replays for c in self._graphs.values()),
-                "batches": sorted({k[0][0] for k in self._graphs}), "failed": len(self.failed)}
+                "batches": sorted({k[0][0][0][0] for k in self._graphs}), "failed": len(self.failed),
+                "capture_failures": sum(self.failures.values()), "evicted": self.evicted}
 
 
 def graphs_for(model, backend: Optional[Any] = None) -> Optional[StepGraphs]:
