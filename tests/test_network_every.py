@@ -411,3 +411,72 @@ def test_prefetch_asked_for_with_network_every_is_left_off_and_every_frame_is_pr
                "--max-frames", "8", "--prefetch", "--output-dir", str(out), "--deterministic", "--no-progress"])
     s = json.loads((out / "summary.json").read_text())
     assert rc == 0 and s["processed"] == 8 and s["errors"] == 0 and s["prefetch"] is False
+
+
+def test_local_ba_is_kept_out_of_the_whole_frame_and_let_in_while_the_loop_waits(shared):
+    """The bundle-adjustment thread holds the GIL while gtsam iterates; with ``--network-every`` it
+    must not start an iteration while the frame loop integrates the map (it used to: integration
+    took 100+ ms instead of 4), only while the loop blocks on a busy network, and between frames."""
+    images, _ = _sun3d(shared, 14)
+    cfg = PipelineConfig(engine=EngineSettings(network_every="2"), slam=SlamSettings(backend="track", intrinsics=SUN3D_K))
+    pipe = build_pipeline(cfg, LoadedModel.wrap(_tiny()), files=False)
+    tracker = pipe.stage.tracker
+    in_integrate, in_wait = [], []
+    pushing = False
+    integrate = pipe.gmap.integrate
+
+    def watched_integrate(*a, **k):
+        if pushing:  # (the drain at close integrates too, after the frame loop)
+            in_integrate.append(tracker._idle.is_set())
+        return integrate(*a, **k)
+
+    pipe.gmap.integrate = watched_integrate
+
+    class Slow:  # the network slower than tracking: the (lossless) frame loop waits for it
+        def __init__(self, engine):
+            self.engine = engine
+
+        def process(self, frame):
+            time.sleep(0.15)
+            return self.engine.process(frame)
+
+    pipe.network.engine = Slow(pipe.network.engine)
+    submit = pipe.network.submit
+
+    def watched_submit(index, frame, block):
+        if block and pipe.network.full:
+            in_wait.append(tracker._idle.is_set())
+        return submit(index, frame, block)
+
+    pipe.network.submit = watched_submit
+    between = []
+    for i, im in enumerate(images):
+        pushing = True
+        pipe.push(Frame(image=im, seq=i, stamp=i / 30))
+        pushing = False
+        between.append(tracker._idle.is_set())
+    pipe.close()
+    assert in_integrate and not any(in_integrate)  # never idle while the map takes a frame
+    assert in_wait and all(in_wait)  # idle while the loop waits for a free network slot
+    assert all(between)  # and between frames
+
+
+def test_tracker_busy_spans_nest_and_waiting_opens_them():
+    from streamrecon.slam.tracker import Tracker, TrackerConfig
+
+    t = Tracker(TrackerConfig(local_ba=False))
+    assert t._idle.is_set()
+    with t.busy():
+        with t.busy():
+            assert not t._idle.is_set()
+        assert not t._idle.is_set()  # the outer span still holds
+        with t.waiting():
+            assert t._idle.is_set()
+        assert not t._idle.is_set()
+        grey = np.zeros((48, 64), np.uint8)
+        t.track(grey, np.eye(3), lambda px, T: np.full(len(px), np.nan), np.eye(4))  # a track inside the span
+        assert not t._idle.is_set()  # ... does not open it
+    assert t._idle.is_set()
+    with t.waiting():  # outside any span: stays idle
+        assert t._idle.is_set()
+    assert t._idle.is_set()

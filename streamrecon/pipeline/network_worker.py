@@ -96,6 +96,11 @@ class NetworkWorker:
         with self._lock:
             return self._running
 
+    @property
+    def full(self) -> bool:
+        """Whether a frame submitted now would have to wait for room (one runs, ``depth`` wait)."""
+        return not self.inline and self._in.full()
+
     def submit(self, index: int, frame: Frame, block: bool) -> bool:
         """Hand a frame to the network. Returns ``False`` (and counts it) when the queue is full and
         ``block`` is false; with ``block`` it waits for room."""

@@ -171,7 +171,8 @@ class StreamPipeline:
             Exception: whatever made the frame unusable (already counted by :meth:`record_error`).
         """
         if self.network is not None:
-            return self._push_async(frame, source_ms)
+            with self.stage.tracker.busy():  # local BA computes only where this frame waits (tracker.busy)
+                return self._push_async(frame, source_ms)
         try:
             frame = self.prepare(frame) if isinstance(frame, Frame) else frame
             result = self.engine.process(frame)
@@ -228,7 +229,12 @@ class StreamPipeline:
         return out
 
     def _submit(self, index: int, frame: Frame, rec, block: bool) -> bool:
-        if self.network.submit(index, frame, block=block):
+        if block and self.network.full:  # the frame loop will wait for the network: the local BA may run
+            with self.stage.tracker.waiting():
+                taken = self.network.submit(index, frame, block=True)
+        else:
+            taken = self.network.submit(index, frame, block=block)
+        if taken:
             self._records[index] = rec
             self._since_network = -1
             return True
@@ -261,8 +267,9 @@ class StreamPipeline:
         index = self._next_index
         own = None
         if self._template is None:  # nothing to track against yet: this frame waits for the network
-            self.network.submit(index, frame, block=True)
-            self.network.wait()
+            with self.stage.tracker.waiting():
+                self.network.submit(index, frame, block=True)
+                self.network.wait()
             for d in self.network.poll():
                 if d.index == index:
                     own = d

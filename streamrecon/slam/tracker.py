@@ -50,8 +50,9 @@ import threading
 import time
 import weakref
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
@@ -83,7 +84,7 @@ class TrackerConfig:
     # local bundle adjustment (see the module docstring)
     local_ba: bool = True
     ba_window: int = 8
-    ba_iterations: int = 10
+    ba_iterations: int = 5  # measured: 10 costs 2x (gtsam ~19 ms per iteration, GIL held) for no better ATE (windows overlap)
     ba_sync: bool = False
     ba_process: bool = False  # the optimisation in a child process instead of the thread (see local_ba)
     ba_nice: int = 0  # the child's niceness (measured: 10 starves it on a loaded 2-core machine)
@@ -171,8 +172,9 @@ class Tracker:
         self._pt_X = np.zeros((0, 3))
         self._epoch = 0
         self._ba_worker = None
-        self._idle = threading.Event()  # set while track() is not running
+        self._idle = threading.Event()  # set while neither track() nor a busy() frame loop runs
         self._idle.set()
+        self._busy_depth = 0
         self.ba_available = False
         if config.local_ba:
             try:  # here, not in the worker's first run: an import holds the GIL for ~0.1 s
@@ -525,13 +527,42 @@ class Tracker:
             exclude: ``(h, w)`` bool, pixels on moving objects (``--dynamic-mask``): tracks that land
                 there are dropped and no corner is detected there.
         """
-        self._idle.clear()  # the bundle-adjustment thread waits while we track (see local_ba)
-        self._exclude = exclude if exclude is not None and exclude.shape == grey.shape and exclude.any() else None
+        with self.busy():  # the bundle-adjustment thread waits while we track (see local_ba)
+            self._exclude = exclude if exclude is not None and exclude.shape == grey.shape and exclude.any() else None
+            try:
+                return self._track(grey, K, depth_at, fallback_T)
+            finally:
+                self._exclude = None
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        """The caller's frame loop is working (nestable; :meth:`track` is one such span): the
+        bundle-adjustment thread, which holds the GIL while gtsam computes, does not start an
+        iteration meanwhile. A pipeline that does more than tracking per frame (``--network-every``:
+        taking network results, integrating the map) holds this for the whole frame, so the
+        adjustment runs only where the loop waits (:meth:`waiting`) or between frames."""
+        self._busy_depth += 1
+        self._idle.clear()
         try:
-            return self._track(grey, K, depth_at, fallback_T)
+            yield
         finally:
-            self._exclude = None
-            self._idle.set()
+            self._busy_depth -= 1
+            if self._busy_depth <= 0:
+                self._busy_depth = 0
+                self._idle.set()
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Inside :meth:`busy`: the frame loop blocks on something else (a busy network), so the
+        adjustment may compute now."""
+        depth, self._busy_depth = self._busy_depth, 0
+        self._idle.set()
+        try:
+            yield
+        finally:
+            self._busy_depth = depth
+            if depth:
+                self._idle.clear()
 
     def _track(self, grey: np.ndarray, K: np.ndarray, depth_at: Callable[[np.ndarray, np.ndarray], np.ndarray],
                fallback_T: np.ndarray) -> TrackResult:
