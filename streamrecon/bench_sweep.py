@@ -43,6 +43,8 @@ class SweepConfig:
         backend: ``none`` (network rate only), ``track`` or ``slam`` (also the pose rate).
         network_every: ``--network-every`` for the pose-rate runs.
         intrinsics: known intrinsics for the pose-rate runs (``fx,fy,cx,cy``).
+        ba_workers: ``--ba-worker`` values; with several, each pose-rate run is repeated per value
+            (the first one fills the table's columns, every one is listed with its ratio).
         live: the pose-rate runs never wait for the network (a camera: a frame that finds it busy is
             only tracked); else they wait as a file source does.
     """
@@ -59,6 +61,7 @@ class SweepConfig:
     network_every: str = "1"
     intrinsics: Optional[str] = None
     live: bool = False
+    ba_workers: tuple = ("auto",)
     threads: int = 0
     seed: int = 0
     device: str = "auto"
@@ -110,14 +113,15 @@ def _drift(ref: list, other: list) -> dict:
             "pose_m": t, "pose_pct_of_path": 100 * t / path if path > 0 else float("nan"), "pose_deg": float(max(rot))}
 
 
-def _pose_rate(cfg: SweepConfig, loaded, precision: str, heads: str, images: list[np.ndarray]) -> dict:
+def _pose_rate(cfg: SweepConfig, loaded, precision: str, heads: str, images: list[np.ndarray],
+               ba_worker: str = "auto") -> dict:
     from .frames import Frame
     from .pipeline import build_pipeline
     from .settings import EngineSettings, PipelineConfig, SlamSettings
 
     pc = PipelineConfig(engine=EngineSettings(precision=precision, heads=heads, network_every=cfg.network_every,
                                               size=str(cfg.size) if cfg.size else None, device=cfg.device),
-                        slam=SlamSettings(backend=cfg.backend, intrinsics=cfg.intrinsics))
+                        slam=SlamSettings(backend=cfg.backend, intrinsics=cfg.intrinsics, ba_worker=ba_worker))
     pc.validate()
     pipe = build_pipeline(pc, loaded, stream_id="bench", files=False)
     pipe.network_blocking = not cfg.live
@@ -198,9 +202,14 @@ def run_sweep(cfg: SweepConfig) -> dict:
               "variants": rows}
     if cfg.backend != "none":
         loaded = LoadedModel.wrap(model, info)
+        workers = tuple(dict.fromkeys(cfg.ba_workers)) or ("auto",)
         for row in rows:
-            row["pipeline"] = _pose_rate(cfg, loaded, row["precision"], row["heads"], all_images)
-        report["pipeline"] = {"backend": cfg.backend, "network_every": cfg.network_every, "live": cfg.live}
+            by = {w: _pose_rate(cfg, loaded, row["precision"], row["heads"], all_images, ba_worker=w) for w in workers}
+            row["pipeline"] = by[workers[0]]
+            if len(workers) > 1:
+                row["pipeline_by_ba_worker"] = by
+        report["pipeline"] = {"backend": cfg.backend, "network_every": cfg.network_every, "live": cfg.live,
+                              "ba_workers": list(workers)}
     return report
 
 
@@ -219,6 +228,13 @@ def format_sweep(rep: dict) -> str:
         rate = f"{p['poses_per_s']:>9.2f}{p['network_per_s']:>8.2f}" if p else ""
         lines.append(f"{r['precision']:<10}{r['heads']:<9}{r['ms_p50']:>9.1f}{r['network_fps']:>9.2f}"
                      f"{r['speedup']:>9.3f}{drift}{rate}")
+    for r in rep["variants"]:
+        by = r.get("pipeline_by_ba_worker")
+        if by:
+            first = next(iter(by.values()))["poses_per_s"] or float("nan")
+            lines.append(f"  {r['precision']}/{r['heads']} poses/s by --ba-worker: " + ", ".join(
+                f"{w} {p['poses_per_s']:.2f} (x{p['poses_per_s'] / first:.2f}, net/s {p['network_per_s']:.2f})"
+                for w, p in by.items()))
     if "pipeline" in rep:
         pl = rep["pipeline"]
         lines.append(f"poses/s, net/s: the whole pipeline (--backend {pl['backend']}, --network-every "

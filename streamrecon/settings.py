@@ -240,6 +240,12 @@ class SlamSettings:
     refine: bool = setting(False, help="after the stream ends: a global bundle adjustment of every keyframe with the "
                                        "loop edges, writing trajectory_refined.txt and map_refined.ply (files only; "
                                        "needs --backend track or slam)")
+    ba_worker: str = setting("auto", choices=("auto", "thread", "process"),
+                             help="where the local bundle adjustment runs: thread = a background thread (gtsam holds "
+                                  "Python's GIL while it computes, so the frame loop waits for each iteration); "
+                                  "process = a child process (no GIL; it competes for the cores instead); auto = "
+                                  "process when the network runs beside the frame loop (--network-every), else "
+                                  "thread (measured: docs/PERFORMANCE.md)")
     deterministic: bool = setting(False, help="run the local bundle adjustment and loop closure in the frame loop "
                                               "instead of background threads: the same frames always give the same "
                                               "poses (exact --resume), at the cost of latency spikes")
@@ -249,6 +255,13 @@ class SlamSettings:
         if self.backend == "auto":
             return "slam" if (self.intrinsics or self.calib) else "none"
         return self.backend
+
+    def resolved_ba_worker(self, network_async: bool) -> str:
+        """``auto`` -> ``process`` when the network runs in its own thread beside the frame loop
+        (``network_async``; the GIL is then shared by three), else ``thread``."""
+        if self.ba_worker == "auto":
+            return "process" if network_async and not self.deterministic else "thread"
+        return self.ba_worker
 
     def validate(self) -> None:
         if self.intrinsics and self.calib:

@@ -418,9 +418,11 @@ def test_local_ba_is_kept_out_of_the_whole_frame_and_let_in_while_the_loop_waits
     must not start an iteration while the frame loop integrates the map (it used to: integration
     took 100+ ms instead of 4), only while the loop blocks on a busy network, and between frames."""
     images, _ = _sun3d(shared, 14)
-    cfg = PipelineConfig(engine=EngineSettings(network_every="2"), slam=SlamSettings(backend="track", intrinsics=SUN3D_K))
+    cfg = PipelineConfig(engine=EngineSettings(network_every="2"),
+                         slam=SlamSettings(backend="track", intrinsics=SUN3D_K, ba_worker="thread"))
     pipe = build_pipeline(cfg, LoadedModel.wrap(_tiny()), files=False)
     tracker = pipe.stage.tracker
+    assert not tracker.cfg.ba_process
     in_integrate, in_wait = [], []
     pushing = False
     integrate = pipe.gmap.integrate
@@ -480,3 +482,42 @@ def test_tracker_busy_spans_nest_and_waiting_opens_them():
     with t.waiting():  # outside any span: stays idle
         assert t._idle.is_set()
     assert t._idle.is_set()
+
+
+def test_ba_worker_auto_is_a_child_process_beside_the_network_thread_and_a_thread_otherwise():
+    s = SlamSettings(backend="track", intrinsics=SUN3D_K)
+    assert s.resolved_ba_worker(network_async=True) == "process"
+    assert s.resolved_ba_worker(network_async=False) == "thread"
+    assert SlamSettings(backend="track", deterministic=True).resolved_ba_worker(network_async=True) == "thread"
+    assert SlamSettings(ba_worker="thread").resolved_ba_worker(network_async=True) == "thread"
+    assert SlamSettings(ba_worker="process").resolved_ba_worker(network_async=False) == "process"
+    model = LoadedModel.wrap(_tiny())
+    for every, worker, process in (("auto", "auto", True), ("1", "auto", False), ("auto", "thread", False),
+                                   ("1", "process", True)):
+        cfg = PipelineConfig(engine=EngineSettings(network_every=every),
+                             slam=SlamSettings(backend="track", intrinsics=SUN3D_K, ba_worker=worker))
+        pipe = build_pipeline(cfg, model, files=False)
+        try:
+            assert pipe.stage.tracker.cfg.ba_process is process, (every, worker)
+        finally:
+            pipe.close()
+
+
+def test_the_bundle_adjustment_in_a_child_process_refines_the_stream(shared):
+    """``--ba-worker process``: windows go to the child and their results come back into the tracker."""
+    pytest.importorskip("gtsam")
+    images, T_gt = _sun3d(shared, 30)
+    cfg = PipelineConfig(engine=EngineSettings(network_every="auto"),
+                         slam=SlamSettings(backend="track", intrinsics=SUN3D_K, ba_worker="process"))
+    pipe = build_pipeline(cfg, LoadedModel.wrap(_tiny()), files=False)
+    tracker = pipe.stage.tracker
+    poses = []
+    for i, im in enumerate(images):
+        poses.append(pipe.push(Frame(image=im, seq=i, stamp=i / 30)))
+        if i % 5 == 4 and tracker._ba_worker is not None:
+            tracker._ba_worker.wait(20.0)  # let the child answer (a real stream does not wait)
+    fn = type(tracker._ba_worker._fn).__name__
+    s = pipe.close()
+    assert fn == "ProcessBA"
+    assert s.slam["local_ba"]["runs"] >= 2 and s.slam["local_ba"]["applied"] >= 1, s.slam["local_ba"]
+    assert s.slam["local_ba"]["failed"] == 0

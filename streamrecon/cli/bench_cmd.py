@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--network-every", default="1", help="with --backend: the network on every N-th frame "
                                                          "(or auto), tracking on every frame")
     p.add_argument("--intrinsics", default=None, help="with --backend: known fx,fy,cx,cy")
+    p.add_argument("--ba-worker", nargs="+", choices=["auto", "thread", "process"], default=["auto"],
+                   help="with --backend: where the local bundle adjustment runs; several: the pose-rate run is "
+                        "repeated for each, with ratios against the first")
     p.add_argument("--network-frames", type=int, default=0, help="with several variants: the network-rate part "
                                                                   "takes only the first N of --frames (0: all)")
     p.add_argument("--live", action="store_true", help="with --backend: never wait for the network (as a camera "
@@ -83,7 +86,8 @@ def _sweep(args: argparse.Namespace, precisions: list[str]) -> int:
         cfg = SweepConfig(model=args.model, images=args.images, size=size, frames=args.frames, warmup=min(args.warmup, 2),
                           precisions=tuple(dict.fromkeys(precisions)), heads=tuple(dict.fromkeys(args.heads)),
                           backend=args.backend, network_every=args.network_every, intrinsics=args.intrinsics,
-                          live=args.live, device=args.device, network_frames=args.network_frames)
+                          live=args.live, device=args.device, network_frames=args.network_frames,
+                          ba_workers=tuple(args.ba_worker))
         rep = run_sweep(cfg)
     except (ValueError, FileNotFoundError, SettingsError) as e:
         raise UserError(str(e)) from None

@@ -66,16 +66,18 @@ def _declared_backends() -> Optional[tuple]:
 
 def _parse_label(label: str) -> tuple[str, dict[str, str]]:
     """``"track+revisit+dynamic-mask=flow"`` -> ``("track", {"revisit": "", "dynamic-mask": "flow"})``;
-    ``+network-every=N|auto`` too."""
+    ``+network-every=N|auto`` and ``+ba-worker=auto|thread|process`` too."""
     backend, *parts = label.split("+")
     mods: dict[str, str] = {}
     for part in parts:
         key, _, value = part.partition("=")
-        if key not in ("revisit", "dynamic-mask", "network-every") or (key != "revisit") != bool(value):
+        if key not in ("revisit", "dynamic-mask", "network-every", "ba-worker") or (key != "revisit") != bool(value):
             raise ValueError(f"unknown backend modifier {part!r} in {label!r} (known: +revisit, +dynamic-mask=METHOD, "
-                             "+network-every=N|auto)")
+                             "+network-every=N|auto, +ba-worker=auto|thread|process)")
         if key == "dynamic-mask" and value not in ("attention", "flow", "residual"):
             raise ValueError(f"unknown dynamic mask {value!r} in {label!r} (attention, flow or residual)")
+        if key == "ba-worker" and value not in ("auto", "thread", "process"):
+            raise ValueError(f"unknown bundle-adjustment worker {value!r} in {label!r} (auto, thread or process)")
         mods[key] = value
     return backend, mods
 
@@ -98,6 +100,7 @@ def _run_backend(loaded, seq: EvalSequence, idx: list[int], backend: str, known_
                                                network_every=every),
                          map=MapSettings(dynamic_mask=mods.get("dynamic-mask", "off")),
                          slam=SlamSettings(backend=backend, refine=refine and backend != "none",
+                                           ba_worker=mods.get("ba-worker", "auto"),
                                            intrinsics=_intrinsics_text(seq.K) if known_intrinsics else None))
     cfg.validate()
     collector = _DenseResults()  # --network-every: the network's results, scored on their frames

@@ -92,7 +92,9 @@ def build_pipeline(cfg: PipelineConfig, loaded: LoadedModel, stream_id: str = ""
         from ..slam import GeometryStage
 
         map_cfg = gmap.cfg
-        stage = GeometryStage(replace(cfg.slam, backend=cfg.slam.resolved_backend()),
+        slam = replace(cfg.slam, backend=cfg.slam.resolved_backend(),
+                       ba_worker=cfg.slam.resolved_ba_worker(network_async=cfg.engine.network_schedule() != 1))
+        stage = GeometryStage(slam,
                               map_factory=lambda: GlobalMap(map_cfg))
     masker = None
     if cfg.map.dynamic_mask != "off":

