@@ -227,9 +227,7 @@ def orbit():
 def test_tracker_runs_the_bundle_adjustment_and_stays_consistent(orbit):
     from streamrecon.eval.metrics import ate
 
-    # the LK window pinned at 21 px: this low-texture orbit is sensitive to it (17, the default, gives 2.2 %
-    # here; see tests/test_slam.py::test_tracking_a_rendered_orbit_recovers_the_trajectory)
-    cfg = TrackerConfig(local_ba=True, ba_sync=True, ba_window=4, win=21)
+    cfg = TrackerConfig(local_ba=True, ba_sync=True, ba_window=4)
     applied = []
 
     def spy(tr):

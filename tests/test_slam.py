@@ -165,21 +165,32 @@ def _track(seq, prior, **kw):
 @pytest.mark.parametrize("prior", ["ground-truth", "constant"])
 def test_tracking_a_rendered_orbit_recovers_the_trajectory(prior):
     """With the true depth as the prior, and with a constant one (what a bad network gives): the poses
-    come from geometry either way.
-
-    The LK window is pinned at 21 px: this one low-texture orbit is sensitive to it (the default 17,
-    chosen on the real development sets, gives 3.2 % / 7.4 % here, 0.5 % / 0.5 % with 21), while over
-    ten synthetic sequences the two windows score the same on average (docs/PERFORMANCE.md); what this
-    test checks is that the prior does not matter, which holds for either."""
+    come from geometry either way. The default tracker (LK window 17, weak frames retried with 21)."""
     seq = _render(3)
     assert seq["kind"] == "orbit"
-    tr, res = _track(seq, prior, win=21)
+    tr, res = _track(seq, prior)
     T = np.stack([r.T_wc for r in res])
     a = ate(T, seq["T_wc"], True)
     assert a["percent_of_path"] < 2.0, a
     assert [r.state for r in res].count("ok") >= 25 and tr.n_keyframes >= 2
     # the network-only baseline here would be the identity: far worse
     assert ate(np.tile(np.eye(4), (len(T), 1, 1)), seq["T_wc"], True)["percent_of_path"] > 5 * a["percent_of_path"]
+
+
+def test_weak_frames_are_tracked_again_with_the_larger_window():
+    """This low-texture orbit loses PnP inliers with the 17 px window alone (3.2 % / 7.4 % of the path
+    measured); the retry with 21 px on a frame under ``ok_inliers`` brings it back under 2 %, and it
+    runs only on the frames that need it."""
+    seq = _render(3)
+    tr, res = _track(seq, "ground-truth")
+    a = ate(np.stack([r.T_wc for r in res]), seq["T_wc"], True)["percent_of_path"]
+    assert 0 < tr.retries < len(res) // 2, tr.retries
+    tr1, res1 = _track(seq, "ground-truth", win_retry=None)
+    b = ate(np.stack([r.T_wc for r in res1]), seq["T_wc"], True)["percent_of_path"]
+    assert tr1.retries == 0
+    assert a < 2.0 and b > 1.5 * a, (a, b)
+    # the retry never makes a frame worse: its inliers are at least those of the first try
+    assert sum(r.inliers for r in res) >= sum(r.inliers for r in res1) * 0.95
 
 
 def test_degenerate_frames_go_lost_and_tracking_recovers():

@@ -476,7 +476,8 @@ class GeometryStage:
                        track_ms_p50=round(float(np.percentile(ms, 50)), 3),
                        track_ms_p99=round(float(np.percentile(ms, 99)), 3),
                        local_ba=dict(getattr(self.tracker, "ba_stats", {}) or {}),
-                       tracks_on_movers_dropped=int(getattr(self.tracker, "dynamic_dropped", 0)))
+                       tracks_on_movers_dropped=int(getattr(self.tracker, "dynamic_dropped", 0)),
+                       lk_retries=int(getattr(self.tracker, "retries", 0)))
         if self.loop is not None:
             out["loop_closure"] = self.loop.to_dict() | {"corrections_applied": self.epoch}
         if self.reloc_info:
