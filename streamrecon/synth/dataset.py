@@ -47,6 +47,8 @@ class SynthConfig:
         virtual: held-out virtual views per sequence.
         supersample: colour sub-pixel rays per axis.
         step: camera step per frame (metres) for moving trajectories.
+        textures: photographs some surfaces carry (:mod:`streamrecon.synth.textures`: ``"skimage"``,
+            a directory, ``""`` none); texture_prob: the chance a surface carries one.
     """
 
     height: int = 112
@@ -60,6 +62,8 @@ class SynthConfig:
     virtual: int = 4
     supersample: int = 2
     step: float = 0.08
+    textures: str = ""
+    texture_prob: float = 0.5
 
 
 def render_sequence(seed: int, cfg: SynthConfig = SynthConfig(), frames: Optional[int] = None,
@@ -75,7 +79,10 @@ def render_sequence(seed: int, cfg: SynthConfig = SynthConfig(), frames: Optiona
     """
     n = frames or cfg.frames
     g = torch.Generator().manual_seed(seed)
-    scene = random_scene(seed, moving=cfg.moving, speed=cfg.speed)
+    from .textures import load_textures
+
+    scene = random_scene(seed, moving=cfg.moving, speed=cfg.speed, textures=load_textures(cfg.textures),
+                         texture_prob=cfg.texture_prob)
     kind = cfg.kinds[int(torch.randint(len(cfg.kinds), (1,), generator=g))]
     hfov = cfg.hfov[0] + (cfg.hfov[1] - cfg.hfov[0]) * float(torch.rand(1, generator=g))
     K = intrinsics(cfg.height, cfg.width, hfov)

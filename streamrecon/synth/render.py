@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .scene import Scene
+from .textures import sample_texture
 
 __all__ = ["render", "pixel_rays"]
 
@@ -162,6 +163,15 @@ def _cast(scene: Scene, o: Tensor, d: Tensor, frame: int) -> tuple[Tensor, Tenso
     return t, o + t[..., None] * d, normal, obj
 
 
+def _photo(tex: Tensor, local: Tensor, n_local: Tensor, scale: float, tint: Tensor) -> Tensor:
+    """Triplanar mapping: each point takes the texture on the plane across its normal's largest axis."""
+    axis = n_local.abs().argmax(-1)
+    u = torch.where(axis == 0, local[:, 2], local[:, 0])
+    v = torch.where(axis == 1, local[:, 2], local[:, 1])
+    rgb = sample_texture(tex, torch.stack([u, v], -1) * scale)
+    return (rgb * tint).clamp(0, 1)
+
+
 def _shade(scene: Scene, p: Tensor, n: Tensor, obj: Tensor, frame: int) -> Tensor:
     color = torch.zeros_like(p)
     for idx in torch.unique(obj).tolist():
@@ -170,12 +180,19 @@ def _shade(scene: Scene, p: Tensor, n: Tensor, obj: Tensor, frame: int) -> Tenso
             face = -idx - 1
             colors, pattern, scale, local = scene.room_colors[face], scene.room_patterns[face], \
                 float(scene.room_scales[face]), p[m]
+            tex, tex_scale, n_local = scene.room_textures[face], scene.room_tex_scales[face], n[m]
         else:
             prim = scene.objects[idx]
             colors, pattern, scale = prim.color, prim.pattern, prim.scale
-            local = (p[m] - (prim.center + frame * prim.velocity).to(p.dtype)) @ _rot_y(prim.yaw, p.dtype)
-        f = _pattern(pattern, local, scale, float(scene.seed % 1000 + idx))[..., None]
+            R = _rot_y(prim.yaw, p.dtype)
+            local = (p[m] - (prim.center + frame * prim.velocity).to(p.dtype)) @ R
+            tex, tex_scale, n_local = prim.texture, prim.tex_scale, n[m] @ R
         cols = colors.to(p.dtype)
+        if 0 <= tex < len(scene.textures):
+            tint = 0.6 + 0.4 * cols[1] / cols[1].max().clamp(min=1e-6)  # a mild colour cast per surface
+            color[m] = _photo(scene.textures[tex].to(p.dtype), local, n_local, tex_scale, tint)
+            continue
+        f = _pattern(pattern, local, scale, float(scene.seed % 1000 + idx))[..., None]
         color[m] = cols[0] * (1 - f) + cols[1] * f
     light = torch.full(p.shape[:-1], scene.ambient, dtype=p.dtype)
     for lp, power in zip(scene.lights.to(p.dtype), scene.light_power.tolist()):

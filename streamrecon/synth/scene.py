@@ -30,6 +30,8 @@ class Primitive:
         color: ``(2, 3)`` two RGB colours in ``[0, 1]`` the pattern blends.
         pattern: one of :data:`PATTERNS`; ``scale``: pattern frequency (1/m).
         velocity: ``(3,)`` metres per frame (moving objects), zero for static ones.
+        texture: index into the scene's ``textures`` (a photograph instead of ``pattern``), -1: none;
+        tex_scale: its repeats per metre.
     """
 
     kind: str
@@ -40,6 +42,8 @@ class Primitive:
     pattern: str
     scale: float
     velocity: Tensor = field(default_factory=lambda: torch.zeros(3))
+    texture: int = -1
+    tex_scale: float = 1.0
 
 
 @dataclass
@@ -55,6 +59,9 @@ class Scene:
     light_power: Tensor  # (L,)
     ambient: float
     seed: int
+    textures: tuple = ()  # (3, H, W) photographs in [0, 1] (streamrecon.synth.textures)
+    room_textures: list = field(default_factory=lambda: [-1] * 6)  # per face: index into textures, -1: pattern
+    room_tex_scales: list = field(default_factory=lambda: [1.0] * 6)
 
     def bounds(self) -> tuple[Tensor, Tensor]:
         w, h, d = self.room.tolist()
@@ -85,9 +92,12 @@ def _palette(g: torch.Generator) -> Tensor:
 
 
 def random_scene(seed: int, n_objects: tuple[int, int] = (4, 10), moving: int = 0,
-                 speed: tuple[float, float] = (0.01, 0.03)) -> Scene:
+                 speed: tuple[float, float] = (0.01, 0.03), textures: tuple = (), texture_prob: float = 0.5) -> Scene:
     """A random room with objects on the floor (and a few floating), ``moving`` of them in motion
-    (horizontally, ``speed`` metres per frame)."""
+    (horizontally, ``speed`` metres per frame). With ``textures`` (photographs, see
+    :mod:`streamrecon.synth.textures`) each surface carries one of them with probability
+    ``texture_prob`` instead of its pattern; those draws use their own generator, so the geometry,
+    patterns and lights of a seed are the same with or without textures."""
     g = torch.Generator().manual_seed(seed)
 
     def u(a: float, b: float) -> float:
@@ -125,4 +135,20 @@ def random_scene(seed: int, n_objects: tuple[int, int] = (4, 10), moving: int = 
     n_lights = int(torch.randint(1, 3, (1,), generator=g))
     lights = torch.tensor([[u(-w / 3, w / 3), -h + 0.3, u(-d / 3, d / 3)] for _ in range(n_lights)])
     power = torch.tensor([u(4.0, 10.0) for _ in range(n_lights)])
-    return Scene(room, room_colors, room_patterns, room_scales, objects, lights, power, u(0.25, 0.45), seed)
+    scene = Scene(room, room_colors, room_patterns, room_scales, objects, lights, power, u(0.25, 0.45), seed)
+    if textures:
+        gt = torch.Generator().manual_seed(seed * 7 + 123457)
+
+        def draw() -> tuple[int, float]:
+            if torch.rand(1, generator=gt).item() >= texture_prob:
+                return -1, 1.0
+            k = int(torch.randint(len(textures), (1,), generator=gt))
+            return k, 0.25 + 1.25 * torch.rand(1, generator=gt).item()  # 0.8-4 m per repeat
+
+        scene.textures = tuple(textures)
+        faces = [draw() for _ in range(6)]
+        scene.room_textures, scene.room_tex_scales = [f[0] for f in faces], [f[1] for f in faces]
+        for prim in objects:
+            prim.texture, prim.tex_scale = draw()
+            prim.tex_scale *= 2.0  # objects are smaller than walls
+    return scene
