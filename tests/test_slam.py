@@ -265,3 +265,25 @@ def test_track_backend_on_real_video_beats_the_network_alone(shared):
     e_none = ate(poses["none"], gt, True)["percent_of_path"]
     e_track = ate(poses["track"], gt, True)["percent_of_path"]
     assert e_track < 6.0 and e_track * 3 < e_none, (e_track, e_none)
+
+
+def test_the_synthetic_tracking_tool_scores_each_config(capsys):
+    """``tools/track_synthetic.py``: one line per seed with each config's ATE beside the baselines,
+    and a refused config named."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("track_synthetic", Path(__file__).parents[1] / "tools" / "track_synthetic.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod._seeds("1-3,7") == [1, 2, 3, 7]
+    assert mod.main(["--seeds", "3", "--frames", "12", "--config", "{}", "--config", '{"win_retry": null}']) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.split()[:2] == ["3", "orbit"])
+    nums = [float(x) for x in row.replace("/", " ").replace("(r", " ").replace(")", " ").split()[2:] if x[0].isdigit()]
+    ate0, ident = nums[0], nums[6]
+    assert ate0 < 0.5 * ident  # tracked: far better than standing still
+    assert "cfg1 {\"win_retry\": null}: ATE mean" in out
+    with pytest.raises(SystemExit):
+        mod.main(["--seeds", "3", "--config", '{"no_such_field": 1}'])
+    assert "no_such_field" in capsys.readouterr().err
