@@ -603,7 +603,7 @@ class Tracker:
             if res is not None:
                 self._ba_apply(res)
         if self._prev is None or self.kf_T is None:
-            T = fallback_T if self.T_prev is None else fallback_T
+            T = fallback_T
             self._prev, self.T_prev = grey, T.copy()
             self._reset_tracks()
             self._ba_restart()
