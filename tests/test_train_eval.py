@@ -224,6 +224,7 @@ def test_every_training_config_reads_and_a_bad_loss_norm_is_a_clear_error(tmp_pa
     for c in configs:  # every key is a TrainConfig field, and the model and loss resolve
         cfg = TrainConfig(**read_settings(str(c), {f.name for f in fields(TrainConfig)}))
         cfg.model_config()
+        cfg.effects()
         Cut3rLoss(norm=cfg.loss_norm, scale_weight=cfg.scale_weight)
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: streamrecon_small\nloss_norm: median\n")

@@ -82,6 +82,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         cfg = TrainConfig(**values)
         cfg.model_config()
+        cfg.effects()
         from ..train.losses import Cut3rLoss
 
         Cut3rLoss(norm=cfg.loss_norm, scale_weight=cfg.scale_weight)

@@ -31,6 +31,7 @@ from ..progress import bar, shown
 from ..synth.dataset import SynthConfig, SyntheticStream, render_sequence
 from ..threads import current as threads_current
 from ..types import FrameInput
+from .camera_effects import CameraEffects, apply_camera_effects
 from .conf_guard import ConfidenceTaps, floor_penalty, reinit_confidence
 from .losses import Cut3rLoss, relative_poses
 
@@ -76,9 +77,14 @@ class TrainConfig:
     reinit_conf: bool = False  # reset the confidence channels of the heads when a run starts (not on resume)
     loss_norm: str = "metric"  # "metric" (the reference's) or "scale_invariant" (streamrecon.train.losses)
     scale_weight: float = 0.1  # the metric-scale term of loss_norm: scale_invariant
+    camera_effects: Optional[dict] = None  # None: clean renders; {} or overrides: CameraEffects (exposure, blur, noise, JPEG)
 
     def model_config(self) -> ModelConfig:
         return preset(self.model) if isinstance(self.model, str) else ModelConfig.from_dict(self.model)
+
+    def effects(self) -> Optional[CameraEffects]:
+        """The camera effects on training images (None: clean renders); a bad key or range is a ValueError."""
+        return None if self.camera_effects is None else CameraEffects.from_dict(self.camera_effects)
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
@@ -195,6 +201,8 @@ def train(cfg: TrainConfig, progress: Optional[TextIO] = sys.stderr, resume: boo
                                   progress_stream=progress))
     val_seqs: list = []
     g = torch.Generator().manual_seed(cfg.seed + start)
+    effects = cfg.effects()
+    g_fx = torch.Generator().manual_seed(cfg.seed * 104_729 + start)
     criterion = Cut3rLoss(norm=cfg.loss_norm, scale_weight=cfg.scale_weight)
     use_bf16 = cfg.bf16 and device.type == "cuda"
     log_f = open(out / "log.jsonl", "a")
@@ -219,6 +227,8 @@ def train(cfg: TrainConfig, progress: Optional[TextIO] = sys.stderr, resume: boo
         for step in range(start, cfg.steps):
             if step > start:
                 batch = next(stream)
+            if effects is not None:  # (on the CPU, before the upload; validation stays clean)
+                batch = batch | {"img": apply_camera_effects(batch["img"], effects, g_fx)}
             batch = {k: v.to(device) for k, v in batch.items()}
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, cfg)
