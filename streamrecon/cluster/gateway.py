@@ -765,9 +765,12 @@ class Gateway:
                 "workers": [w.status(self.routes) for w in self.workers.values()]}
 
     def stream_statuses(self) -> dict[str, dict]:
-        # the worker's latest heartbeat, with the counters of its latest exchange (fresher)
+        # the worker's latest heartbeat, with the counters of its latest exchange (fresher: after a move the
+        # heartbeat can still be the previous worker's until the new one publishes, so what the move changed
+        # -- worker, restored_from -- comes from the route)
         return {sid: {**r.status, "stream_id": sid, "processed": r.processed, "queue_depth": r.queue, "fps": r.fps,
-                      "worker": r.worker, "cluster": r.brief()} for sid, r in self.routes.items()}
+                      "worker": r.worker, "restored_from": r.restored_from, "cluster": r.brief()}
+                for sid, r in self.routes.items()}
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
