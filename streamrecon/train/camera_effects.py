@@ -128,7 +128,6 @@ def _jpeg(x: Tensor, quality: int) -> Tensor:
 
 def _one_view(x: Tensor, fx: CameraEffects, p: dict, g: torch.Generator) -> Tensor:
     """``x`` ``(3, H, W)`` in [0, 1] -> the same through the sample's camera ``p`` and this view's draws."""
-    h, w = x.shape[-2:]
     x = (x.clamp(0, 1) ** 2.2) * p["gain"] * p["wb"][:, None, None]  # roughly linear light
     x = x * p["vig"]
     x = x.clamp(0, 1) ** (p["gamma"] / 2.2)  # the camera's tone curve
@@ -147,7 +146,6 @@ def _one_view(x: Tensor, fx: CameraEffects, p: dict, g: torch.Generator) -> Tens
     x = x.clamp(0, 1)
     if float(torch.rand(1, generator=g)) < fx.jpeg_prob:
         x = _jpeg(x, int(round(float(_u(g, fx.jpeg_quality)))))
-    assert x.shape == (3, h, w)
     return (x * 255).round() / 255  # 8-bit like the frames the node reads
 
 
