@@ -80,7 +80,14 @@ class Client:
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
 
     def request(self, cmd: str, timeout: float = 20.0, **fields):
-        self.ctl.send_multipart(wire.encode_request(cmd, **fields))
+        # a DEALER with no peer (e.g. its CURVE handshake was refused and the pipe dropped) blocks in send:
+        # no peer within the timeout is no reply
+        if not self.ctl.poll(int(timeout * 1000), zmq.POLLOUT):
+            return None, None
+        try:
+            self.ctl.send_multipart(wire.encode_request(cmd, **fields), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return None, None
         if not self.ctl.poll(int(timeout * 1000)):
             return None, None
         return wire.decode_reply(self.ctl.recv_multipart())
