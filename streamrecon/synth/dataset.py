@@ -49,6 +49,10 @@ class SynthConfig:
         step: camera step per frame (metres) for moving trajectories.
         textures: photographs some surfaces carry (:mod:`streamrecon.synth.textures`: ``"skimage"``,
             a directory, ``""`` none); texture_prob: the chance a surface carries one.
+        furniture: range of the number of furniture pieces per room (:mod:`.furniture`; ``(0, 0)``: none).
+        pitch: range of the camera's starting pitch (radians, positive up); ``None``: nearly level
+            (:func:`~streamrecon.synth.trajectory.make_trajectory`).
+        aim_prob: the chance a sequence starts looking at a piece of furniture (rooms that have some).
     """
 
     height: int = 112
@@ -64,6 +68,9 @@ class SynthConfig:
     step: float = 0.08
     textures: str = ""
     texture_prob: float = 0.5
+    furniture: tuple = (0, 0)
+    pitch: Optional[tuple] = None
+    aim_prob: float = 0.0
 
 
 def render_sequence(seed: int, cfg: SynthConfig = SynthConfig(), frames: Optional[int] = None,
@@ -82,11 +89,17 @@ def render_sequence(seed: int, cfg: SynthConfig = SynthConfig(), frames: Optiona
     from .textures import load_textures
 
     scene = random_scene(seed, moving=cfg.moving, speed=cfg.speed, textures=load_textures(cfg.textures),
-                         texture_prob=cfg.texture_prob)
+                         texture_prob=cfg.texture_prob, furniture=tuple(cfg.furniture))
     kind = cfg.kinds[int(torch.randint(len(cfg.kinds), (1,), generator=g))]
     hfov = cfg.hfov[0] + (cfg.hfov[1] - cfg.hfov[0]) * float(torch.rand(1, generator=g))
     K = intrinsics(cfg.height, cfg.width, hfov)
-    T = make_trajectory(scene, kind, n, seed=seed + 1, step=cfg.step)
+    aim = None
+    if cfg.aim_prob > 0 and scene.furniture:  # its own generator: other draws stay as they were
+        ga = torch.Generator().manual_seed(seed * 13 + 5)
+        if float(torch.rand(1, generator=ga)) < cfg.aim_prob:
+            aim = scene.furniture[int(torch.randint(len(scene.furniture), (1,), generator=ga))].focus
+    T = make_trajectory(scene, kind, n, seed=seed + 1, step=cfg.step,
+                        pitch=tuple(cfg.pitch) if cfg.pitch is not None else None, aim=aim)
     if cfg.moving and cfg.movers_in_view:
         _place_movers(scene, T, cfg.moving, torch.Generator().manual_seed(seed + 2))
     def view(T_wc, frame: int) -> dict:

@@ -32,6 +32,7 @@ class Primitive:
         velocity: ``(3,)`` metres per frame (moving objects), zero for static ones.
         texture: index into the scene's ``textures`` (a photograph instead of ``pattern``), -1: none;
         tex_scale: its repeats per metre.
+        group: the furniture piece (:mod:`.furniture`) it is a part of, -1 for a free object.
     """
 
     kind: str
@@ -44,6 +45,7 @@ class Primitive:
     velocity: Tensor = field(default_factory=lambda: torch.zeros(3))
     texture: int = -1
     tex_scale: float = 1.0
+    group: int = -1  # index of the furniture piece it belongs to (scene.furniture), -1: none
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Scene:
     textures: tuple = ()  # (3, H, W) photographs in [0, 1] (streamrecon.synth.textures)
     room_textures: list = field(default_factory=lambda: [-1] * 6)  # per face: index into textures, -1: pattern
     room_tex_scales: list = field(default_factory=lambda: [1.0] * 6)
+    furniture: list = field(default_factory=list)  # streamrecon.synth.furniture.Piece, parts in objects
 
     def bounds(self) -> tuple[Tensor, Tensor]:
         w, h, d = self.room.tolist()
@@ -74,10 +77,24 @@ class Scene:
             return False
         for o in self.objects:
             c = o.center + frame * o.velocity
+            if o.group >= 0 and o.kind == "box":  # furniture boards: the exact distance to the box
+                local = (p - c) @ _rot_y(o.yaw)
+                if float((local.abs() - o.size).clamp(min=0).norm()) < margin:
+                    return False
+                continue
+            if o.group >= 0:
+                if float((p - c).norm()) < float(o.size.max()) + margin:
+                    return False
+                continue
             reach = float(o.size.max()) * (1.8 if o.kind == "box" else 1.0) + margin
             if float((p - c).norm()) < reach:
                 return False
         return True
+
+
+def _rot_y(yaw: float) -> Tensor:
+    c, s = math.cos(yaw), math.sin(yaw)
+    return torch.tensor([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
 
 
 def _palette(g: torch.Generator) -> Tensor:
@@ -92,12 +109,15 @@ def _palette(g: torch.Generator) -> Tensor:
 
 
 def random_scene(seed: int, n_objects: tuple[int, int] = (4, 10), moving: int = 0,
-                 speed: tuple[float, float] = (0.01, 0.03), textures: tuple = (), texture_prob: float = 0.5) -> Scene:
+                 speed: tuple[float, float] = (0.01, 0.03), textures: tuple = (), texture_prob: float = 0.5,
+                 furniture: tuple[int, int] = (0, 0)) -> Scene:
     """A random room with objects on the floor (and a few floating), ``moving`` of them in motion
     (horizontally, ``speed`` metres per frame). With ``textures`` (photographs, see
     :mod:`streamrecon.synth.textures`) each surface carries one of them with probability
     ``texture_prob`` instead of its pattern; those draws use their own generator, so the geometry,
-    patterns and lights of a seed are the same with or without textures."""
+    patterns and lights of a seed are the same with or without textures. ``furniture`` (a count range)
+    adds desks, chairs, partitions, shelves and cabinets (:mod:`.furniture`) after the objects, with
+    their own generator too: with ``(0, 0)`` a seed's scene is what it was before furniture existed."""
     g = torch.Generator().manual_seed(seed)
 
     def u(a: float, b: float) -> float:
@@ -136,6 +156,8 @@ def random_scene(seed: int, n_objects: tuple[int, int] = (4, 10), moving: int = 
     lights = torch.tensor([[u(-w / 3, w / 3), -h + 0.3, u(-d / 3, d / 3)] for _ in range(n_lights)])
     power = torch.tensor([u(4.0, 10.0) for _ in range(n_lights)])
     scene = Scene(room, room_colors, room_patterns, room_scales, objects, lights, power, u(0.25, 0.45), seed)
+    if furniture[1] > 0:
+        _add_furniture(scene, seed, furniture)
     if textures:
         gt = torch.Generator().manual_seed(seed * 7 + 123457)
 
@@ -148,7 +170,41 @@ def random_scene(seed: int, n_objects: tuple[int, int] = (4, 10), moving: int = 
         scene.textures = tuple(textures)
         faces = [draw() for _ in range(6)]
         scene.room_textures, scene.room_tex_scales = [f[0] for f in faces], [f[1] for f in faces]
+        pieces: dict = {}
         for prim in objects:
+            if prim.group >= 0:  # one texture per piece of furniture
+                if prim.group not in pieces:
+                    pieces[prim.group] = draw()
+                prim.texture, prim.tex_scale = pieces[prim.group][0], pieces[prim.group][1] * 2.0
+                continue
             prim.texture, prim.tex_scale = draw()
             prim.tex_scale *= 2.0  # objects are smaller than walls
     return scene
+
+
+def _add_furniture(scene: Scene, seed: int, count: tuple[int, int]) -> None:
+    """Place furniture (its own generator) and append its parts to ``scene.objects``; free objects
+    a piece overlaps are removed."""
+    from .furniture import place_furniture
+
+    g = torch.Generator().manual_seed(seed * 31 + 9176)
+
+    def u(a: float, b: float) -> float:
+        return a + (b - a) * torch.rand(1, generator=g).item()
+
+    def choice(seq):
+        return seq[int(torch.randint(len(seq), (1,), generator=g))]
+
+    n = int(torch.randint(count[0], count[1] + 1, (1,), generator=g))
+    pieces = place_furniture(scene.room, n, u, choice)
+    kept = [o for o in scene.objects
+            if all(float(((o.center - p.origin) * torch.tensor([1.0, 0.0, 1.0])).norm()) > p.radius + float(o.size.max())
+                   for p in pieces)]
+    scene.objects[:] = kept
+    for k, piece in enumerate(pieces):
+        colors, pattern, scale = _palette(g), choice(("noise", "marble", "stripes", "grid", "checker")), u(2.0, 12.0)
+        R = _rot_y(piece.yaw)
+        for kind, centre, size in piece.parts:
+            scene.objects.append(Primitive(kind, piece.origin + R @ centre, size, piece.yaw, colors, pattern, scale,
+                                           group=k))
+    scene.furniture = pieces

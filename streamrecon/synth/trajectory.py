@@ -8,6 +8,7 @@ Kinds: ``walk`` (smooth path through random waypoints, looking ahead with some w
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -57,14 +58,29 @@ def _free_point(scene: Scene, g: torch.Generator, margin: float = 0.6) -> Tensor
     return torch.tensor([0.0, -1.5, 0.0], dtype=torch.float64)
 
 
-def make_trajectory(scene: Scene, kind: str, n_frames: int, seed: int, step: float = 0.08) -> Tensor:
-    """``(n_frames, 4, 4)`` float64 camera-to-world poses of the given kind."""
+def make_trajectory(scene: Scene, kind: str, n_frames: int, seed: int, step: float = 0.08,
+                    pitch: Optional[tuple[float, float]] = None, aim: Optional[Tensor] = None) -> Tensor:
+    """``(n_frames, 4, 4)`` float64 camera-to-world poses of the given kind.
+
+    Args:
+        pitch: range of the starting pitch (radians, positive looks up); ``None``: ``(-0.18, 0.12)``,
+            nearly level.
+        aim: ``(3,)`` world point the camera starts looking at (a piece of furniture), its pitch
+            kept within ``pitch``; ``None``: a random heading.
+    """
     if kind not in KINDS:
         raise ValueError(f"unknown trajectory kind {kind!r}; choose from {KINDS}")
     g = torch.Generator().manual_seed(seed)
     start = _free_point(scene, g)
     yaw0 = float(torch.rand(1, generator=g)) * 2 * math.pi
-    pitch0 = (float(torch.rand(1, generator=g)) - 0.6) * 0.3
+    r = float(torch.rand(1, generator=g))
+    pitch0 = (r - 0.6) * 0.3 if pitch is None else pitch[0] + (pitch[1] - pitch[0]) * r
+    pitch = pitch or (-0.18, 0.12)
+    if aim is not None:
+        to = aim.double() - start
+        yaw0 = math.atan2(float(to[0]), float(to[2]))
+        level = math.hypot(float(to[0]), float(to[2]))
+        pitch0 = min(max(math.atan2(-float(to[1]), max(level, 1e-6)), pitch[0]), pitch[1])
     jitter = _smooth_noise(g, n_frames, 0.02)
     poses = []
     if kind == "walk":
