@@ -11,7 +11,8 @@ Examples:
 ``score`` prints, per dataset, the model's median-scaled AbsRel beside a constant map and the model's
 own average map, the log-depth correlations and the per-image dependence
 (``streamrecon.eval.depth_dependence``). ``--synthetic N`` adds N held-out synthetic sequences
-(seeds 91,000,000+). ``overfit`` trains the small preset from scratch on a fixed pool of N synthetic
+(seeds 91,000,000+; plain rooms, the issue's set), ``--furnished N`` N furnished ones like
+configs/train_small_v5.yaml's (seeds 92,000,000+). ``overfit`` trains the small preset from scratch on a fixed pool of N synthetic
 scenes (no refresh) and scores it on those scenes (seen) and on held-out ones: if even the seen scenes
 get image-independent depth, the recipe, not the data or the time, is at fault.
 """
@@ -32,11 +33,15 @@ KEYS = ("abs_rel", "abs_rel_constant", "abs_rel_mean_map", "abs_rel_gt_mean", "g
         "dependence")
 
 
-def synthetic_sequences(seeds, height=112, width=160, frames=16):
+#: the rooms of configs/train_small_v5.yaml: photographs, furniture, handheld pitch (``score --furnished``)
+FURNISHED = {"textures": "skimage", "texture_prob": 0.5, "furniture": (2, 8), "pitch": (-0.55, 0.1), "aim_prob": 0.5}
+
+
+def synthetic_sequences(seeds, height=112, width=160, frames=16, **synth):
     from streamrecon.eval.datasets import EvalSequence
     from streamrecon.synth.dataset import SynthConfig, render_sequence
 
-    cfg = SynthConfig(height=height, width=width, frames=frames)
+    cfg = SynthConfig(height=height, width=width, frames=frames, **synth)
     out = []
     for s in seeds:
         r = render_sequence(int(s), cfg)
@@ -72,6 +77,9 @@ def score(args) -> dict:
     if args.synthetic:
         held = synthetic_sequences(range(91_000_000, 91_000_000 + args.synthetic))
         sets.append((f"synthetic held-out x{args.synthetic}", held))
+    if args.furnished:
+        held = synthetic_sequences(range(92_000_000, 92_000_000 + args.furnished), **FURNISHED)
+        sets.append((f"furnished held-out x{args.furnished}", held))
     print(header())
     for name, seqs in sets:
         s = dependence_scores(collect_frames(model, seqs, max_frames=args.max_frames, stride=args.stride))
@@ -245,6 +253,7 @@ def main() -> int:
     a.add_argument("datasets", nargs="*")
     a.add_argument("--weights", default="", help="checkpoint (default: the bundled model)")
     a.add_argument("--synthetic", type=int, default=0, help="N held-out synthetic sequences")
+    a.add_argument("--furnished", type=int, default=0, help="N held-out furnished synthetic sequences (v5 rooms)")
     a.add_argument("--pool-scenes", type=int, default=0, help="the first N scenes of a seed-0 training pool")
     a.add_argument("--max-frames", type=int, default=0)
     a.add_argument("--stride", type=int, default=1)
