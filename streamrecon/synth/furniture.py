@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .scene import rot_y
+
 __all__ = ["Piece", "KINDS", "build_piece", "place_furniture"]
 
 KINDS = ("desk", "chair", "partition", "cubicle", "shelf", "cabinet")
@@ -127,11 +129,6 @@ def build_piece(kind: str, u: Callable[[float, float], float]) -> tuple[list, fl
     raise ValueError(f"unknown furniture kind {kind!r}; choose from {KINDS}")
 
 
-def _rot_y(yaw: float) -> Tensor:
-    c, s = math.cos(yaw), math.sin(yaw)
-    return torch.tensor([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
-
-
 def place_furniture(room: Tensor, n: int, u: Callable[[float, float], float],
                     choice: Callable[[tuple], str]) -> list[Piece]:
     """Up to ``n`` pieces in a room ``(3,)`` (width, height, depth), most against a wall, none
@@ -158,7 +155,7 @@ def place_furniture(room: Tensor, n: int, u: Callable[[float, float], float],
                 origin = (u(-w / 2 + radius + 0.3, w / 2 - radius - 0.3), u(-d / 2 + radius + 0.3, d / 2 - radius - 0.3))
             o = torch.tensor([origin[0], 0.0, origin[1]])
             if all(float((o - p.origin).norm()) > radius + p.radius for p in pieces):
-                R = _rot_y(yaw)
+                R = rot_y(yaw)
                 pieces.append(Piece(kind, o, yaw, radius, tuple(parts), o + R @ focus))
                 break
     return pieces

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from .scene import Scene
+from .scene import Scene, rot_y
 from .textures import sample_texture
 
 __all__ = ["render", "pixel_rays"]
@@ -71,11 +71,6 @@ def _pattern(kind: str, p: Tensor, scale: float, seed: float) -> Tensor:
     raise ValueError(f"unknown pattern {kind!r}")
 
 
-def _rot_y(yaw: float, dtype) -> Tensor:
-    c, s = math.cos(yaw), math.sin(yaw)
-    return torch.tensor([[c, 0, s], [0, 1, 0], [-s, 0, c]], dtype=dtype)
-
-
 def _hit_room(o: Tensor, d: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     """Exit distance from inside the room box and the face index (0..5: -x, +x, -y, +y, -z, +z)."""
     with torch.no_grad():
@@ -89,7 +84,7 @@ def _hit_room(o: Tensor, d: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Ten
 
 
 def _hit_box(o: Tensor, d: Tensor, center: Tensor, half: Tensor, yaw: float) -> tuple[Tensor, Tensor]:
-    R = _rot_y(yaw, d.dtype)
+    R = rot_y(yaw, d.dtype)
     ol, dl = (o - center) @ R, d @ R  # into the box frame
     safe = torch.where(dl.abs() < 1e-12, torch.full_like(dl, 1e-12), dl)
     t1, t2 = (-half - ol) / safe, (half - ol) / safe
@@ -184,7 +179,7 @@ def _shade(scene: Scene, p: Tensor, n: Tensor, obj: Tensor, frame: int) -> Tenso
         else:
             prim = scene.objects[idx]
             colors, pattern, scale = prim.color, prim.pattern, prim.scale
-            R = _rot_y(prim.yaw, p.dtype)
+            R = rot_y(prim.yaw, p.dtype)
             local = (p[m] - (prim.center + frame * prim.velocity).to(p.dtype)) @ R
             tex, tex_scale, n_local = prim.texture, prim.tex_scale, n[m] @ R
         cols = colors.to(p.dtype)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["Scene", "Primitive", "random_scene", "PATTERNS"]
+__all__ = ["Scene", "Primitive", "random_scene", "rot_y", "PATTERNS"]
 
 PATTERNS = ("checker", "stripes", "noise", "marble", "grid")
 
@@ -78,12 +78,8 @@ class Scene:
         for o in self.objects:
             c = o.center + frame * o.velocity
             if o.group >= 0 and o.kind == "box":  # furniture boards: the exact distance to the box
-                local = (p - c) @ _rot_y(o.yaw)
+                local = (p - c) @ rot_y(o.yaw)
                 if float((local.abs() - o.size).clamp(min=0).norm()) < margin:
-                    return False
-                continue
-            if o.group >= 0:
-                if float((p - c).norm()) < float(o.size.max()) + margin:
                     return False
                 continue
             reach = float(o.size.max()) * (1.8 if o.kind == "box" else 1.0) + margin
@@ -92,9 +88,10 @@ class Scene:
         return True
 
 
-def _rot_y(yaw: float) -> Tensor:
+def rot_y(yaw: float, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``(3, 3)`` rotation about the vertical axis: a primitive's local point ``x`` is at ``center + R @ x``."""
     c, s = math.cos(yaw), math.sin(yaw)
-    return torch.tensor([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
+    return torch.tensor([[c, 0, s], [0, 1, 0], [-s, 0, c]], dtype=dtype)
 
 
 def _palette(g: torch.Generator) -> Tensor:
@@ -203,7 +200,7 @@ def _add_furniture(scene: Scene, seed: int, count: tuple[int, int]) -> None:
     scene.objects[:] = kept
     for k, piece in enumerate(pieces):
         colors, pattern, scale = _palette(g), choice(("noise", "marble", "stripes", "grid", "checker")), u(2.0, 12.0)
-        R = _rot_y(piece.yaw)
+        R = rot_y(piece.yaw)
         for kind, centre, size in piece.parts:
             scene.objects.append(Primitive(kind, piece.origin + R @ centre, size, piece.yaw, colors, pattern, scale,
                                            group=k))
