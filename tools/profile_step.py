@@ -5,11 +5,14 @@ Examples:
     python tools/profile_step.py --preset cut3r_224_linear --size 224x224 --threads 2
     python tools/profile_step.py --preset cut3r_224_linear --size 224x224 --ab onednn --rounds 4
     python tools/profile_step.py --model streamrecon/weights/streamrecon_small.safetensors --size 112x160 --ab onednn
+    python tools/profile_step.py --preset cut3r_224_linear --size 224x224 --precision int8
 
 Default mode: one warm-up step, then ``--frames`` steps under ``torch.profiler``; operators are grouped
 (GEMM, attention, elementwise, copies, norms, other) with their share of the time, and the GEMMs'
 achieved GFLOP/s (from their input shapes) beside the ceiling of a 768x768x3072 GEMM measured in the
 same run. Per-stage times (encoder, memory, decoders, heads) come from the model's stage hooks.
+``--precision int8`` profiles the node's int8 model (its quantised Linear layers are the "int8 gemm"
+group; their FLOPs are not counted).
 
 ``--ab onednn``: the same frames stepped with the oneDNN linear path off and on, alternating which goes
 first in every round, from the same state: per-stage medians of both, their ratio from that one run,
@@ -33,6 +36,7 @@ from streamrecon.layers import set_fused_attn, set_onednn_linear
 
 GROUPS = {
     "gemm": ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "mkldnn::_linear_pointwise", "aten::linear"),
+    "int8 gemm": ("quantized::linear_dynamic",),  # --precision int8: quantise the input, int8 GEMM, dequantise
     "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_softmax", "aten::softmax"),
     "copies": ("aten::copy_", "aten::clone", "aten::contiguous", "aten::cat", "aten::flip", "aten::_to_copy"),
     "norms": ("aten::native_layer_norm",),
@@ -77,9 +81,12 @@ def _gemm_flops(name: str, shapes) -> float:
 
 
 def _model(args):
-    if args.model:
-        return load_model(args.model, device="cpu")
-    return create_model(args.preset, device="cpu", seed=0)
+    model = load_model(args.model, device="cpu") if args.model else create_model(args.preset, device="cpu", seed=0)
+    if args.precision == "int8":
+        from streamrecon.engine.quant import quantize_int8_
+
+        model = quantize_int8_(model.eval())
+    return model
 
 
 def _stage_hook(store: dict, key: list):
@@ -167,6 +174,8 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=2, help="profiled steps (default mode)")
     ap.add_argument("--rounds", type=int, default=4, help="A/B rounds (--ab)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                    help="int8: the trunk's Linear layers dynamically quantised (--precision int8 of the node)")
     ap.add_argument("--ab", choices=sorted(SWITCHES), default="", help="A/B one implementation switch")
     ap.add_argument("--json", default="", help="also write the report here")
     args = ap.parse_args()
@@ -175,7 +184,7 @@ def main() -> int:
     model = _model(args).eval()
     img = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0)) * 2 - 1
     report = ab(args, model, img) if args.ab else profile(args, model, img)
-    report.update(model=args.model or args.preset, size=args.size, threads=args.threads)
+    report.update(model=args.model or args.preset, size=args.size, threads=args.threads, precision=args.precision)
     text = json.dumps(report, indent=1)
     print(text)
     if args.json:

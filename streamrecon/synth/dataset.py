@@ -53,6 +53,8 @@ class SynthConfig:
         pitch: range of the camera's starting pitch (radians, positive up); ``None``: nearly level
             (:func:`~streamrecon.synth.trajectory.make_trajectory`).
         aim_prob: the chance a sequence starts looking at a piece of furniture (rooms that have some).
+        shadows: the lights' radius (metres) for soft cast shadows and corner occlusion
+            (:func:`~streamrecon.synth.render.render`); ``0``: none.
     """
 
     height: int = 112
@@ -71,6 +73,7 @@ class SynthConfig:
     furniture: tuple = (0, 0)
     pitch: Optional[tuple] = None
     aim_prob: float = 0.0
+    shadows: float = 0.0
 
 
 def render_sequence(seed: int, cfg: SynthConfig = SynthConfig(), frames: Optional[int] = None,
@@ -103,7 +106,8 @@ def render_sequence(seed: int, cfg: SynthConfig = SynthConfig(), frames: Optiona
     if cfg.moving and cfg.movers_in_view:
         _place_movers(scene, T, cfg.moving, torch.Generator().manual_seed(seed + 2))
     def view(T_wc, frame: int) -> dict:
-        v = render(scene, T_wc, K, cfg.height, cfg.width, frame=frame, supersample=cfg.supersample)
+        v = render(scene, T_wc, K, cfg.height, cfg.width, frame=frame, supersample=cfg.supersample,
+                   shadows=cfg.shadows)
         if on_view is not None:
             on_view()
         return v

@@ -102,7 +102,7 @@ def _hit_sphere(o: Tensor, d: Tensor, center: Tensor, r: float) -> tuple[Tensor,
     oc = o - center
     a = (d * d).sum(-1)
     b = 2 * (d * oc).sum(-1)
-    c = (oc * oc).sum() - r * r
+    c = (oc * oc).sum(-1) - r * r
     disc = b * b - 4 * a * c
     t = (-b - torch.sqrt(disc.clamp(min=0))) / (2 * a)
     t = torch.where((disc >= 0) & (t > _EPS), t, torch.full_like(t, _INF))
@@ -113,18 +113,18 @@ def _hit_sphere(o: Tensor, d: Tensor, center: Tensor, r: float) -> tuple[Tensor,
 def _hit_cylinder(o: Tensor, d: Tensor, center: Tensor, r: float, hh: float) -> tuple[Tensor, Tensor]:
     oc = o - center
     a = d[..., 0] ** 2 + d[..., 2] ** 2
-    b = 2 * (d[..., 0] * oc[0] + d[..., 2] * oc[2])
-    c = oc[0] ** 2 + oc[2] ** 2 - r * r
+    b = 2 * (d[..., 0] * oc[..., 0] + d[..., 2] * oc[..., 2])
+    c = oc[..., 0] ** 2 + oc[..., 2] ** 2 - r * r
     disc = b * b - 4 * a * c
     t_side = (-b - torch.sqrt(disc.clamp(min=0))) / (2 * a.clamp(min=1e-12))
-    y_side = oc[1] + t_side * d[..., 1]
+    y_side = oc[..., 1] + t_side * d[..., 1]
     side_ok = (disc >= 0) & (t_side > _EPS) & (y_side.abs() <= hh)
     t_side = torch.where(side_ok, t_side, torch.full_like(t_side, _INF))
     safe_dy = torch.where(d[..., 1].abs() < 1e-12, torch.full_like(d[..., 1], 1e-12), d[..., 1])
     t_caps = []
     for cap in (-hh, hh):
-        tc = (cap - oc[1]) / safe_dy
-        x, z = oc[0] + tc * d[..., 0], oc[2] + tc * d[..., 2]
+        tc = (cap - oc[..., 1]) / safe_dy
+        x, z = oc[..., 0] + tc * d[..., 0], oc[..., 2] + tc * d[..., 2]
         t_caps.append(torch.where((tc > _EPS) & (x * x + z * z <= r * r), tc, torch.full_like(tc, _INF)))
     t_cap = torch.minimum(*t_caps)
     t = torch.minimum(t_side, t_cap)
@@ -133,6 +133,59 @@ def _hit_cylinder(o: Tensor, d: Tensor, center: Tensor, r: float, hh: float) -> 
     n_cap = torch.zeros_like(p)
     n_cap[..., 1] = torch.sign(p[..., 1])
     return t, torch.where((t_side <= t_cap)[..., None], n_side, n_cap)
+
+
+def _hit_object(prim, o: Tensor, d: Tensor, frame: int) -> tuple[Tensor, Tensor]:
+    """Hit distance and normal of rays (origins ``(3,)`` or ``(N, 3)``, directions ``(N, 3)``) on one primitive."""
+    c = (prim.center + frame * prim.velocity).to(d.dtype)
+    if prim.kind == "box":
+        return _hit_box(o, d, c, prim.size.to(d.dtype), prim.yaw)
+    if prim.kind == "sphere":
+        return _hit_sphere(o, d, c, float(prim.size[0]))
+    return _hit_cylinder(o, d, c, float(prim.size[0]), float(prim.size[1]))
+
+
+def _lit(scene: Scene, p: Tensor, n: Tensor, frame: int, light_offset: Tensor) -> Tensor:
+    """Fraction of each light that reaches points ``p`` ``(N, 3)`` past the objects: ``(L, N)`` in {0, 1}.
+
+    ``light_offset`` ``(N, 3)`` moves each point's light sample across the light's area (soft shadows once
+    the sub-pixel samples are averaged). Room faces never shadow: the lights hang inside the room.
+    """
+    o = p + 1e-3 * n
+    out = []
+    for lp in scene.lights.to(p.dtype):
+        to_l = lp + light_offset - o
+        dist = to_l.norm(dim=-1)
+        d = to_l / dist[..., None]
+        blocked = torch.zeros_like(dist, dtype=torch.bool)
+        for prim in scene.objects:
+            blocked |= _hit_object(prim, o, d, frame)[0] < dist
+        out.append((~blocked).to(p.dtype))
+    return torch.stack(out) if out else p.new_zeros(0, p.shape[0])
+
+
+def _light_samples(k: int, n: int, radius: float, dtype: torch.dtype) -> Tensor:
+    """Points on a horizontal light disc ``(k * n, 3)`` (sample-major like the sub-pixel rays): each of the
+    ``n`` pixels takes ``k`` stratified points (a spiral), turned by its own fixed pseudo-random angle so
+    that neighbouring pixels sample the light differently and a penumbra averages out smooth."""
+    i = torch.arange(n, dtype=torch.float64)
+    turn = torch.frac(torch.sin(i * 12.9898 + 78.233) * 43758.5453) * (2 * math.pi)  # (n,)
+    j = torch.arange(k, dtype=torch.float64)[:, None]
+    ang = turn[None] + j * (2 * math.pi / k)
+    r = radius * torch.sqrt((j + 0.5) / k)
+    off = torch.stack([r * torch.cos(ang), torch.zeros_like(ang), r * torch.sin(ang)], -1)
+    return off.reshape(k * n, 3).to(dtype)
+
+
+def _corner_occlusion(scene: Scene, p: Tensor, obj: Tensor) -> Tensor:
+    """Ambient occlusion of room faces ``(N,)`` in (0, 1]: darker within ~0.3 m of another face (corners,
+    wall-floor edges), as indirect light is there; objects keep 1 (their contact shows as shadow)."""
+    lo, hi = (b.to(p.dtype) for b in scene.bounds())
+    gap = torch.stack([p - lo, hi - p], -1).reshape(-1, 6).clamp(min=0)  # (N, 6): to faces -x, +x, -y, +y, -z, +z
+    face = (-obj - 1).clamp(min=0)
+    gap = gap.scatter(-1, face[:, None], _INF)  # not the face the point lies on
+    ao = 1.0 - 0.6 * torch.exp(-gap.min(-1).values / 0.3)
+    return torch.where(obj < 0, ao, torch.ones_like(ao))
 
 
 def _cast(scene: Scene, o: Tensor, d: Tensor, frame: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -144,13 +197,7 @@ def _cast(scene: Scene, o: Tensor, d: Tensor, frame: int) -> tuple[Tensor, Tenso
     normal.scatter_(-1, axis[..., None], torch.where(face % 2 == 0, 1.0, -1.0).to(d.dtype)[..., None])
     obj = -(face + 1)
     for k, prim in enumerate(scene.objects):
-        c = (prim.center + frame * prim.velocity).to(d.dtype)
-        if prim.kind == "box":
-            tk, nk = _hit_box(o, d, c, prim.size.to(d.dtype), prim.yaw)
-        elif prim.kind == "sphere":
-            tk, nk = _hit_sphere(o, d, c, float(prim.size[0]))
-        else:
-            tk, nk = _hit_cylinder(o, d, c, float(prim.size[0]), float(prim.size[1]))
+        tk, nk = _hit_object(prim, o, d, frame)
         closer = tk < t
         t = torch.where(closer, tk, t)
         normal = torch.where(closer[..., None], nk, normal)
@@ -167,7 +214,10 @@ def _photo(tex: Tensor, local: Tensor, n_local: Tensor, scale: float, tint: Tens
     return (rgb * tint).clamp(0, 1)
 
 
-def _shade(scene: Scene, p: Tensor, n: Tensor, obj: Tensor, frame: int) -> Tensor:
+def _shade(scene: Scene, p: Tensor, n: Tensor, obj: Tensor, frame: int,
+           light_offset: Tensor | None = None) -> Tensor:
+    """Colour ``(N, 3)`` in [0, 1] of hit points: texture x (ambient + Lambert light / (dist^2 + 1)); with
+    ``light_offset`` (``(N, 3)``, see :func:`_lit`) also cast shadows and corner occlusion."""
     color = torch.zeros_like(p)
     for idx in torch.unique(obj).tolist():
         m = obj == idx
@@ -190,17 +240,21 @@ def _shade(scene: Scene, p: Tensor, n: Tensor, obj: Tensor, frame: int) -> Tenso
         f = _pattern(pattern, local, scale, float(scene.seed % 1000 + idx))[..., None]
         color[m] = cols[0] * (1 - f) + cols[1] * f
     light = torch.full(p.shape[:-1], scene.ambient, dtype=p.dtype)
-    for lp, power in zip(scene.lights.to(p.dtype), scene.light_power.tolist()):
+    visible = None
+    if light_offset is not None:
+        light = light * _corner_occlusion(scene, p, obj)
+        visible = _lit(scene, p, n, frame, light_offset)
+    for j, (lp, power) in enumerate(zip(scene.lights.to(p.dtype), scene.light_power.tolist())):
         to_l = lp - p
         dist2 = (to_l * to_l).sum(-1)
         lam = ((to_l / dist2.sqrt()[..., None]) * n).sum(-1).clamp(min=0)
-        light = light + power * lam / (dist2 + 1.0)
+        light = light + power * lam / (dist2 + 1.0) * (1.0 if visible is None else visible[j])
     return (color * light[..., None]).clamp(0, 1)
 
 
 @torch.no_grad()
 def render(scene: Scene, T_wc: Tensor, K: Tensor, h: int, w: int, frame: int = 0, supersample: int = 2,
-           dtype: torch.dtype = torch.float32) -> dict:
+           dtype: torch.dtype = torch.float32, shadows: float = 0.0) -> dict:
     """Render one view.
 
     Args:
@@ -210,6 +264,9 @@ def render(scene: Scene, T_wc: Tensor, K: Tensor, h: int, w: int, frame: int = 0
         h, w: image size.
         frame: time index (moving objects).
         supersample: sub-pixel rays per axis for the colour.
+        shadows: the lights' radius (metres) for cast shadows and corner occlusion; each sub-pixel ray
+            takes its own point on the light disc, so shadows are soft with ``supersample > 1``. ``0``: the
+            plain Lambert shading (no shadows, no occlusion).
 
     Returns:
         ``rgb`` ``(H, W, 3)`` uint8, ``depth`` ``(H, W)`` float32 camera z (metres), ``valid`` ``(H, W)`` bool,
@@ -227,11 +284,15 @@ def render(scene: Scene, T_wc: Tensor, K: Tensor, h: int, w: int, frame: int = 0
     dynamic = torch.isin(hit, movers) if len(movers) else torch.zeros_like(hit, dtype=torch.bool)
     if s == 1:
         _, p, n, obj = _cast(scene, o, centre[0], frame)
-        rgb = _shade(scene, p, n, obj, frame)
+        light_offset = torch.zeros_like(p) if shadows > 0 else None
+        rgb = _shade(scene, p, n, obj, frame, light_offset)
     else:
         _, sub = pixel_rays(T, Kd, h, w, offsets)
         _, p, n, obj = _cast(scene, o, sub.reshape(-1, 3), frame)
-        rgb = _shade(scene, p, n, obj, frame).reshape(s * s, h * w, 3).mean(0)
+        light_offset = None
+        if shadows > 0:
+            light_offset = _light_samples(s * s, h * w, shadows, dtype)
+        rgb = _shade(scene, p, n, obj, frame, light_offset).reshape(s * s, h * w, 3).mean(0)
     depth = t.reshape(h, w)
     valid = torch.isfinite(depth) & (depth > 0)
     return {"rgb": (rgb.reshape(h, w, 3) * 255).round().to(torch.uint8), "depth": depth.float().nan_to_num(0.0, 0.0, 0.0),
