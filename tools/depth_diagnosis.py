@@ -5,6 +5,7 @@ Examples:
     python tools/depth_diagnosis.py score ../shared/data/sun3d_studyroom ../shared/data/apc_shelf_scene0000
     python tools/depth_diagnosis.py score --weights outputs/overfit1/model.safetensors --synthetic 4
     python tools/depth_diagnosis.py probes --sequences 4          # raymap probe PSNR vs the mean colour
+    python tools/depth_diagnosis.py depthstats ../shared/data/sun3d_studyroom --furnished 8   # depth spread per frame
     python tools/depth_diagnosis.py overfit --scenes 1 --steps 300 --out outputs/overfit1
     python tools/depth_diagnosis.py overfit --scenes 10 --steps 600 --out outputs/overfit10 --model-json '{"head_type": "dpt"}'
 
@@ -67,12 +68,22 @@ def header() -> str:
 
 
 def score(args) -> dict:
-    from streamrecon.eval.datasets import find_sequences
-
     model = _load(args.weights)
     report = {}
+    print(header())
+    for name, seqs in _sets(args):
+        s = dependence_scores(collect_frames(model, seqs, max_frames=args.max_frames, stride=args.stride))
+        report[name] = s
+        print(_row(name, s), flush=True)
+    return report
+
+
+def _sets(args) -> list:
+    """``(name, sequences)``: the datasets named, then the synthetic sets asked for."""
+    from streamrecon.eval.datasets import find_sequences
+
     sets = [(Path(d).name, find_sequences(d)) for d in args.datasets]
-    if args.pool_scenes:  # the first N scenes of a training pool (seed 0): what `overfit --scenes N` trained on
+    if getattr(args, "pool_scenes", 0):  # the first N scenes of a training pool (seed 0): what `overfit --scenes N` trained on
         sets.append((f"training pool x{args.pool_scenes}", synthetic_sequences(range(args.pool_scenes), frames=30)))
     if args.synthetic:
         held = synthetic_sequences(range(91_000_000, 91_000_000 + args.synthetic))
@@ -80,11 +91,33 @@ def score(args) -> dict:
     if args.furnished:
         held = synthetic_sequences(range(92_000_000, 92_000_000 + args.furnished), **FURNISHED)
         sets.append((f"furnished held-out x{args.furnished}", held))
-    print(header())
-    for name, seqs in sets:
-        s = dependence_scores(collect_frames(model, seqs, max_frames=args.max_frames, stride=args.stride))
-        report[name] = s
-        print(_row(name, s), flush=True)
+    return sets
+
+
+def depth_stats(args) -> dict:
+    """How the ground truth's depth is spread within a frame: the per-frame median depth, the ratio of its
+    90th to 10th percentile and the shares of pixels nearer than half / farther than twice the median;
+    the median and quartiles of each over the frames of a set (what renders teach vs what real frames hold)."""
+    report = {}
+    print(f"{'set':<28} {'median m':>16} {'p90/p10':>16} {'< median/2':>16} {'> 2 median':>16} {'frames':>6}")
+    for name, seqs in _sets(args):
+        rows = []
+        for seq in seqs:
+            for i in range(0, len(seq), max(1, args.stride)):
+                d = seq.depth(i)
+                d = d[np.isfinite(d) & (d > 0)]
+                if d.size < 100:
+                    continue
+                med = float(np.median(d))
+                p10, p90 = np.percentile(d, [10, 90])
+                rows.append((med, p90 / p10, float((d < med / 2).mean()), float((d > 2 * med).mean())))
+        a = np.asarray(rows)
+        q = np.percentile(a, [25, 50, 75], axis=0)
+        report[name] = {k: {"p25": q[0, j], "median": q[1, j], "p75": q[2, j]}
+                        for j, k in enumerate(("median_m", "p90_over_p10", "near_share", "far_share"))}
+        report[name]["frames"] = len(rows)
+        cells = [f"{q[1, j]:.2f} ({q[0, j]:.2f}-{q[2, j]:.2f})" for j in range(4)]
+        print(f"{name:<28} " + " ".join(f"{c:>16}" for c in cells) + f" {len(rows):>6d}", flush=True)
     return report
 
 
@@ -274,13 +307,19 @@ def main() -> int:
     c.add_argument("--batches", type=int, default=8)
     d = sub.add_parser("resolution")
     d.add_argument("datasets", nargs="*")
+    f = sub.add_parser("depthstats")
+    f.add_argument("datasets", nargs="*")
+    f.add_argument("--synthetic", type=int, default=0)
+    f.add_argument("--furnished", type=int, default=0)
+    f.add_argument("--stride", type=int, default=1)
     e = sub.add_parser("probes")
     e.add_argument("--weights", default="")
     e.add_argument("--sequences", type=int, default=4)
-    for p in (a, b, c, d, e):
+    for p in (a, b, c, d, e, f):
         p.add_argument("--json", default="", help="also write the report here")
     args = ap.parse_args()
-    rep = {"score": score, "overfit": overfit, "loss": loss_split, "resolution": resolution, "probes": probes}[args.cmd](args)
+    rep = {"score": score, "overfit": overfit, "loss": loss_split, "resolution": resolution, "probes": probes,
+           "depthstats": depth_stats}[args.cmd](args)
     if args.json:
         Path(args.json).write_text(json.dumps(rep, indent=1, default=float) + "\n")
     return 0
