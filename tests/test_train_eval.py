@@ -109,6 +109,32 @@ def test_short_training_run_resumes_and_exports(tmp_path):
     assert all(np.isfinite(x["loss"]) for x in log if "loss" in x) and first > 0
 
 
+def test_ema_weights_are_exported_and_resume(tmp_path):
+    """``ema: d``: model.safetensors holds the moving average (first update: a copy), last.pt the raw
+    weights and the average, so a resumed run continues the same average."""
+    from streamrecon.checkpoint import load_model
+    from streamrecon.train.trainer import TrainConfig, train
+
+    d = 0.7
+    cfg = TrainConfig(model=tiny_config("linear").to_dict(), out_dir=str(tmp_path / "run"), steps=1, batch_size=1,
+                      views=2, warmup=1, val_every=0, save_every=1, log_every=1, export_dtype="float32", ema=d,
+                      data={"height": 48, "width": 64, "frames": 6}, pool=1)
+    train(cfg, progress=None)
+    raw1 = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    out1 = load_model(tmp_path / "run" / "model.safetensors").state_dict()
+    assert all(torch.equal(out1[k], v) for k, v in raw1.items())
+    cfg.steps = 2
+    train(cfg, progress=None)  # resumes at step 1
+    raw2 = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    out2 = load_model(tmp_path / "run" / "model.safetensors").state_dict()
+    name = next(k for k, v in raw2.items() if v.is_floating_point() and v.ndim == 2 and not torch.equal(v, raw1[k]))
+    assert torch.allclose(out2[name], d * raw1[name] + (1 - d) * raw2[name], atol=1e-6)
+    assert not torch.allclose(out2[name], raw2[name], atol=1e-6)
+    with pytest.raises(ValueError, match="ema"):
+        train(TrainConfig(model=tiny_config("linear").to_dict(), out_dir=str(tmp_path / "bad"), steps=1, ema=1.5,
+                          data={"height": 48, "width": 64, "frames": 6}, pool=1), progress=None)
+
+
 def _fake_result(depth, T, h, w):
     crop = plan_crop(h, w, max(h, w))
     K = np.array([[50.0, 0, w / 2], [0, 50.0, h / 2], [0, 0, 1]])

@@ -78,6 +78,7 @@ class TrainConfig:
     loss_norm: str = "metric"  # "metric" (the reference's) or "scale_invariant" (streamrecon.train.losses)
     scale_weight: float = 0.1  # the metric-scale term of loss_norm: scale_invariant
     camera_effects: Optional[dict] = None  # None: clean renders; {} or overrides: CameraEffects (exposure, blur, noise, JPEG)
+    ema: float = 0.0  # >0: decay of an exponential moving average of the weights, what is validated and exported
 
     def model_config(self) -> ModelConfig:
         return preset(self.model) if isinstance(self.model, str) else ModelConfig.from_dict(self.model)
@@ -185,8 +186,8 @@ def train(cfg: TrainConfig, progress: Optional[TextIO] = sys.stderr, resume: boo
                             lr=cfg.lr, betas=(0.9, 0.95))
     start, best = 0, math.inf
     ckpt = out / "last.pt"
-    if resume and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=True)
+    state = torch.load(ckpt, map_location=device, weights_only=True) if resume and ckpt.exists() else None
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, best = int(state["step"]), float(state["best"])
@@ -194,6 +195,7 @@ def train(cfg: TrainConfig, progress: Optional[TextIO] = sys.stderr, resume: boo
     elif cfg.reinit_conf:
         reinit_confidence(model, generator=torch.Generator().manual_seed(cfg.seed))
         _logger.info("confidence channels of the heads re-initialised")
+    ema = _ema_model(model, cfg.ema, None if state is None else state.get("ema"))
     show = progress is not None and shown(bars, progress)
     stream = iter(SyntheticStream(batch_size=cfg.batch_size, views=cfg.views, strides=tuple(cfg.strides),
                                   seed=cfg.seed * 7919 + start, cfg=SynthConfig(**cfg.data), pool=cfg.pool,
@@ -210,10 +212,13 @@ def train(cfg: TrainConfig, progress: Optional[TextIO] = sys.stderr, resume: boo
     t_start, t_log, frames_done = time.monotonic(), time.monotonic(), 0
     running: dict[str, float] = {}
 
+    served = model if ema is None else ema.module  # what is validated and exported
+
     def save(step: int) -> None:
         _save(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "best": best,
-                     "config": json.dumps(asdict(cfg))})
-        write_safetensors(model.state_dict(), mcfg, out / "model.safetensors", extra_meta={"step": str(step)},
+                     "config": json.dumps(asdict(cfg)), **({} if ema is None else {"ema": ema.state_dict()})})
+        meta = {"step": str(step)} | ({} if ema is None else {"ema": str(cfg.ema)})
+        write_safetensors(served.state_dict(), mcfg, out / "model.safetensors", extra_meta=meta,
                           dtype=getattr(torch, cfg.export_dtype))
 
     taps = ConfidenceTaps(model) if cfg.conf_floor_weight > 0 else None
@@ -247,6 +252,8 @@ def train(cfg: TrainConfig, progress: Optional[TextIO] = sys.stderr, resume: boo
             loss.backward()
             logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
             opt.step()
+            if ema is not None:
+                ema.update_parameters(model)
             frames_done += cfg.batch_size * cfg.views
             for k, v in logs.items():
                 running[k] = 0.9 * running.get(k, v) + 0.1 * v
@@ -268,7 +275,7 @@ def train(cfg: TrainConfig, progress: Optional[TextIO] = sys.stderr, resume: boo
             if cfg.val_every and ((step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps):
                 if not val_seqs:
                     val_seqs = validation_sequences(cfg, progress=show, stream=progress)
-                val = validate(model, cfg, val_seqs)
+                val = validate(served, cfg, val_seqs)
                 log_f.write(json.dumps({"step": step + 1, "val": val, "elapsed_s": time.monotonic() - t_start}) + "\n")
                 log_f.flush()
                 if progress is not None:
@@ -279,7 +286,7 @@ def train(cfg: TrainConfig, progress: Optional[TextIO] = sys.stderr, resume: boo
                         progress.write(line + "\n")
                 if val["abs_rel"] < best:
                     best = val["abs_rel"]
-                    write_safetensors(model.state_dict(), mcfg, out / "best.safetensors",
+                    write_safetensors(served.state_dict(), mcfg, out / "best.safetensors",
                                       extra_meta={"step": str(step + 1), "val_abs_rel": f"{best:.5f}"},
                                       dtype=getattr(torch, cfg.export_dtype))
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
@@ -293,6 +300,21 @@ def train(cfg: TrainConfig, progress: Optional[TextIO] = sys.stderr, resume: boo
         if taps is not None:
             taps.remove()
     return val
+
+
+def _ema_model(model: Cut3r, decay: float, state: Optional[dict]):
+    """The weights' exponential moving average (``torch.optim.swa_utils.AveragedModel``; buffers too),
+    restored from ``state`` on resume; ``None`` when ``decay`` is 0. Its first update copies the weights."""
+    if not decay:
+        return None
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"ema must be 0 (off) or a decay in (0, 1), got {decay}")
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    if state is not None:
+        ema.load_state_dict(state)
+    return ema
 
 
 def _fp32(o):
