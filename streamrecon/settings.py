@@ -246,6 +246,11 @@ class SlamSettings:
                                   "process = a child process (no GIL; it competes for the cores instead); auto = "
                                   "process when the network runs beside the frame loop (--network-every), else "
                                   "thread (measured: docs/PERFORMANCE.md)")
+    depth_fit: str = setting("grid", choices=("scale", "grid"),
+                             help="how the network's depth is fitted to the tracked landmarks (track / slam): scale = "
+                                  "one factor per frame (the median ratio); grid = a smooth per-pixel correction "
+                                  "field fitted to every landmark's depth, so the map takes its layout from the "
+                                  "tracked geometry and its detail from the network (measured: docs/ACCURACY.md)")
     deterministic: bool = setting(False, help="run the local bundle adjustment and loop closure in the frame loop "
                                               "instead of background threads: the same frames always give the same "
                                               "poses (exact --resume), at the cost of latency spikes")

@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "SUN3D / KITTI / APC data, the per-backend report with identity / random-walk / constant-"
                         "depth baselines is printed (default backend: none); modifiers: NAME+revisit (the revisit "
                         "pass), NAME+dynamic-mask=METHOD (attention, flow or residual masks; mask IoU on sets with "
-                        "motion masks)")
+                        "motion masks), NAME+network-every=N|auto, NAME+ba-worker=auto|thread|process, "
+                        "NAME+depth-fit=scale|grid")
     p.add_argument("--known-intrinsics", action=argparse.BooleanOptionalAction, default=True,
                    help="per-backend report: give the pipeline the dataset's intrinsics (default: on)")
     p.add_argument("--size", type=int, default=None)

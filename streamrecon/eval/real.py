@@ -66,20 +66,27 @@ def _declared_backends() -> Optional[tuple]:
 
 def _parse_label(label: str) -> tuple[str, dict[str, str]]:
     """``"track+revisit+dynamic-mask=flow"`` -> ``("track", {"revisit": "", "dynamic-mask": "flow"})``;
-    ``+network-every=N|auto`` and ``+ba-worker=auto|thread|process`` too."""
+    ``+network-every=N|auto``, ``+ba-worker=auto|thread|process`` and ``+depth-fit=scale|grid`` too."""
     backend, *parts = label.split("+")
     mods: dict[str, str] = {}
     for part in parts:
         key, _, value = part.partition("=")
-        if key not in ("revisit", "dynamic-mask", "network-every", "ba-worker") or (key != "revisit") != bool(value):
+        if key not in ("revisit", "dynamic-mask", "network-every", "ba-worker", "depth-fit") or (key != "revisit") != bool(value):
             raise ValueError(f"unknown backend modifier {part!r} in {label!r} (known: +revisit, +dynamic-mask=METHOD, "
-                             "+network-every=N|auto, +ba-worker=auto|thread|process)")
+                             "+network-every=N|auto, +ba-worker=auto|thread|process, +depth-fit=scale|grid)")
         if key == "dynamic-mask" and value not in ("attention", "flow", "residual"):
             raise ValueError(f"unknown dynamic mask {value!r} in {label!r} (attention, flow or residual)")
         if key == "ba-worker" and value not in ("auto", "thread", "process"):
             raise ValueError(f"unknown bundle-adjustment worker {value!r} in {label!r} (auto, thread or process)")
+        if key == "depth-fit" and value not in ("scale", "grid"):
+            raise ValueError(f"unknown depth fit {value!r} in {label!r} (scale or grid)")
         mods[key] = value
     return backend, mods
+
+
+def _without_depth_fit(label: str) -> str:
+    """The label without its ``+depth-fit=...`` (which changes the depth, never the poses)."""
+    return "+".join(p for p in label.split("+") if not p.startswith("depth-fit="))
 
 
 def _run_backend(loaded, seq: EvalSequence, idx: list[int], backend: str, known_intrinsics: bool,
@@ -101,6 +108,7 @@ def _run_backend(loaded, seq: EvalSequence, idx: list[int], backend: str, known_
                          map=MapSettings(dynamic_mask=mods.get("dynamic-mask", "off")),
                          slam=SlamSettings(backend=backend, refine=refine and backend != "none",
                                            ba_worker=mods.get("ba-worker", "auto"),
+                                           depth_fit=mods.get("depth-fit", SlamSettings().depth_fit),
                                            intrinsics=_intrinsics_text(seq.K) if known_intrinsics else None))
     cfg.validate()
     collector = _DenseResults()  # --network-every: the network's results, scored on their frames
@@ -299,7 +307,8 @@ def format_real_report(report: dict) -> str:
                 continue
             lines.append(f"| {r['label']} | " + " | ".join(_cell(r.get(k), d) for k, _, d in columns) + " |")
             masks_only = "dynamic-mask=" in r.get("backend", "")
-            if r.get("same_as") and not (masks_only and r["backend"].startswith("none+")):
+            depth_only = _without_depth_fit(r.get("backend", "")) == _without_depth_fit(r.get("same_as") or "")
+            if r.get("same_as") and not (masks_only and r["backend"].startswith("none+")) and not depth_only:
                 why = ("the masks did not change tracking" if masks_only else
                        "no loop closed" if r.get("loop_closures") == 0 else "backend not acted on?")
                 notes.append(f"{r['label']}: trajectory identical to {r['same_as']} ({why})")

@@ -55,6 +55,7 @@ class PoseRecord:
     info: Optional[TrackingInfo]
     keyframe: Optional[tuple]
     scale: Optional[float] = None  # the tracker's depth scale when the frame was tracked (None: not known)
+    samples: Optional[tuple] = None  # --depth-fit grid: (model pixels (N, 2), camera z (N,)) of its landmarks
 
 
 def _edge(found):
@@ -117,6 +118,9 @@ class GeometryStage:
         self.reloc = None  # a Relocaliser while not localised
         self.reloc_info: dict[str, Any] = {}
         self._last_Kt: Optional[np.ndarray] = None
+        self._last_f = 1.0
+        self.fit_stats: Counter = Counter()  # --depth-fit grid: frames seen, frames fitted with the grid
+        self._fit_residuals: deque = deque(maxlen=10_000)  # (landmarks, |log ratio| before, after)
         self._excl_key, self._excl_index = None, None  # cached tracking-pixel -> model-pixel lookup
         self.just_localised = False  # set by the frame that localised, cleared by the pipeline
         self.after_pose: Optional[Callable[[FrameResult], FrameResult]] = None  # set by the pipeline (masks)
@@ -166,7 +170,8 @@ class GeometryStage:
             if self.localised is False:
                 T_wc, scale = self._relocalise(r, info, T_wc, scale)
                 info = replace(info, localised=bool(self.localised))
-        depth = r.depth * np.float32(scale)
+        samples = self._landmark_samples(r.crop, T_wc) if self.tracker is not None else None
+        depth = self._fitted_depth(r.depth, scale, samples, info)
         pts_cam = (self._rays(r.depth.shape, K_model) * depth[..., None]).astype(np.float32)
         R, t = T_wc[:3, :3].astype(np.float32), T_wc[:3, 3].astype(np.float32)
         out = replace(r, T_wc=T_wc, points_cam=pts_cam, points_world_pose=pts_cam @ R.T + t, depth=depth,
@@ -178,6 +183,31 @@ class GeometryStage:
         if self.tracker is not None:
             self.set_prior(r, K_model, T_wc, scale, r.index)
         return out
+
+    def _landmark_samples(self, crop, T_wc: np.ndarray) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """The tracked frame's triangulated landmarks as ``(model pixels (N, 2), camera z (N,))`` in the
+        tracker's units (for ``--depth-fit grid``); None without tracking or with ``--depth-fit scale``."""
+        tr = self.tracker
+        if self.s.depth_fit != "grid" or tr is None or tr.X is None or tr.cur is None or len(tr.X) != len(tr.cur):
+            return None
+        geo = tr.geo & np.isfinite(tr.X).all(1)
+        Xc = (tr.X[geo] - T_wc[:3, 3]) @ T_wc[:3, :3]  # world -> camera: R^T (X - t)
+        orig = (tr.cur[geo].astype(np.float64) + 0.5) / self._last_f - 0.5  # tracking -> original pixels
+        return crop.to_model(orig), Xc[:, 2].copy()
+
+    def _fitted_depth(self, depth: np.ndarray, scale: float, samples, info) -> np.ndarray:
+        """The network depth in map units: times ``scale`` (``--depth-fit scale``, or nothing to fit
+        to), or bent to the landmark ``samples`` (``--depth-fit grid``; see :mod:`.depth_fit`)."""
+        if samples is None or info is None or info.state == "lost":
+            return depth * np.float32(scale)
+        from .depth_fit import fit_depth
+
+        fit = fit_depth(depth, samples[0], samples[1], fallback_scale=scale)
+        self.fit_stats["frames"] += 1
+        if fit.grid:
+            self.fit_stats["fitted"] += 1
+            self._fit_residuals.append((fit.points, fit.residual0, fit.residual))
+        return fit.depth
 
     # ------------------------------------------------------------------------------------------ relocalisation
 
@@ -368,6 +398,7 @@ class GeometryStage:
             return z
 
         self._last_Kt = Kt
+        self._last_f = f
         exclude = None if dynamic_mask is None else self._exclusion(dynamic_mask, crop, grey.shape, f)
         res = self.tracker.track(grey, Kt, depth_at, fallback, exclude=exclude)
         self._T_prev = res.T_wc
@@ -411,7 +442,8 @@ class GeometryStage:
         result = FrameResult.pose_only(seq=frame.seq, stamp=frame.stamp, source=frame.source, index=index,
                                        segment=template.segment, T_wc=T_wc, K=K_model, K_original=K0, crop=crop,
                                        tracking=info, K_given=None if frame.K is None else K0.copy())
-        return result, PoseRecord(index, T_wc.copy(), self.epoch, info, kf, tr.scale)
+        return result, PoseRecord(index, T_wc.copy(), self.epoch, info, kf, tr.scale,
+                                  self._landmark_samples(crop, T_wc))
 
     def record_of(self, result: FrameResult) -> "PoseRecord":
         """The :class:`PoseRecord` of a frame :meth:`process` handled (its keyframe already submitted)."""
@@ -432,7 +464,7 @@ class GeometryStage:
                 s_corr *= sim3_parts(self.correction_of[e])[2]
         # the scale the frame was tracked at: its keyframe landmarks were snapshotted in those units
         scale = float(rec.scale if rec.scale is not None else (self.tracker.scale or 1.0))
-        depth = r.depth * np.float32(scale)
+        depth = self._fitted_depth(r.depth, scale, rec.samples, rec.info)
         pts_cam = (self._rays(r.depth.shape, K_model) * depth[..., None]).astype(np.float32)
         R, t = T_wc[:3, :3].astype(np.float32), T_wc[:3, 3].astype(np.float32)
         out = replace(r, index=rec.index, T_wc=T_wc, points_cam=pts_cam, points_world_pose=pts_cam @ R.T + t,
@@ -450,6 +482,17 @@ class GeometryStage:
 
         if self.prior is None or index >= self.prior.index:
             self.prior = DepthPrior(r.depth, K_model, T_wc.copy(), scale, index)
+
+    def _fit_summary(self) -> dict[str, Any]:
+        """``--depth-fit``: how many frames were fitted and the landmarks' median |log(z / depth)| before
+        (the global scale alone) and after the fit, medians over the fitted frames."""
+        out: dict[str, Any] = {"method": self.s.depth_fit, "frames": int(self.fit_stats["frames"]),
+                               "grid_frames": int(self.fit_stats["fitted"])}
+        if self._fit_residuals:
+            a = np.asarray(self._fit_residuals, np.float64)
+            out.update(landmarks_p50=int(np.median(a[:, 0])), log_residual_scale_p50=round(float(np.median(a[:, 1])), 4),
+                       log_residual_grid_p50=round(float(np.median(a[:, 2])), 4))
+        return out
 
     def finish(self, timeout: float = 60.0) -> None:
         """End of stream: let the loop closer process the keyframes it was handed (at most ``timeout`` s)."""
@@ -477,7 +520,8 @@ class GeometryStage:
                        track_ms_p99=round(float(np.percentile(ms, 99)), 3),
                        local_ba=dict(getattr(self.tracker, "ba_stats", {}) or {}),
                        tracks_on_movers_dropped=int(getattr(self.tracker, "dynamic_dropped", 0)),
-                       lk_retries=int(getattr(self.tracker, "retries", 0)))
+                       lk_retries=int(getattr(self.tracker, "retries", 0)),
+                       depth_fit=self._fit_summary())
         if self.loop is not None:
             out["loop_closure"] = self.loop.to_dict() | {"corrections_applied": self.epoch}
         if self.reloc_info:
