@@ -104,6 +104,7 @@ def configure(requested: Optional[int] = None, import_torch: bool = True) -> Thr
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(s.intra_op)
     os.environ["OMP_WAIT_POLICY"] = s.wait_policy
+    _limit_loaded_blas(s.intra_op)
     if import_torch or "torch" in sys.modules:
         import torch
 
@@ -125,6 +126,29 @@ def configure(requested: Optional[int] = None, import_torch: bool = True) -> Thr
     return s
 
 
+def _limit_loaded_blas(n: int) -> None:
+    """numpy's OpenBLAS reads ``OPENBLAS_NUM_THREADS`` once, when numpy is imported -- the CLI has
+    imported it by the time :func:`configure` runs -- and then starts one thread per core, whose
+    spinning after every small product (the tracker's and the depth fit's 88 x 88 systems) took a
+    core from the network: measured +38 % CPU time for no gain in speed (docs/PERFORMANCE.md).
+    So the BLAS libraries already loaded get the same thread count now (threadpoolctl)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # an install without it: the environment variable still covers later imports
+        _logger.debug("threads: threadpoolctl not installed; numpy's BLAS keeps its own thread count")
+        return
+    threadpool_limits(n, user_api="blas")
+
+
+def _blas_threads() -> Optional[int]:
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    counts = [i.get("num_threads") for i in threadpool_info() if i.get("user_api") == "blas"]
+    return max(counts) if counts else None
+
+
 def current() -> Optional[ThreadSettings]:
     """The settings :func:`configure` applied in this process (None: never called, e.g. the library API)."""
     return _current
@@ -139,4 +163,5 @@ def report() -> dict:
         out["torch_intra_op"] = torch.get_num_threads()
         out["torch_inter_op"] = torch.get_num_interop_threads()
     out["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "")
+    out["blas_threads"] = _blas_threads()  # numpy's (and any other loaded) BLAS library's threads
     return out

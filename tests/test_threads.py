@@ -52,6 +52,20 @@ def test_every_command_takes_threads_and_run_reports_them(tmp_path, shared):
     t = json.loads((out / "summary.json").read_text())["threads"]
     assert (t["intra_op"], t["torch_intra_op"], t["torch_inter_op"], t["chosen_by"]) == (2, 2, 1, "--threads")
     assert t["omp_wait_policy"] == "PASSIVE" and "2 threads (--threads)" in r.stderr
+    assert t["blas_threads"] == 2  # numpy's OpenBLAS too, though numpy was imported before the flag was read
+
+
+def test_numpys_blas_loaded_before_configure_gets_the_thread_count(tmp_path):
+    """The CLI imports numpy before it parses --threads: its OpenBLAS has one thread per core by then."""
+    code = ("import numpy, threadpoolctl; from streamrecon.threads import configure; "
+            "before = [i['num_threads'] for i in threadpoolctl.threadpool_info() if i['user_api'] == 'blas']; "
+            "configure(None, import_torch=False); "
+            "after = [i['num_threads'] for i in threadpoolctl.threadpool_info() if i['user_api'] == 'blas']; "
+            "print(before[0], max(after))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_clean_env())
+    assert r.returncode == 0, r.stderr
+    before, after = (int(v) for v in r.stdout.split())
+    assert after == DEFAULT_THREADS and (before > 1 or (os.cpu_count() or 1) == 1), (before, after)
 
 
 def test_the_wait_policy_is_in_place_before_torch_starts(tmp_path):
