@@ -12,8 +12,11 @@ Two rates, measured separately:
   frames at the end is reported apart, ``drain_s``).
 
 Drift is against the first variant (normally ``fp32`` / ``full``), frame by frame on the same inputs:
-the worst frame's ``max|a - b| / max|b|`` of depth and world points, and the camera-centre (m, % of
-the path) and rotation (deg) differences of the network's own poses.
+the worst frame's ``max|a - b| / max|b|`` of depth and world points (and the median pixel's
+``|a - b| / |b|`` of depth), and the camera-centre (m, % of
+the path) and rotation (deg) differences of the network's own poses. With a tracking backend also
+``tracked_drift``: the same figures for the whole pipeline's tracked poses and fitted depth (the
+network on every frame, the bundle adjustment in the frame loop, so only the precision differs).
 """
 
 from __future__ import annotations
@@ -108,7 +111,10 @@ def _drift(ref: list, other: list) -> dict:
     rot = [np.degrees(np.arccos(np.clip((np.trace(a.T_wc[:3, :3].T @ b.T_wc[:3, :3]) - 1) / 2, -1, 1)))
            for a, b in zip(ref, other)]
     t = float(np.linalg.norm(C_o - C_r, axis=1).max())
+    rel = np.concatenate([(np.abs(o.depth - r.depth) / np.maximum(np.abs(r.depth), 1e-12)).ravel()
+                          for r, o in zip(ref, other)])
     return {"depth": max(_nerr(o.depth, r.depth) for r, o in zip(ref, other)),
+            "depth_median": float(np.nanmedian(rel)) if rel.size else float("nan"),
             "points_world": max(_nerr(o.points_world_pose, r.points_world_pose) for r, o in zip(ref, other)),
             "pose_m": t, "pose_pct_of_path": 100 * t / path if path > 0 else float("nan"), "pose_deg": float(max(rot))}
 
@@ -144,6 +150,25 @@ def _pose_rate(cfg: SweepConfig, loaded, precision: str, heads: str, images: lis
             "network_frames": net["frames"], "frames": s.processed, "skipped_busy": net.get("skipped_busy", 0),
             "loop_s": round(loop_s, 3), "drain_s": round(wall - loop_s, 3),
             "track_ms_p50": s.slam.get("track_ms_p50"), "tracking_states": s.slam.get("states")}
+
+
+def _tracked(cfg: SweepConfig, loaded, precision: str, heads: str, images: list[np.ndarray]) -> list:
+    """The frames through the whole pipeline with tracking, the network on every frame and the bundle
+    adjustment in the frame loop (``--deterministic``): what the tracked poses and fitted depth of a
+    precision are, with no thread timing in them, to compare with the baseline's."""
+    from .frames import Frame
+    from .pipeline import build_pipeline
+    from .settings import EngineSettings, PipelineConfig, SlamSettings
+
+    pc = PipelineConfig(engine=EngineSettings(precision=precision, heads=heads,
+                                              size=str(cfg.size) if cfg.size else None, device=cfg.device),
+                        slam=SlamSettings(backend=cfg.backend, intrinsics=cfg.intrinsics, deterministic=True))
+    pc.validate()
+    pipe = build_pipeline(pc, loaded, stream_id="bench-drift", files=False)
+    try:
+        return [pipe.push(Frame(image=im, seq=i, stamp=i / 30)) for i, im in enumerate(images)]
+    finally:
+        pipe.close()
 
 
 def run_sweep(cfg: SweepConfig) -> dict:
@@ -208,6 +233,11 @@ def run_sweep(cfg: SweepConfig) -> dict:
             row["pipeline"] = by[workers[0]]
             if len(workers) > 1:
                 row["pipeline_by_ba_worker"] = by
+        if len(rows) > 1:  # tracked poses and fitted depth of each variant against the baseline's
+            tracked = {v: _tracked(cfg, loaded, v[0], v[1], images) for v in cfg.variants}
+            for v, row in zip(cfg.variants, rows):
+                if v != base:
+                    row["tracked_drift"] = {k: round(x, 6) for k, x in _drift(tracked[base], tracked[v]).items()}
         report["pipeline"] = {"backend": cfg.backend, "network_every": cfg.network_every, "live": cfg.live,
                               "ba_workers": list(workers)}
     return report
@@ -235,6 +265,13 @@ def format_sweep(rep: dict) -> str:
             lines.append(f"  {r['precision']}/{r['heads']} poses/s by --ba-worker: " + ", ".join(
                 f"{w} {p['poses_per_s']:.2f} (x{p['poses_per_s'] / first:.2f}, net/s {p['network_per_s']:.2f})"
                 for w, p in by.items()))
+    for r in rep["variants"]:
+        d = r.get("tracked_drift")
+        if d:
+            lines.append(f"  {r['precision']}/{r['heads']} tracked (--backend {rep['pipeline']['backend']}, the network on "
+                         f"every frame, deterministic): depth {100 * d['depth']:.2f} % (median pixel "
+                         f"{100 * d['depth_median']:.2f} %), points "
+                         f"{100 * d['points_world']:.2f} %, pose {100 * d['pose_m']:.2f} cm / {d['pose_deg']:.3f} deg")
     if "pipeline" in rep:
         pl = rep["pipeline"]
         lines.append(f"poses/s, net/s: the whole pipeline (--backend {pl['backend']}, --network-every "

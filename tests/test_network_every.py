@@ -393,6 +393,12 @@ def test_bench_sweeps_precisions_and_heads_in_one_run_with_drift_and_pose_rate(s
     assert d["depth"] == 0 and d["pose_m"] == 0  # minimal heads: what is computed is identical
     q = rows["int8", "full"]["drift"]
     assert 0 < q["depth"] < 0.5 and q["pose_deg"] < 45
+    # the whole tracked pipeline, deterministic: identical where the outputs are, finite for int8
+    t = rows["fp32", "minimal"]["tracked_drift"]
+    assert t["depth"] == 0 and t["pose_m"] == 0 and t["pose_deg"] == 0
+    t = rows["int8", "full"]["tracked_drift"]
+    assert all(np.isfinite(t[k]) for k in ("depth", "pose_m", "pose_deg")) and t["depth"] > 0
+    assert "tracked_drift" not in rows["fp32", "full"]
     for r in rows.values():
         p = r["pipeline"]
         # every 2nd frame at the latest, and the tracker's keyframes (the first frames of a stream often are)
