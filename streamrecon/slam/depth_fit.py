@@ -42,7 +42,7 @@ __all__ = ["DepthFitConfig", "DepthFit", "fit_depth"]
 @dataclass(frozen=True)
 class DepthFitConfig:
     cells: int = 10  # grid cells across the width (rows in proportion; >= 1 cell each way)
-    smooth: tuple = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # candidate weights of (g_a - g_b)^2 between neighbouring nodes
+    smooth: tuple = (0.1, 0.3, 1.0, 3.0, 10.0)  # candidate weights of (g_a - g_b)^2 between neighbouring nodes
     pull: float = 0.01  # weight of (g - median log ratio)^2 per node
     huber: float = 1.5  # Huber threshold in robust standard deviations (MAD) of the residuals
     iterations: int = 3  # reweighting passes
