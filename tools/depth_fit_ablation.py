@@ -12,6 +12,8 @@ beside the constant-depth baseline (median-scaled AbsRel on the same pixels). Pr
 table. Poses are the same in every row (the fit never moves a pose).
 
     python tools/depth_fit_ablation.py ../shared/data/sun3d_studyroom ../shared/data/apc_shelf_scene0000
+    python tools/depth_fit_ablation.py ../shared/data/sun3d_studyroom/fragment-2-rgbd-frames \
+        --figure docs/images/depth_fit.jpg
 """
 
 from __future__ import annotations
@@ -43,11 +45,56 @@ def _flat_network_depth():
         df.fit_depth = real
 
 
+def _figure(loaded, seq, frame: int, max_frames: int, out: str) -> None:
+    """Image | depth x scale | depth x grid | ground truth of one frame, each median-scaled to the
+    ground truth and drawn on one colour scale (near = warm), the AbsRel of the frame written on it."""
+    import cv2
+
+    from streamrecon.eval.evaluate import gt_depth_at_model
+    from streamrecon.eval.real import _indices, _run_backend
+
+    idx = _indices(len(seq), max_frames, 1)
+    frame = min(frame, len(idx) - 1)
+    runs = {fit: _run_backend(loaded, seq, idx, f"track+depth-fit={fit}", True, None, "cut3r", 0)[1][frame]
+            for fit in ("scale", "grid")}
+    r = runs["grid"]
+    gt = gt_depth_at_model(seq.depth(idx[frame]), r.crop).astype(np.float64)
+    valid = gt > 0
+    h, w = gt.shape
+    rgb = cv2.resize(seq.rgb(idx[frame]), tuple(int(v) for v in r.crop.resized_hw[::-1]), interpolation=cv2.INTER_AREA)
+    x0, y0 = r.crop.crop_xy
+    panels = [cv2.cvtColor(rgb[y0:y0 + h, x0:x0 + w], cv2.COLOR_RGB2BGR)]
+    lo, hi = np.percentile(gt[valid], [2, 98])
+    labels = ["image"]
+    for name, d in (("scale", runs["scale"].depth), ("grid", r.depth), ("ground truth", gt)):
+        d = d.astype(np.float64)
+        if name != "ground truth":
+            d = d * np.median(gt[valid] / d[valid])
+            labels.append(f"{name}: AbsRel {np.mean(np.abs(d[valid] - gt[valid]) / gt[valid]):.3f}")
+        else:
+            labels.append(name)
+        u8 = np.clip(255 * (hi - d) / max(hi - lo, 1e-9), 0, 255).astype(np.uint8)
+        c = cv2.applyColorMap(u8, cv2.COLORMAP_TURBO)
+        if name == "ground truth":
+            c[~valid] = 0
+        panels.append(c)
+    k = 3  # enlarge: the bundled model's maps are 160 x 112
+    tiles = []
+    for p, text in zip(panels, labels):
+        p = cv2.resize(p, (w * k, h * k), interpolation=cv2.INTER_NEAREST)
+        cv2.putText(p, text, (6, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 2, cv2.LINE_AA)
+        tiles.append(p)
+    cv2.imwrite(out, np.hstack(tiles), [cv2.IMWRITE_JPEG_QUALITY, 88])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("datasets", nargs="+")
     ap.add_argument("--weights", default=None, help="default: the bundled model")
     ap.add_argument("--max-frames", type=int, default=0)
+    ap.add_argument("--figure", default=None, metavar="JPG",
+                    help="also draw one frame of the first sequence: image, scale, grid, ground truth")
+    ap.add_argument("--figure-frame", type=int, default=30, help="which frame (index into the scored frames)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -58,6 +105,9 @@ def main(argv=None) -> int:
     from streamrecon.weights import bundled_weights
 
     loaded = load_resolved(EngineSettings(weights=args.weights or str(bundled_weights()), device="cpu"))
+    if args.figure:
+        seq = next(q for p in args.datasets for q in find_sequences(p) if q.has_depth)
+        _figure(loaded, seq, args.figure_frame, args.max_frames, args.figure)
     lines = ["| sequence | depth | " + " | ".join(h for _, h, _ in KEYS) + " |",
              "|---|---|" + "---:|" * len(KEYS)]
     for path in args.datasets:
