@@ -49,6 +49,11 @@ class TrackingInfo:
         ms: tracking time.
         localised: ``--relocalise``: whether the frame's pose is in the saved map's world yet (``False``:
             a provisional world until the first frame is matched to a saved keyframe); ``None`` otherwise.
+        depth_fit: how this frame's network depth was fitted to the landmarks (``--depth-fit``):
+            ``grid`` (the correction field), ``scale`` (one factor: too few landmarks, the field did
+            not predict held-out ones better, or ``--depth-fit scale``); ``None`` without network depth.
+        depth_fit_residual: the landmarks' median ``|log(z / depth)|`` left after the fit (None: no
+            landmarks used).
     """
 
     state: str
@@ -59,6 +64,8 @@ class TrackingInfo:
     depth_scale: Optional[float]
     ms: float
     localised: Optional[bool] = field(default=None, kw_only=True)
+    depth_fit: Optional[str] = field(default=None, kw_only=True)
+    depth_fit_residual: Optional[float] = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)

@@ -177,6 +177,10 @@ def test_the_pipeline_fits_depth_to_its_landmarks_without_moving_a_pose(shared, 
         np.testing.assert_allclose(g.points_world_pose, g.points_cam @ g.T_wc[:3, :3].T.astype(np.float32)
                                    + g.T_wc[:3, 3].astype(np.float32), atol=1e-4)
     assert changed >= 1
+    kinds = [g.tracking.depth_fit for g in d_g.values()]  # per frame: how it was fitted
+    assert kinds.count("grid") >= 1 and set(kinds) <= {"grid", "scale"}
+    assert all(s.tracking.depth_fit == "scale" for s in d_s.values())
+    assert all(g.tracking.depth_fit_residual is None or 0 <= g.tracking.depth_fit_residual < 1 for g in d_g.values())
 
 
 def test_the_grid_fit_brings_the_bundled_models_depth_closer_to_the_ground_truth(shared, bundled):

@@ -99,3 +99,25 @@ def test_a_late_network_frame_is_shown_at_its_own_pose_not_the_current_camera(tm
     assert rows["/world/cam"]["Transform3D"] == 1 and "DepthImage" not in rows["/world/cam/image/depth"]
     assert rows["/world/network_cam"]["Transform3D"] == 1 and rows["/world/network_cam/image"]["Pinhole"] == 1
     assert rows["/world/network_cam/image/depth"]["DepthImage"] == 1
+
+
+def test_tracking_metrics_include_the_depth_fit_residual_where_there_is_one(tmp_path, shared):
+    from dataclasses import replace
+
+    from streamrecon.frames import TrackingInfo
+    from streamrecon.sinks.rerun_sink import RerunConfig, RerunSink
+
+    model = load_model(shared / "golden" / "tiny_dpt" / "checkpoint.pth")
+    engine = StreamEngine(model, EngineConfig(size=64))
+    path = tmp_path / "rec.rrd"
+    sink = RerunSink(RerunConfig(save_path=str(path)))
+    rng = np.random.default_rng(1)
+    for k, residual in enumerate([0.05, None, 0.04]):
+        r = engine.process(Frame(image=rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), seq=k, stamp=k / 10))
+        info = TrackingInfo("ok", "pnp", 200, 150, False, 1.0, 3.0, depth_fit="grid" if residual else "scale",
+                            depth_fit_residual=residual)
+        sink.log_frame(replace(r, tracking=info), np.zeros((0, 3)), np.zeros((0, 3), np.uint8), {})
+    sink.close()
+    rows = _rows(path)
+    assert rows["/metrics/tracking/inliers"]["Scalars"] == 3
+    assert rows["/metrics/tracking/depth_fit_residual"]["Scalars"] == 2  # not on the frame without one

@@ -18,7 +18,8 @@ Entity layout (OpenCV world, ``RIGHT_HAND_Y_DOWN``)::
     world/loops                 loop-closure edges between keyframes (--backend slam)
     world/virtual/<name>        raymap probes: Transform3D + Pinhole + predicted image and points
     metrics/...                 per-frame scalars (fps, latency per stage, map size, confidence;
-                                tracking/state 0 lost 1 weak 2 ok, tracking/inliers)
+                                tracking/state 0 lost 1 weak 2 ok, tracking/inliers,
+                                tracking/depth_fit_residual)
     log                         tracking losses and keyframes
 
 With ``serve``, one recording holds every stream, each under its own subtree ``streams/<id>/``
@@ -294,6 +295,8 @@ class RerunSink:
         if tr is not None:  # the geometric backend: state (0 lost, 1 weak, 2 ok/init), inliers, keyframes
             self.rec.log(f"{self.p}metrics/tracking/state", rr.Scalars(float(_STATE_CODE.get(tr.state, 0))))
             self.rec.log(f"{self.p}metrics/tracking/inliers", rr.Scalars(float(tr.inliers)))
+            if tr.depth_fit_residual is not None:  # --depth-fit: the landmarks' log-depth residual left
+                self.rec.log(f"{self.p}metrics/tracking/depth_fit_residual", rr.Scalars(float(tr.depth_fit_residual)))
             if tr.keyframe:
                 self.rec.log(f"{self.p}world/keyframes", rr.Points3D([position], colors=[[0, 160, 255]], radii=-4.0))
             if tr.state == "lost" or tr.keyframe:

@@ -54,7 +54,8 @@ class ResultPublisher:
                   "stages_ms": {k: round(v, 3) for k, v in r.timings_ms.items()},
                   "tracking": None if r.tracking is None else
                   {"state": r.tracking.state, "method": r.tracking.method, "inliers": r.tracking.inliers,
-                   "keyframe": r.tracking.keyframe, "localised": r.tracking.localised}}
+                   "keyframe": r.tracking.keyframe, "localised": r.tracking.localised,
+                   "depth_fit": r.tracking.depth_fit}}
         self.send(encode_result(self.stream_id, "pose", header))
         self.published += 1
         g = self.geometry_stride

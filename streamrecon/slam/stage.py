@@ -171,7 +171,7 @@ class GeometryStage:
                 T_wc, scale = self._relocalise(r, info, T_wc, scale)
                 info = replace(info, localised=bool(self.localised))
         samples = self._landmark_samples(r.crop, T_wc) if self.tracker is not None else None
-        depth = self._fitted_depth(r.depth, scale, samples, info)
+        depth, info = self._fitted_depth(r.depth, scale, samples, info)
         pts_cam = (self._rays(r.depth.shape, K_model) * depth[..., None]).astype(np.float32)
         R, t = T_wc[:3, :3].astype(np.float32), T_wc[:3, 3].astype(np.float32)
         out = replace(r, T_wc=T_wc, points_cam=pts_cam, points_world_pose=pts_cam @ R.T + t, depth=depth,
@@ -195,11 +195,14 @@ class GeometryStage:
         orig = (tr.cur[geo].astype(np.float64) + 0.5) / self._last_f - 0.5  # tracking -> original pixels
         return crop.to_model(orig), Xc[:, 2].copy()
 
-    def _fitted_depth(self, depth: np.ndarray, scale: float, samples, info) -> np.ndarray:
-        """The network depth in map units: times ``scale`` (``--depth-fit scale``, or nothing to fit
-        to), or bent to the landmark ``samples`` (``--depth-fit grid``; see :mod:`.depth_fit`)."""
+    def _fitted_depth(self, depth: np.ndarray, scale: float, samples, info) -> tuple[np.ndarray, Any]:
+        """The network depth in map units and the frame's tracking info with how it was fitted: times
+        ``scale`` (``--depth-fit scale``, or nothing to fit to), or bent to the landmark ``samples``
+        (``--depth-fit grid``; see :mod:`.depth_fit`)."""
         if samples is None or info is None or info.state == "lost":
-            return depth * np.float32(scale)
+            if info is not None:
+                info = replace(info, depth_fit="scale")
+            return depth * np.float32(scale), info
         from .depth_fit import fit_depth
 
         fit = fit_depth(depth, samples[0], samples[1], fallback_scale=scale)
@@ -207,7 +210,8 @@ class GeometryStage:
         if fit.grid:
             self.fit_stats["fitted"] += 1
             self._fit_residuals.append((fit.points, fit.residual0, fit.residual))
-        return fit.depth
+        res = None if fit.points == 0 or not np.isfinite(fit.residual) else round(float(fit.residual), 5)
+        return fit.depth, replace(info, depth_fit="grid" if fit.grid else "scale", depth_fit_residual=res)
 
     # ------------------------------------------------------------------------------------------ relocalisation
 
@@ -464,11 +468,11 @@ class GeometryStage:
                 s_corr *= sim3_parts(self.correction_of[e])[2]
         # the scale the frame was tracked at: its keyframe landmarks were snapshotted in those units
         scale = float(rec.scale if rec.scale is not None else (self.tracker.scale or 1.0))
-        depth = self._fitted_depth(r.depth, scale, rec.samples, rec.info)
+        depth, info = self._fitted_depth(r.depth, scale, rec.samples, rec.info)
         pts_cam = (self._rays(r.depth.shape, K_model) * depth[..., None]).astype(np.float32)
         R, t = T_wc[:3, :3].astype(np.float32), T_wc[:3, 3].astype(np.float32)
         out = replace(r, index=rec.index, T_wc=T_wc, points_cam=pts_cam, points_world_pose=pts_cam @ R.T + t,
-                      depth=depth, K_used=K0, tracking=rec.info)
+                      depth=depth, K_used=K0, tracking=info)
         if rec.keyframe is not None and self.loop is not None and len(rec.keyframe) > 2:
             grey, Kt, px, X, geo, tid = rec.keyframe
             X = np.where(geo[:, None], X * s_corr, np.nan)
