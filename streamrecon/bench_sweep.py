@@ -119,17 +119,25 @@ def _drift(ref: list, other: list) -> dict:
             "pose_m": t, "pose_pct_of_path": 100 * t / path if path > 0 else float("nan"), "pose_deg": float(max(rot))}
 
 
-def _pose_rate(cfg: SweepConfig, loaded, precision: str, heads: str, images: list[np.ndarray],
-               ba_worker: str = "auto") -> dict:
-    from .frames import Frame
+def _pipeline(cfg: SweepConfig, loaded, precision: str, heads: str, stream_id: str, network_every: str = "1",
+              **slam):
+    """A file-less pipeline of one variant with the sweep's tracking backend (``slam``: more
+    :class:`SlamSettings` fields)."""
     from .pipeline import build_pipeline
     from .settings import EngineSettings, PipelineConfig, SlamSettings
 
-    pc = PipelineConfig(engine=EngineSettings(precision=precision, heads=heads, network_every=cfg.network_every,
+    pc = PipelineConfig(engine=EngineSettings(precision=precision, heads=heads, network_every=network_every,
                                               size=str(cfg.size) if cfg.size else None, device=cfg.device),
-                        slam=SlamSettings(backend=cfg.backend, intrinsics=cfg.intrinsics, ba_worker=ba_worker))
+                        slam=SlamSettings(backend=cfg.backend, intrinsics=cfg.intrinsics, **slam))
     pc.validate()
-    pipe = build_pipeline(pc, loaded, stream_id="bench", files=False)
+    return build_pipeline(pc, loaded, stream_id=stream_id, files=False)
+
+
+def _pose_rate(cfg: SweepConfig, loaded, precision: str, heads: str, images: list[np.ndarray],
+               ba_worker: str = "auto") -> dict:
+    from .frames import Frame
+
+    pipe = _pipeline(cfg, loaded, precision, heads, "bench", cfg.network_every, ba_worker=ba_worker)
     pipe.network_blocking = not cfg.live
     t0 = time.perf_counter()
     loop_s, net_done = 0.0, 0
@@ -157,14 +165,8 @@ def _tracked(cfg: SweepConfig, loaded, precision: str, heads: str, images: list[
     adjustment in the frame loop (``--deterministic``): what the tracked poses and fitted depth of a
     precision are, with no thread timing in them, to compare with the baseline's."""
     from .frames import Frame
-    from .pipeline import build_pipeline
-    from .settings import EngineSettings, PipelineConfig, SlamSettings
 
-    pc = PipelineConfig(engine=EngineSettings(precision=precision, heads=heads,
-                                              size=str(cfg.size) if cfg.size else None, device=cfg.device),
-                        slam=SlamSettings(backend=cfg.backend, intrinsics=cfg.intrinsics, deterministic=True))
-    pc.validate()
-    pipe = build_pipeline(pc, loaded, stream_id="bench-drift", files=False)
+    pipe = _pipeline(cfg, loaded, precision, heads, "bench-drift", deterministic=True)
     try:
         return [pipe.push(Frame(image=im, seq=i, stamp=i / 30)) for i, im in enumerate(images)]
     finally:

@@ -36,7 +36,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["DepthFitConfig", "DepthFit", "fit_depth"]
+__all__ = ["DepthFitConfig", "DepthFit", "fit_depth", "sample_depth"]
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,8 @@ def _interp_matrix(coords: np.ndarray, n_nodes: int, length: int) -> np.ndarray:
     return M
 
 
-def _sample(depth: np.ndarray, px: np.ndarray) -> np.ndarray:
+def sample_depth(depth: np.ndarray, px: np.ndarray) -> np.ndarray:
+    """``depth`` (H, W) at pixels ``px`` (N, 2, (u, v)), nearest pixel; NaN outside the image."""
     h, w = depth.shape
     u = np.rint(px[:, 0]).astype(int)
     v = np.rint(px[:, 1]).astype(int)
@@ -117,7 +118,7 @@ def fit_depth(depth: np.ndarray, px: np.ndarray, z: np.ndarray, cfg: Optional[De
     if len(px) != len(z):
         raise ValueError(f"{len(px)} pixels but {len(z)} depths")
     h, w = depth.shape
-    zn = _sample(depth, px)
+    zn = sample_depth(depth, px)
     ok = np.isfinite(z) & (z > 0) & np.isfinite(zn) & (zn > 0)
     r = np.log(z[ok] / zn[ok])
     p = px[ok]

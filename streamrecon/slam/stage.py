@@ -35,6 +35,7 @@ import numpy as np
 from ..frames import Frame, FrameResult, TrackingInfo
 from ..settings import SlamSettings
 from .calib import Calibration, Undistorter, parse_intrinsics, read_calibration
+from .depth_fit import fit_depth, sample_depth
 from .loop import Correction, KeyframeInput, LoopCloser, LoopConfig, MapRebuild
 from .tracker import Tracker, TrackerConfig, _inv
 
@@ -56,6 +57,11 @@ class PoseRecord:
     keyframe: Optional[tuple]
     scale: Optional[float] = None  # the tracker's depth scale when the frame was tracked (None: not known)
     samples: Optional[tuple] = None  # --depth-fit grid: (model pixels (N, 2), camera z (N,)) of its landmarks
+
+
+def _track_to_model(crop, px: np.ndarray, f: float) -> np.ndarray:
+    """Tracking pixels (the frame resized by ``f``) -> model pixels, both ``(N, 2)`` (u, v)."""
+    return crop.to_model((px + 0.5) / f - 0.5)
 
 
 def _edge(found):
@@ -188,12 +194,11 @@ class GeometryStage:
         """The tracked frame's triangulated landmarks as ``(model pixels (N, 2), camera z (N,))`` in the
         tracker's units (for ``--depth-fit grid``); None without tracking or with ``--depth-fit scale``."""
         tr = self.tracker
-        if self.s.depth_fit != "grid" or tr is None or tr.X is None or tr.cur is None or len(tr.X) != len(tr.cur):
+        if self.s.depth_fit != "grid" or tr is None:
             return None
         geo = tr.geo & np.isfinite(tr.X).all(1)
         Xc = (tr.X[geo] - T_wc[:3, 3]) @ T_wc[:3, :3]  # world -> camera: R^T (X - t)
-        orig = (tr.cur[geo].astype(np.float64) + 0.5) / self._last_f - 0.5  # tracking -> original pixels
-        return crop.to_model(orig), Xc[:, 2].copy()
+        return _track_to_model(crop, tr.cur[geo].astype(np.float64), self._last_f), Xc[:, 2].copy()
 
     def _fitted_depth(self, depth: np.ndarray, scale: float, samples, info) -> tuple[np.ndarray, Any]:
         """The network depth in map units and the frame's tracking info with how it was fitted: times
@@ -203,8 +208,6 @@ class GeometryStage:
             if info is not None:
                 info = replace(info, depth_fit="scale")
             return depth * np.float32(scale), info
-        from .depth_fit import fit_depth
-
         fit = fit_depth(depth, samples[0], samples[1], fallback_scale=scale)
         self.fit_stats["frames"] += 1
         if fit.grid:
@@ -341,8 +344,7 @@ class GeometryStage:
         if self._excl_key != key:
             h, w = shape
             v, u = np.mgrid[0:h, 0:w]
-            orig = (np.c_[u.ravel(), v.ravel()] + 0.5) / f - 0.5
-            m = np.rint(crop.to_model(orig)).astype(np.int64)
+            m = np.rint(_track_to_model(crop, np.c_[u.ravel(), v.ravel()], f)).astype(np.int64)
             hh, ww = crop.output_hw
             ok = (m[:, 0] >= 0) & (m[:, 0] < ww) & (m[:, 1] >= 0) & (m[:, 1] < hh)
             self._excl_index = (np.flatnonzero(ok), m[ok, 1], m[ok, 0])
@@ -391,13 +393,7 @@ class GeometryStage:
             key = None if T_wc is None else np.asarray(T_wc).tobytes()
             if key not in maps:
                 maps[key] = depth_map(T_wc)
-            depth = maps[key]
-            orig = (px + 0.5) / f - 0.5
-            m = np.rint(crop.to_model(orig)).astype(int)
-            hh, ww = depth.shape
-            ok = (m[:, 0] >= 0) & (m[:, 0] < ww) & (m[:, 1] >= 0) & (m[:, 1] < hh)
-            z = np.full(len(px), np.nan)
-            z[ok] = depth[m[ok, 1], m[ok, 0]]
+            z = sample_depth(maps[key], _track_to_model(crop, px, f))
             z[~(z > 0)] = np.nan  # behind the camera or invalid: no prior there
             return z
 
